@@ -1,0 +1,74 @@
+# nowcast: every stage is a Make target, a `nowcast` CLI command and a library function.
+# `make demo` runs the pipeline end to end; `make test` runs the test suite.
+# Both install into .venv on first use.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NOWCAST := $(VENV)/bin/nowcast
+TORCH_VERSION ?= 2.13.0
+# Set to https://download.pytorch.org/whl/cpu on a machine without a local CPU wheel,
+# so pip takes the CPU build of torch instead of the multi-GB CUDA one.
+TORCH_INDEX_URL ?=
+export NOWCAST_DATA_ROOT ?= $(abspath ../shared/data/pysteps-data)
+
+SOURCE ?= bom
+CONFIG ?= pipelines/configs/bom.yaml
+OUT ?= runs
+ARGS ?=
+
+STAMP := $(VENV)/.installed
+
+.PHONY: setup data ingest patches train evaluate export predict skill compare test lint format bench demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch first, pinned, so the dependency resolver never picks a CUDA build.
+	$(PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install -e ".[dev,notebooks]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data: $(STAMP)
+	$(NOWCAST) data $(ARGS)
+
+ingest: $(STAMP)
+	$(NOWCAST) ingest $(SOURCE) $(ARGS)
+
+patches: $(STAMP)
+	$(NOWCAST) patches $(CONFIG) $(ARGS)
+
+train: $(STAMP)
+	$(NOWCAST) train $(CONFIG) $(ARGS)
+
+evaluate: $(STAMP)
+	$(NOWCAST) evaluate $(CONFIG) $(ARGS)
+
+export: $(STAMP)
+	$(NOWCAST) export $(CONFIG) $(ARGS)
+
+predict: $(STAMP)
+	$(NOWCAST) predict --source $(SOURCE) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check nowcast pipelines tests benchmarks
+	$(VENV)/bin/ruff format --check nowcast pipelines tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format nowcast pipelines tests benchmarks
+	$(VENV)/bin/ruff check --fix nowcast pipelines tests benchmarks
+
+bench: $(STAMP)
+	$(PY) -m benchmarks $(ARGS)
+
+demo: $(STAMP)
+	$(PY) -m pipelines.demo $(ARGS)
+
+clean:
+	rm -rf runs data/cubes data/patches

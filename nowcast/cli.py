@@ -1,0 +1,99 @@
+"""The ``nowcast`` command line: one command per pipeline stage, named like its Make target."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import typer
+
+from .config import ConfigError
+
+app = typer.Typer(
+    help="Precipitation nowcasting pipeline: data -> ingest -> patches -> train -> evaluate "
+    "-> export / predict.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def data(
+    source: list[str] = typer.Option(None, "--source", "-s", help="catalog source(s); default all"),
+    catalog: Path = typer.Option(None, help="data catalog YAML"),
+) -> None:
+    """Verify or download the pysteps sample radar data into NOWCAST_DATA_ROOT."""
+    from .config import load_catalog
+    from .data import DataUnavailableError, fetch_sample_data
+
+    try:
+        result = fetch_sample_data(source or None, load_catalog(catalog))
+    except (DataUnavailableError, ConfigError) as err:
+        _fail(err)
+    typer.echo(result.summary())
+
+
+@app.command()
+def ingest(
+    source: str = typer.Argument(..., help="catalog source name, e.g. bom"),
+    cube_dir: str = typer.Option("data/cubes", help="output directory or fsspec URL"),
+    catalog: Path = typer.Option(None, help="data catalog YAML"),
+    start: datetime = typer.Option(None, help="first time (UTC)"),
+    end: datetime = typer.Option(None, help="last time (UTC)"),
+    scheduler: str = typer.Option(None, help="Dask scheduler address (default: local cluster)"),
+    strict: bool = typer.Option(False, help="unreadable files are fatal instead of skipped"),
+    append: bool = typer.Option(False, help="add newly arrived times to an existing cube"),
+    latlon: bool = typer.Option(False, help="store 2-D lat/lon coordinates"),
+    force: bool = typer.Option(False, help="rebuild even if the cube is up to date"),
+) -> None:
+    """Ingest a catalog source into a CF zarr cube of rain rate (mm/h)."""
+    from .config import load_catalog
+    from .ingest import ingest as run_ingest
+    from .io.cube import open_cube
+    from .io.radar import FrameReadError
+
+    try:
+        result = run_ingest(
+            source,
+            cube_dir,
+            catalog=load_catalog(catalog),
+            start=start,
+            end=end,
+            scheduler=scheduler,
+            strict=strict,
+            append=append,
+            latlon=latlon,
+            force=force,
+        )
+    except (ConfigError, FrameReadError) as err:
+        _fail(err)
+    typer.echo(result.summary())
+    typer.echo(describe_cube(open_cube(result.path)))
+
+
+def describe_cube(ds) -> str:
+    """A short human summary of a cube."""
+    rain = ds["rain_rate"]
+    valid = ds["frame_valid"].values
+    wet = float((rain >= 0.1).mean().compute())
+    peak = float(rain.max().compute())
+    return (
+        f"grid {ds.sizes['y']}x{ds.sizes['x']}, {ds.sizes['time']} times "
+        f"({str(ds.time.values[0])[:16]} .. {str(ds.time.values[-1])[:16]}, "
+        f"{ds.attrs['timestep_minutes']} min), {int(valid.sum())} valid frames\n"
+        f"rain >= 0.1 mm/h: {wet:.1%} of pixels, max {peak:.1f} mm/h\n"
+        f"crs: {ds['crs'].attrs.get('grid_mapping_name', '?')}"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
