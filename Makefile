@@ -20,9 +20,22 @@ ARGS ?=
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data ingest patches train evaluate export predict skill compare test lint format bench demo clean
+.PHONY: system-deps setup data ingest patches train evaluate export predict skill compare test lint format bench demo clean
+
+# System libraries from Debian: udunits2 for the CF checker, GSHHS coastlines for offline maps.
+# Installed when we are root with apt-get (CI, containers); otherwise a note is printed.
+SYSTEM_PACKAGES := libudunits2-0 python-cartopy-data
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "note: install$$missing (Debian/Ubuntu) for the CF checker and offline coastlines"; fi; \
+	fi
 
 $(STAMP): pyproject.toml
+	$(MAKE) system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# torch first, pinned, so the dependency resolver never picks a CUDA build.
@@ -53,7 +66,7 @@ export: $(STAMP)
 predict: $(STAMP)
 	$(NOWCAST) predict --source $(SOURCE) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest $(ARGS)
 
 lint: $(STAMP)

@@ -23,7 +23,7 @@ import xarray as xr
 from . import storage
 from .catalog import FrameRef, list_frames
 from .config import Catalog, ConfigError, SourceConfig, load_catalog
-from .io.cube import build_cube, cube_path, open_cube, write_cube
+from .io.cube import CUBE_CHUNKS, build_cube, cube_path, open_cube, write_cube
 from .io.radar import FrameReadError, Grid, GridMismatchError, read_frame, read_grid
 from .io.synthetic import SyntheticParams, synthetic_frame, synthetic_grid
 from .parallel import dask_client
@@ -80,7 +80,7 @@ def source_grid(source: SourceConfig, frames: list[FrameRef]) -> Grid:
 
 
 def _read_task(frame: FrameRef, source: SourceConfig, grid: Grid):
-    """Worker task: (rain rate or None, status dict)."""
+    """Decode one frame: (rain rate or None, status dict)."""
     status = {"time": frame.time.isoformat(), "file": frame.path, "state": "ok", "reason": ""}
     if source.importer == "synthetic":
         params = SyntheticParams.from_kwargs(source.importer_kwargs)
@@ -100,11 +100,27 @@ def _read_task(frame: FrameRef, source: SourceConfig, grid: Grid):
     return None, status
 
 
-def _status_of(result) -> dict:
+def _read_block(frames: list[FrameRef], source: SourceConfig, grid: Grid):
+    """Worker task: decode the frames of one time chunk of the cube.
+
+    One task per storage chunk (rather than per file) means a chunk is decoded and written by
+    the same worker: no frame is shipped between processes before it is written.
+    """
+    block = np.full((len(frames), *grid.shape), np.nan, dtype=np.float32)
+    statuses = []
+    for index, frame in enumerate(frames):
+        data, status = _read_task(frame, source, grid)
+        if data is not None:
+            block[index] = data
+        statuses.append(status)
+    return block, statuses
+
+
+def _statuses_of(result) -> list[dict]:
     return result[1]
 
 
-def _array_of(result) -> np.ndarray:
+def _block_of(result) -> np.ndarray:
     return result[0]
 
 
@@ -174,8 +190,10 @@ def ingest(
 
     grid = source_grid(source, frames)
     with dask_client(scheduler) as client:
-        results = client.map(_read_task, frames, source=source, grid=grid, pure=False)
-        statuses = client.gather(client.map(_status_of, results))
+        step = CUBE_CHUNKS["time"]
+        blocks = [frames[i : i + step] for i in range(0, len(frames), step)]
+        results = client.map(_read_block, blocks, source=source, grid=grid, pure=False)
+        statuses = [s for part in client.gather(client.map(_statuses_of, results)) for s in part]
         bad_grid = [s for s in statuses if s["state"] == "grid_mismatch"]
         if bad_grid:
             raise GridMismatchError(bad_grid[0]["reason"])
@@ -189,16 +207,16 @@ def ingest(
             raise FrameReadError(f"{len(skipped)} unreadable file(s) (--strict): {listing}")
         missing = [s["time"] for s in statuses if s["state"] == "missing"]
 
-        frame_arrays = []
-        for result, status in zip(results, statuses, strict=True):
-            if status["state"] == "ok":
-                frame = da.from_delayed(
-                    dask.delayed(_array_of)(result), shape=grid.shape, dtype=np.float32
+        rain_rate = da.concatenate(
+            [
+                da.from_delayed(
+                    dask.delayed(_block_of)(result),
+                    shape=(len(block), *grid.shape),
+                    dtype=np.float32,
                 )
-            else:
-                frame = da.full(grid.shape, np.nan, dtype=np.float32)
-            frame_arrays.append(frame)
-        rain_rate = da.stack(frame_arrays)
+                for result, block in zip(results, blocks, strict=True)
+            ]
+        )
         frame_valid = np.array([s["state"] == "ok" for s in statuses])
         times = [f.time for f in frames]
 

@@ -46,7 +46,7 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None):
         n_workers=n_workers or default_n_workers(),
         threads_per_worker=1,
         processes=scheduler != "threads",
-        dashboard_address=None,
+        dashboard_address=":0",
     )
     client = Client(cluster)
     try:

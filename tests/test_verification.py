@@ -1,0 +1,451 @@
+"""Streaming verification scores: equality with pysteps, merging, bootstrap, tidy tables."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from pysteps.verification.detcatscores import det_cat_fct
+from pysteps.verification.detcontscores import det_cont_fct
+from pysteps.verification.spatialscores import fss_accum as pysteps_fss_accum
+from pysteps.verification.spatialscores import fss_compute as pysteps_fss_compute
+from pysteps.verification.spatialscores import fss_init as pysteps_fss_init
+
+from nowcast.verification import (
+    HKO7_THRESHOLDS,
+    HKO7_WEIGHTS,
+    SCORE_COLUMNS,
+    balanced_weights,
+    bootstrap_ci,
+    bootstrap_difference,
+    concat_starts,
+    contingency_accum,
+    contingency_compute,
+    contingency_init,
+    contingency_merge,
+    continuous_accum,
+    continuous_compute,
+    continuous_init,
+    continuous_merge,
+    fss_accum,
+    fss_compute,
+    fss_init,
+    fss_merge,
+    get_method,
+    resampling_counts,
+    score_forecasts,
+    sum_starts,
+    weighted_starts,
+)
+from nowcast.verification.detcat import DEFAULT_SCORES as CAT_SCORES
+
+SETTINGS = settings(max_examples=30, deadline=None)
+
+# Values at and around the thresholds below, so that ties (value == threshold) occur often.
+SPECIAL_VALUES = [0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, np.nan]
+THRESHOLD_VALUES = [0.1, 0.5, 1.0, 2.0, 5.0]
+
+
+def _element(dtype):
+    width = 32 if dtype == np.float32 else 64
+    return st.one_of(
+        st.sampled_from(SPECIAL_VALUES), st.floats(0.0, 60.0, width=width), st.just(np.nan)
+    )
+
+
+@st.composite
+def field_pairs(draw, with_starts=None):
+    """Forecast/observation stacks ([n_starts,] n_leadtimes, y, x) with NaNs and ties."""
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    if with_starts is None:
+        with_starts = draw(st.booleans())
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    if with_starts:
+        shape = (draw(st.integers(1, 3)),) + shape
+    forecast = draw(hnp.arrays(dtype, shape, elements=_element(dtype)))
+    observation = draw(hnp.arrays(dtype, shape, elements=_element(dtype)))
+    return forecast, observation
+
+
+thresholds_strategy = st.lists(
+    st.one_of(st.sampled_from(THRESHOLD_VALUES), st.floats(0.0, 40.0)), min_size=1, max_size=4
+)
+
+
+def _frames(array):
+    """Frames of a stack as a list, in C order of the leading axes."""
+    return list(array.reshape((-1,) + array.shape[-2:]))
+
+
+def _quiet(function, *args, **kwargs):
+    """Call pysteps with its 0/0 and empty-mean warnings silenced."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return function(*args, **kwargs)
+
+
+@SETTINGS
+@given(field_pairs(with_starts=False), thresholds_strategy)
+def test_contingency_scores_equal_pysteps_on_valid_pairs(pair, thresholds):
+    forecast, observation = pair
+    lead_times = np.arange(forecast.shape[0]) * 10.0
+    table = contingency_accum(contingency_init(lead_times, thresholds), forecast, observation)
+    scores = contingency_compute(table)
+    for lead in range(forecast.shape[0]):
+        valid = np.isfinite(forecast[lead]) & np.isfinite(observation[lead])
+        for k, threshold in enumerate(thresholds):
+            total = (
+                table.hits[lead, k]
+                + table.misses[lead, k]
+                + table.false_alarms[lead, k]
+                + table.correct_negatives[lead, k]
+            )
+            assert total == np.count_nonzero(valid)
+            expected = _quiet(
+                det_cat_fct,
+                forecast[lead][valid],
+                observation[lead][valid],
+                threshold,
+                scores=list(CAT_SCORES),
+            )
+            for name in CAT_SCORES:
+                np.testing.assert_allclose(
+                    scores[name][lead, k], expected[name], rtol=1e-6, equal_nan=True, err_msg=name
+                )
+
+
+@SETTINGS
+@given(field_pairs(with_starts=False))
+def test_continuous_scores_equal_pysteps(pair):
+    forecast, observation = pair
+    lead_times = np.arange(forecast.shape[0]) * 10.0
+    errors = continuous_accum(continuous_init(lead_times), forecast, observation)
+    scores = continuous_compute(errors)
+    for lead in range(forecast.shape[0]):
+        n_valid = np.count_nonzero(np.isfinite(forecast[lead] - observation[lead]))
+        assert errors.n[lead] == n_valid
+        expected = _quiet(
+            det_cont_fct, forecast[lead], observation[lead], scores=["ME", "MSE", "MAE"]
+        )
+        if n_valid == 0:
+            # pysteps reports 0 without data (its running means start at 0); we report NaN.
+            for name in ("ME", "MSE", "MAE", "BMSE", "BMAE"):
+                assert np.isnan(scores[name][lead])
+            continue
+        np.testing.assert_allclose(scores["MSE"][lead], expected["MSE"], rtol=1e-6)
+        np.testing.assert_allclose(scores["MAE"][lead], expected["MAE"], rtol=1e-6)
+        # The mean error can cancel to ~0, so its tolerance scales with the absolute error.
+        np.testing.assert_allclose(
+            scores["ME"][lead], expected["ME"], rtol=1e-6, atol=1e-6 * expected["MAE"]
+        )
+        np.testing.assert_allclose(scores["RMSE"][lead], np.sqrt(expected["MSE"]), rtol=1e-6)
+
+
+@SETTINGS
+@given(field_pairs(with_starts=False))
+def test_balanced_scores_equal_weighted_means_over_valid_pairs(pair):
+    forecast, observation = pair
+    errors = continuous_accum(continuous_init(range(forecast.shape[0])), forecast, observation)
+    scores = continuous_compute(errors, ("BMSE", "BMAE"))
+    for lead in range(forecast.shape[0]):
+        error = (forecast[lead] - observation[lead]).astype(np.float64)
+        valid = np.isfinite(error)
+        if not valid.any():
+            continue
+        weights = balanced_weights(observation[lead][valid].astype(np.float64))
+        np.testing.assert_allclose(
+            scores["BMSE"][lead], np.mean(weights * error[valid] ** 2), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            scores["BMAE"][lead], np.mean(weights * np.abs(error[valid])), rtol=1e-5
+        )
+
+
+@st.composite
+def fss_cases(draw):
+    forecast, observation = draw(field_pairs(with_starts=True))
+    thresholds = draw(thresholds_strategy)
+    scales = draw(st.lists(st.integers(1, 6), min_size=1, max_size=3))
+    return forecast, observation, thresholds, scales
+
+
+@SETTINGS
+@given(fss_cases())
+def test_fss_equals_pysteps_pooled_over_starts(case):
+    forecast, observation, thresholds, scales = case
+    n_starts, n_leadtimes = forecast.shape[:2]
+    sums = fss_accum(fss_init(range(n_leadtimes), thresholds, scales), forecast, observation)
+    result = fss_compute(sums)["FSS"]
+    assert result.shape == (n_leadtimes, len(thresholds), len(scales))
+    for lead in range(n_leadtimes):
+        for k, threshold in enumerate(thresholds):
+            for m, scale in enumerate(scales):
+                expected = pysteps_fss_init(threshold, scale)
+                for start in range(n_starts):
+                    pysteps_fss_accum(expected, forecast[start, lead], observation[start, lead])
+                np.testing.assert_allclose(
+                    result[lead, k, m],
+                    _quiet(pysteps_fss_compute, expected),
+                    rtol=1e-6,
+                    atol=1e-12,
+                    equal_nan=True,
+                )
+
+
+@st.composite
+def start_splits(draw):
+    """Two stacks sharing (n_leadtimes, y, x), with different numbers of starts."""
+    forecast, observation = draw(field_pairs(with_starts=True))
+    split = draw(st.integers(0, forecast.shape[0]))
+    return forecast, observation, split
+
+
+def _assert_same_sums(merged, whole, exact):
+    for name in whole.additive_fields:
+        if exact:
+            np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name))
+        else:
+            np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), rtol=1e-9)
+
+
+@SETTINGS
+@given(start_splits(), thresholds_strategy)
+def test_merge_of_two_parts_equals_accum_of_union(case, thresholds):
+    forecast, observation, split = case
+    lead_times = range(forecast.shape[1])
+    scales = [1, 3]
+    families = [
+        (
+            functools.partial(contingency_init, lead_times, thresholds),
+            contingency_accum,
+            contingency_merge,
+            True,
+        ),
+        (functools.partial(continuous_init, lead_times), continuous_accum, continuous_merge, False),
+        (functools.partial(fss_init, lead_times, thresholds, scales), fss_accum, fss_merge, False),
+    ]
+    for init, accum, merge, exact in families:
+        whole = accum(init(), forecast, observation)
+        first, second = init(), init()
+        # An empty part contributes nothing, as a worker without data would.
+        if split > 0:
+            accum(first, forecast[:split], observation[:split])
+        if split < forecast.shape[0]:
+            accum(second, forecast[split:], observation[split:])
+        _assert_same_sums(merge(first, second), whole, exact)
+
+
+@SETTINGS
+@given(field_pairs(with_starts=False), thresholds_strategy, st.data())
+def test_contingency_merge_of_spatial_tiles_equals_whole_grid(pair, thresholds, data):
+    forecast, observation = pair
+    column = data.draw(st.integers(1, max(1, forecast.shape[-1] - 1)))
+    if column >= forecast.shape[-1]:
+        column = forecast.shape[-1]
+    lead_times = range(forecast.shape[0])
+    whole = contingency_accum(contingency_init(lead_times, thresholds), forecast, observation)
+    left = contingency_accum(
+        contingency_init(lead_times, thresholds), forecast[..., :column], observation[..., :column]
+    )
+    parts = [left]
+    if column < forecast.shape[-1]:
+        parts.append(
+            contingency_accum(
+                contingency_init(lead_times, thresholds),
+                forecast[..., column:],
+                observation[..., column:],
+            )
+        )
+    merged = functools.reduce(contingency_merge, parts)
+    _assert_same_sums(merged, whole, exact=True)
+
+
+def test_merge_leaves_inputs_unchanged_and_rejects_other_coordinates():
+    rng = np.random.default_rng(1)
+    forecast, observation = rng.gamma(0.5, 2.0, (2, 2, 6, 6))
+    first = contingency_accum(contingency_init([10, 20], [1.0]), forecast, observation)
+    second = contingency_accum(contingency_init([10, 20], [1.0]), observation, forecast)
+    hits_before = first.hits.copy()
+    merged = contingency_merge(first, second)
+    np.testing.assert_array_equal(first.hits, hits_before)
+    np.testing.assert_array_equal(merged.hits, first.hits + second.hits)
+    with pytest.raises(ValueError, match="thresholds"):
+        contingency_merge(first, contingency_init([10, 20], [2.0]))
+    with pytest.raises(ValueError, match="cannot merge"):
+        contingency_merge(first, continuous_init([10, 20]))
+
+
+def _rain_stack(rng, n_starts, n_leadtimes=2, size=12, skill=0.7):
+    """Observations and forecasts that share part of their pattern (non-trivial scores)."""
+    shape = (n_starts, n_leadtimes, size, size)
+    observation = np.where(rng.random(shape) < 0.4, rng.gamma(0.8, 3.0, shape), 0.0)
+    noise = np.where(rng.random(shape) < 0.4, rng.gamma(0.8, 3.0, shape), 0.0)
+    forecast = np.where(rng.random(shape) < skill, observation, noise)
+    return forecast, observation
+
+
+def test_per_start_accumulators_pool_to_the_pooled_accumulator():
+    rng = np.random.default_rng(2)
+    forecast, observation = _rain_stack(rng, n_starts=5)
+    forecast[0, 1, :3] = np.nan
+    lead_times, thresholds, scales = [10, 20], [0.5, 2.0], [1, 3]
+    cases = [
+        (functools.partial(contingency_init, lead_times, thresholds), contingency_accum),
+        (functools.partial(continuous_init, lead_times), continuous_accum),
+        (functools.partial(fss_init, lead_times, thresholds, scales), fss_accum),
+    ]
+    for init, accum in cases:
+        pooled = accum(init(), forecast, observation)
+        per_start = accum(init(n_starts=5), forecast, observation)
+        assert per_start.n_starts == 5 and pooled.n_starts is None
+        _assert_same_sums(sum_starts(per_start), pooled, exact=False)
+        one_by_one = concat_starts([accum(init(), forecast[i], observation[i]) for i in range(5)])
+        _assert_same_sums(one_by_one, per_start, exact=False)
+        # A one-hot weight row picks exactly one start.
+        picked = weighted_starts(per_start, np.eye(5)[[3]])
+        for name in per_start.additive_fields:
+            np.testing.assert_array_equal(getattr(picked, name)[0], getattr(per_start, name)[3])
+        with pytest.raises(ValueError, match="start"):
+            accum(init(n_starts=4), forecast, observation)
+
+
+def test_bootstrap_interval_contains_estimate_and_repeats_with_seed():
+    rng = np.random.default_rng(3)
+    forecast, observation = _rain_stack(rng, n_starts=40)
+    per_start = contingency_accum(
+        contingency_init([10, 20], [0.5, 2.0, 5.0], n_starts=40), forecast, observation
+    )
+    intervals = bootstrap_ci(per_start, contingency_compute, n_boot=500, seed=7)
+    pooled_scores = contingency_compute(sum_starts(per_start))
+    assert set(intervals) == set(CAT_SCORES)
+    for name, interval in intervals.items():
+        np.testing.assert_array_equal(interval.estimate, pooled_scores[name])
+        assert np.all(interval.lower <= interval.estimate), name
+        assert np.all(interval.estimate <= interval.upper), name
+        assert np.all(interval.lower < interval.upper), name
+    again = bootstrap_ci(per_start, contingency_compute, n_boot=500, seed=7)
+    other = bootstrap_ci(per_start, contingency_compute, n_boot=500, seed=8)
+    for name in intervals:
+        np.testing.assert_array_equal(again[name].lower, intervals[name].lower)
+        np.testing.assert_array_equal(again[name].upper, intervals[name].upper)
+    assert not np.array_equal(other["CSI"].lower, intervals["CSI"].lower)
+
+
+def test_bootstrap_interval_narrows_with_more_starts():
+    rng = np.random.default_rng(4)
+    forecast, observation = _rain_stack(rng, n_starts=160)
+    per_start = continuous_accum(continuous_init([10, 20], n_starts=160), forecast, observation)
+    few = concat_starts(
+        [
+            continuous_accum(continuous_init([10, 20]), forecast[i], observation[i])
+            for i in range(10)
+        ]
+    )
+    wide = bootstrap_ci(few, continuous_compute, n_boot=400, seed=0)
+    narrow = bootstrap_ci(per_start, continuous_compute, n_boot=400, seed=0)
+    for name in ("MSE", "BMSE", "MAE"):
+        assert np.all(narrow[name].upper - narrow[name].lower < wide[name].upper - wide[name].lower)
+
+
+def test_paired_bootstrap_uses_the_same_resampled_starts():
+    rng = np.random.default_rng(5)
+    forecast, observation = _rain_stack(rng, n_starts=30)
+    _, other_forecast = _rain_stack(rng, n_starts=30)
+    lead_times, thresholds, scales = [10, 20], [1.0], [1, 3]
+    method_a = fss_accum(
+        fss_init(lead_times, thresholds, scales, n_starts=30), forecast, observation
+    )
+    method_b = fss_accum(
+        fss_init(lead_times, thresholds, scales, n_starts=30), other_forecast, observation
+    )
+
+    itself = bootstrap_difference(method_a, method_a, fss_compute, n_boot=300, seed=1)["FSS"]
+    for bound in (itself.estimate, itself.lower, itself.upper):
+        assert np.all(bound == 0.0)
+
+    difference = bootstrap_difference(method_a, method_b, fss_compute, n_boot=300, seed=1)["FSS"]
+    counts = resampling_counts(30, n_boot=300, seed=1)
+    samples = (
+        fss_compute(weighted_starts(method_a, counts))["FSS"]
+        - fss_compute(weighted_starts(method_b, counts))["FSS"]
+    )
+    np.testing.assert_allclose(difference.lower, np.quantile(samples, 0.025, axis=0))
+    np.testing.assert_allclose(difference.upper, np.quantile(samples, 0.975, axis=0))
+    pooled = fss_compute(sum_starts(method_a))["FSS"] - fss_compute(sum_starts(method_b))["FSS"]
+    np.testing.assert_allclose(difference.estimate, pooled)
+    with pytest.raises(ValueError, match="per-start"):
+        bootstrap_ci(sum_starts(method_a), fss_compute)
+
+
+def test_resampling_counts_draw_n_starts_per_sample():
+    counts = resampling_counts(7, n_boot=50, seed=0)
+    assert counts.shape == (50, 7)
+    np.testing.assert_array_equal(counts.sum(axis=1), np.full(50, 7))
+    np.testing.assert_array_equal(counts, resampling_counts(7, n_boot=50, seed=0))
+
+
+def test_balanced_weights_at_bin_edges():
+    rain_rate = [0.0, 0.49, 0.5, 1.99, 2.0, 4.99, 5.0, 9.99, 10.0, 29.99, 30.0, 120.0, np.nan]
+    expected = [1, 1, 1, 1, 2, 2, 5, 5, 10, 10, 30, 30, np.nan]
+    np.testing.assert_array_equal(balanced_weights(np.array(rain_rate)), expected)
+    np.testing.assert_array_equal(balanced_weights(rain_rate), expected)
+    as_tensor = balanced_weights(torch.tensor(rain_rate, dtype=torch.float32))
+    assert isinstance(as_tensor, torch.Tensor) and as_tensor.dtype == torch.float32
+    np.testing.assert_array_equal(as_tensor.numpy(), np.array(expected, dtype=np.float32))
+    assert HKO7_THRESHOLDS == (0.5, 2.0, 5.0, 10.0, 30.0)
+    assert HKO7_WEIGHTS == (1.0, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def test_balanced_scores_by_hand():
+    # errors 1, -2, 0, 3 at observed rates 0, 3 (weight 2), 40 (weight 30), NaN (dropped)
+    forecast = np.array([1.0, 1.0, 40.0, 3.0]).reshape(1, 2, 2)
+    observation = np.array([0.0, 3.0, 40.0, np.nan]).reshape(1, 2, 2)
+    scores = continuous_compute(continuous_accum(continuous_init([10]), forecast, observation))
+    np.testing.assert_allclose(scores["BMSE"], [(1 * 1 + 2 * 4 + 30 * 0) / 3])
+    np.testing.assert_allclose(scores["BMAE"], [(1 * 1 + 2 * 2 + 30 * 0) / 3])
+    np.testing.assert_allclose(scores["MSE"], [5 / 3])
+    np.testing.assert_allclose(scores["ME"], [-1 / 3])
+
+
+def test_get_method_returns_families_and_lists_names_for_unknown():
+    family = get_method("DET_CAT")
+    assert family.compute is contingency_compute and family.merge is contingency_merge
+    assert get_method("fss").init is fss_init
+    with pytest.raises(ValueError, match="det_cat, det_cont, fss"):
+        get_method("crps")
+    with pytest.raises(ValueError, match="CSI"):
+        contingency_compute(contingency_init([10], [1.0]), ["CSII"])
+
+
+def test_score_forecasts_returns_tidy_table_from_lead_time_coordinate():
+    rng = np.random.default_rng(6)
+    forecast, observation = _rain_stack(rng, n_starts=1, n_leadtimes=3)
+    lead_time = pd.to_timedelta([10, 20, 30], unit="min").to_numpy()
+    forecast_da = xr.DataArray(
+        forecast[0], dims=("lead_time", "y", "x"), coords={"lead_time": lead_time}
+    )
+    thresholds, scales = [0.5, 2.0], [1, 5]
+    table = score_forecasts(forecast_da, observation[0], thresholds, scales, method="persistence")
+    assert tuple(table.columns) == SCORE_COLUMNS
+    assert len(table) == 3 * 2 * len(CAT_SCORES) + 3 * 6 + 3 * 2 * 2
+    assert set(table["lead_time"]) == {10.0, 20.0, 30.0}
+    assert (table["method"] == "persistence").all()
+
+    csi = table[(table.score == "CSI") & (table.threshold == 2.0)].set_index("lead_time")
+    direct = contingency_compute(
+        contingency_accum(contingency_init([10, 20, 30], thresholds), forecast[0], observation[0])
+    )
+    np.testing.assert_array_equal(csi.loc[[10.0, 20.0, 30.0], "value"], direct["CSI"][:, 1])
+    assert table[table.score == "MSE"]["threshold"].isna().all()
+    fss_rows = table[table.score == "FSS"]
+    assert set(fss_rows["scale"]) == {1.0, 5.0}
+    with pytest.raises(ValueError, match="lead_time"):
+        score_forecasts(forecast[0], observation[0], thresholds, scales)
