@@ -1,0 +1,26 @@
+"""Maps in the radar projection, forecast panels and animations, and score plots."""
+
+from .coastlines import Basemap, basemap
+from .maps import (
+    animate_forecast,
+    cartopy_crs,
+    map_axes,
+    plot_forecast_panels,
+    plot_rain_rate,
+    rain_rate_colormap,
+)
+from .plots import method_styles, plot_continuous_scores, plot_score_vs_lead_time
+
+__all__ = [
+    "Basemap",
+    "animate_forecast",
+    "basemap",
+    "cartopy_crs",
+    "map_axes",
+    "method_styles",
+    "plot_continuous_scores",
+    "plot_forecast_panels",
+    "plot_rain_rate",
+    "plot_score_vs_lead_time",
+    "rain_rate_colormap",
+]

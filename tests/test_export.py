@@ -1,0 +1,309 @@
+"""The forecast contract and its CF-1.8 NetCDF export."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyproj
+import pytest
+import xarray as xr
+
+from nowcast.config import ConfigError
+from nowcast.export import (
+    ExportConfig,
+    export,
+    forecast_to_dataset,
+    write_forecast_netcdf,
+)
+from nowcast.forecast import forecast_crs, lead_time_minutes, make_forecast
+from nowcast.io.cube import cube_crs, open_cube
+
+REPO = Path(__file__).resolve().parent.parent
+N_LEAD = 6
+PROVENANCE = {
+    "checkpoint_sha256": "0f" * 32,
+    "config": {"name": "bom", "train": {"epochs": 3}},
+}
+
+
+@pytest.fixture(scope="module")
+def bom(bom_cube):
+    """The BoM cube and forecasts made of its real next frames (no model needed)."""
+    cube = open_cube(bom_cube)
+    start = 59  # 09:50 UTC, rain over the coast
+
+    def forecast(index: int, method: str = "observed_as_forecast") -> xr.DataArray:
+        values = cube["rain_rate"].isel(time=slice(index + 1, index + 1 + N_LEAD)).values
+        values = values.copy()
+        values[:, :40, :60] = np.nan  # a no-data block, as outside radar range
+        return make_forecast(values, cube["time"].values[index], 10, cube, method=method)
+
+    return cube, forecast(start), forecast(start + 3)
+
+
+def cf_check(path: Path) -> str:
+    """Run the CF checker offline against the shared tables; return its report."""
+    tables = Path(os.environ["NOWCAST_DATA_ROOT"]).parent / "cf"
+    cfchecks = Path(sys.executable).parent / "cfchecks"
+    result = subprocess.run(
+        [
+            str(cfchecks),
+            "-v",
+            "1.8",
+            "-s",
+            str(tables / "cf-standard-name-table.xml"),
+            "-a",
+            str(tables / "area-type-table.xml"),
+            "-r",
+            str(tables / "standardized-region-list.xml"),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return result.stdout + result.stderr
+
+
+def test_make_forecast_follows_the_contract(bom):
+    cube, forecast, _ = bom
+    assert forecast.name == "rain_rate"
+    assert forecast.dims == ("lead_time", "y", "x")
+    assert forecast.dtype == np.float32
+    assert forecast["lead_time"].dtype == np.dtype("timedelta64[ns]")
+    np.testing.assert_array_equal(lead_time_minutes(forecast), 10.0 * np.arange(1, N_LEAD + 1))
+    reference = forecast["forecast_reference_time"].values
+    assert reference == cube["time"].values[59]
+    np.testing.assert_array_equal(forecast["time"].values, cube["time"].values[60 : 60 + N_LEAD])
+    np.testing.assert_array_equal(forecast["x"].values, cube["x"].values)
+    assert forecast["y"].attrs["standard_name"] == "projection_y_coordinate"
+    assert forecast_crs(forecast) == cube_crs(cube)
+    assert forecast.attrs["units"] == "mm h-1"
+    assert forecast.attrs["radar_source"] == "bom"
+
+
+def test_make_forecast_rejects_a_wrong_shape(bom):
+    cube, _, _ = bom
+    with pytest.raises(ValueError, match=r"expected \(n_lead, 512, 512\)"):
+        make_forecast(np.zeros((3, 10, 10)), "2020-10-31T10:00", 10, cube)
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
+def test_netcdf_passes_the_cf_checker(bom, tmp_path, multi):
+    _, first, second = bom
+    path = tmp_path / "forecast.nc"
+    write_forecast_netcdf([first, second] if multi else first, path, PROVENANCE, multi=multi)
+    report = cf_check(path)
+    errors = re.search(r"ERRORS detected: (\d+)", report)
+    warnings = re.search(r"WARNINGS given: (\d+)", report)
+    assert errors and warnings, report
+    assert int(errors.group(1)) == 0, report
+    assert int(warnings.group(1)) == 0, report
+
+
+def test_netcdf_round_trip_is_exact(bom, tmp_path):
+    cube, forecast, _ = bom
+    path = write_forecast_netcdf(forecast, tmp_path / "forecast.nc", PROVENANCE)
+    with xr.open_dataset(path) as ds:
+        ds.load()
+    read = ds["rain_rate"]
+    assert read.dims == ("lead_time", "y", "x")
+    assert read.dtype == np.float32
+    np.testing.assert_array_equal(np.isnan(read.values), np.isnan(forecast.values))
+    np.testing.assert_array_equal(read.values, forecast.values)  # NaN == NaN here
+    for name in ("lead_time", "time", "forecast_reference_time", "x", "y"):
+        assert ds[name].dtype == forecast[name].dtype, name
+        np.testing.assert_array_equal(ds[name].values, forecast[name].values)
+    assert ds["time"].encoding["units"].startswith("minutes since")
+    assert ds["lead_time"].encoding["units"] == "minutes"
+    assert ds["lead_time"].attrs["standard_name"] == "forecast_period"
+    assert ds["forecast_reference_time"].attrs["standard_name"] == "forecast_reference_time"
+    assert read.attrs["standard_name"] == "lwe_precipitation_rate"
+    assert read.attrs["units"] == "mm h-1"
+    assert read.attrs["grid_mapping"] == "crs"
+    assert read.encoding["zlib"] and read.encoding["complevel"] == 4
+    assert read.encoding["chunksizes"] == (1, 512, 512)
+    assert ds.attrs["Conventions"] == "CF-1.8"
+    assert ds.attrs["model_checkpoint_sha256"] == PROVENANCE["checkpoint_sha256"]
+    assert json.loads(ds.attrs["config"]) == PROVENANCE["config"]
+    assert ds.attrs["nowcast_method"] == "observed_as_forecast"
+    assert ds.attrs["radar_source"] == "bom"
+    assert ds.attrs["institution"] == cube.attrs["institution"]
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", ds.attrs["date_created"])
+
+
+def test_crs_is_recoverable(bom, tmp_path):
+    cube, forecast, _ = bom
+    path = write_forecast_netcdf(forecast, tmp_path / "forecast.nc")
+    with xr.open_dataset(path) as ds:
+        from_cf = pyproj.CRS.from_cf(ds["crs"].attrs)
+        from_wkt = pyproj.CRS.from_wkt(ds["crs"].attrs["crs_wkt"])
+    assert from_cf == cube_crs(cube)
+    assert from_wkt == cube_crs(cube)
+
+
+def test_latlon_locate_the_brisbane_radar(bom, tmp_path):
+    _, forecast, _ = bom
+    path = write_forecast_netcdf(forecast, tmp_path / "forecast.nc")
+    with xr.open_dataset(path) as ds:  # plain xarray, as a pysteps user would open it
+        lat, lon = ds["lat"].values, ds["lon"].values
+        assert ds["lat"].attrs["units"] == "degrees_north"
+        assert "lat" in ds["rain_rate"].encoding["coordinates"]
+    centre = (lat.shape[0] // 2, lat.shape[1] // 2)  # the radar is at the grid centre
+    assert lat[centre] == pytest.approx(-27.718, abs=0.01)
+    assert lon[centre] == pytest.approx(153.24, abs=0.01)
+    assert lat[0, centre[1]] > lat[-1, centre[1]]  # y descends: first row is north
+    assert lon[centre[0], -1] > lon[centre[0], 0]
+    # a 256 km square about the radar: about 2.3 degrees of latitude
+    assert lat.max() - lat.min() == pytest.approx(2.3, abs=0.1)
+
+
+def test_multi_forecast_file_round_trip(bom, tmp_path):
+    _, first, second = bom
+    path = write_forecast_netcdf([first, second], tmp_path / "multi.nc", multi=True)
+    with xr.open_dataset(path) as ds:
+        ds.load()
+    assert ds["rain_rate"].dims == ("forecast_reference_time", "lead_time", "y", "x")
+    np.testing.assert_array_equal(
+        ds["forecast_reference_time"].values,
+        [first["forecast_reference_time"].values, second["forecast_reference_time"].values],
+    )
+    for i, forecast in enumerate((first, second)):
+        np.testing.assert_array_equal(ds["rain_rate"].values[i], forecast.values)
+        np.testing.assert_array_equal(ds["time"].values[i], forecast["time"].values)
+    np.testing.assert_array_equal(ds["lead_time"].values, first["lead_time"].values)
+
+
+def test_multi_file_rejects_mismatched_forecasts(bom, tmp_path):
+    _, first, _ = bom
+    with pytest.raises(ValueError, match="share a forecast_reference_time"):
+        write_forecast_netcdf([first, first], tmp_path / "x.nc", multi=True)
+    shorter = first.isel(lead_time=slice(0, 3)).copy()
+    shorter["forecast_reference_time"] = first["forecast_reference_time"] + np.timedelta64(10, "m")
+    with pytest.raises(ValueError, match="differ in 'lead_time'"):
+        write_forecast_netcdf([first, shorter], tmp_path / "x.nc", multi=True)
+    with pytest.raises(ValueError, match="multi=True"):
+        write_forecast_netcdf([first, first], tmp_path / "x.nc")
+    assert not (tmp_path / "x.nc").exists()
+
+
+def test_failed_write_leaves_no_file(bom, tmp_path, monkeypatch):
+    _, forecast, _ = bom
+    final = tmp_path / "forecast.nc"
+
+    def interrupted(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"CDF partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_forecast_netcdf(forecast, final)
+    assert list(tmp_path.iterdir()) == []
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np, xarray as xr
+    from nowcast.export import write_forecast_netcdf
+    from nowcast.forecast import make_forecast
+    from nowcast.io.cube import crs_variable
+    import pyproj
+
+    grid = xr.Dataset(
+        {"crs": crs_variable(pyproj.CRS.from_epsg(3035))},
+        coords={"y": [1500.0, 500.0], "x": [500.0, 1500.0]},
+    )
+    forecast = make_forecast(np.ones((2, 2, 2)), "2020-01-01T00:00", 10, grid)
+
+    def killed(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"CDF partial")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    xr.Dataset.to_netcdf = killed
+    write_forecast_netcdf(forecast, sys.argv[1])
+    """
+)
+
+
+def test_killed_write_leaves_no_file_and_rerun_completes(bom, tmp_path):
+    final = tmp_path / "out" / "forecast.nc"
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(final)], cwd=REPO, capture_output=True
+    )
+    assert result.returncode == -9, result.stderr.decode()
+    assert not final.exists()
+    stale = list(final.parent.glob("forecast.nc.tmp-*"))
+    assert len(stale) == 1  # the killed run's temporary, never mistaken for a finished file
+
+    _, forecast, _ = bom
+    write_forecast_netcdf(forecast, final)
+    assert sorted(p.name for p in final.parent.iterdir()) == ["forecast.nc"]
+    with xr.open_dataset(final) as ds:
+        assert ds.sizes["lead_time"] == N_LEAD
+
+
+def test_forecast_to_dataset_without_latlon(bom):
+    _, forecast, _ = bom
+    ds = forecast_to_dataset(forecast, latlon=False)
+    assert "lat" not in ds and "lon" not in ds
+    assert set(ds.data_vars) == {"rain_rate", "crs"}
+
+
+def _experiment(tmp_path: Path, export_section: dict) -> Path:
+    path = tmp_path / "experiment.yaml"
+    config = {"name": "bom", "sources": ["bom"], "run_dir": str(tmp_path / "run")}
+    config["export"] = export_section
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def test_export_stage_writes_one_file_per_forecast(bom, tmp_path):
+    _, first, second = bom
+    config = _experiment(tmp_path, {"latlon": False})
+    paths = export(config, forecasts=[first, second])
+    assert [Path(p).name for p in paths] == [
+        "bom_observed_as_forecast_20201031T0950Z.nc",
+        "bom_observed_as_forecast_20201031T1020Z.nc",
+    ]
+    assert all(Path(p).parent == tmp_path / "run" / "netcdf" for p in paths)
+    with xr.open_dataset(paths[0]) as ds:
+        assert "lat" not in ds
+        assert json.loads(ds.attrs["config"])["name"] == "bom"
+
+
+def test_export_stage_multi_file_from_a_forecast_source(bom, tmp_path):
+    _, first, second = bom
+    persistence = first.copy()
+    persistence.attrs["method"] = "persistence"
+    config = _experiment(tmp_path, {"multi_file": True, "out_dir": str(tmp_path / "nc")})
+    calls = []
+
+    def source(experiment):
+        calls.append(experiment.name)
+        return [first, second, persistence]
+
+    paths = export(config, forecast_source=source)
+    assert calls == ["bom"]
+    assert sorted(Path(p).name for p in paths) == [
+        "bom_observed_as_forecast.nc",
+        "bom_persistence.nc",
+    ]
+    with xr.open_dataset(tmp_path / "nc" / "bom_observed_as_forecast.nc") as ds:
+        assert ds.sizes["forecast_reference_time"] == 2
+
+
+def test_export_stage_needs_forecasts_and_a_valid_section(tmp_path):
+    with pytest.raises(ConfigError, match="forecast_source"):
+        export(_experiment(tmp_path, {}))
+    with pytest.raises(ConfigError, match="multi_files"):
+        export(_experiment(tmp_path, {"multi_files": True}), forecasts=[])
+    assert ExportConfig().latlon is True
