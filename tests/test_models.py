@@ -472,3 +472,24 @@ def test_forward_flops_of_a_convlstm_by_hand():
     assert forward_flops(model, (1, 2, 1, 8, 8)) == 2 * expected_macs
     # Padding to the patch multiple is part of the cost: 7 x 7 runs as 8 x 8.
     assert forward_flops(model, (1, 2, 1, 7, 7)) == 2 * expected_macs
+
+
+def test_residual_model_starts_as_persistence_and_learns_a_correction():
+    torch.manual_seed(0)
+    model = build_model(
+        "convlstm", 3, 2, patch_factor=2, hidden_channels=(4,), kernel_sizes=(3,), residual=True
+    )
+    frames = torch.rand(2, 3, 1, 8, 8)
+    with torch.no_grad():
+        untrained = model(frames)
+    torch.testing.assert_close(untrained, frames[:, -1:].expand(-1, 2, -1, -1, -1))
+    target = frames[:, -1:].expand(-1, 2, -1, -1, -1) * 0.5  # decay
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(frames), target)
+        loss.backward()
+        optimizer.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.3 * first

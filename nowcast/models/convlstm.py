@@ -258,6 +258,10 @@ class EncoderForecaster(nn.Module):
         stay in memory, so peak activation memory grows much more slowly with sequence length.
     forecaster_input : {"zeros", "prediction"}, optional
         What the forecaster reads at each step, by default ``"zeros"``.
+    residual : bool, optional
+        Predict a correction added to the last input frame, with the output layer initialised
+        to zero so that the untrained model is persistence, by default False. On inputs moved
+        into the Lagrangian frame this makes the model start as extrapolation (L-CNN idea).
     forget_bias : float, optional
         Initial forget-gate bias, by default 1.0.
     pad_mode : {"replicate", "reflect"}, optional
@@ -277,6 +281,7 @@ class EncoderForecaster(nn.Module):
         norm: str | None = None,
         gradient_checkpointing: bool = False,
         forecaster_input: str = "zeros",
+        residual: bool = False,
         forget_bias: float = 1.0,
         pad_mode: str = "replicate",
     ) -> None:
@@ -360,6 +365,12 @@ class EncoderForecaster(nn.Module):
             self.upsamplers = nn.ModuleList()
             head_channels = sum(hidden_channels)
         self.head = nn.Conv2d(head_channels, patch_channels, 1)
+        self.residual = residual
+        if residual:
+            # Start as persistence of the last input frame (in a Lagrangian frame: as
+            # extrapolation), so training only has to learn the correction.
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     @property
     def spatial_multiple(self) -> int:
@@ -463,4 +474,7 @@ class EncoderForecaster(nn.Module):
             self.patch_factor,
         )
         predicted = predicted[..., :height, :width]
-        return predicted.reshape(batch, self.n_target_frames, channels, height, width)
+        predicted = predicted.reshape(batch, self.n_target_frames, channels, height, width)
+        if self.residual:
+            predicted = predicted + frames[:, -1:]
+        return predicted
