@@ -67,21 +67,21 @@ def main() -> dict:
     os.environ.setdefault("NOWCAST_DATA_ROOT", "../shared/data/pysteps-data")
     results = bench()
     save("ingest", results)
+    r = results
     print("ingest, BoM day (144 files, 512x512):")
-    print(
-        table(
-            [
-                ("pysteps read_timeseries (sequential)", f"{results['pysteps_sequential_s']:.2f} s"),
-                ("bare parallel decode (netCDF4)", f"{results['bare_parallel_decode_s']:.2f} s"),
-                ("nowcast ingest, new cluster", f"{results['nowcast_ingest_cold_s']:.2f} s"),
-                ("nowcast ingest, warm cluster", f"{results['nowcast_ingest_warm_s']:.2f} s"),
-                ("speedup vs pysteps (cold / warm)",
-                 f"{results['speedup_vs_pysteps_cold']:.1f}x / "
-                 f"{results['speedup_vs_pysteps_warm']:.1f}x  (target >= 1.8x)"),
-                ("warm ingest / bare decode", f"{results['warm_over_bare_decode']:.2f}  (target <= 1.3)"),
-            ]
-        )
-    )
+    rows = [
+        ("pysteps read_timeseries (sequential)", f"{r['pysteps_sequential_s']:.2f} s"),
+        ("bare parallel decode (netCDF4)", f"{r['bare_parallel_decode_s']:.2f} s"),
+        ("nowcast ingest, new cluster", f"{r['nowcast_ingest_cold_s']:.2f} s"),
+        ("nowcast ingest, warm cluster", f"{r['nowcast_ingest_warm_s']:.2f} s"),
+        (
+            "speedup vs pysteps (cold / warm)",
+            f"{r['speedup_vs_pysteps_cold']:.1f}x / {r['speedup_vs_pysteps_warm']:.1f}x"
+            "  (target >= 1.8x)",
+        ),
+        ("warm ingest / bare decode", f"{r['warm_over_bare_decode']:.2f}  (target <= 1.3)"),
+    ]
+    print(table(rows))
     return results
 
 

@@ -27,7 +27,8 @@ class FrameRef:
     path: str | None  # None for the synthetic source
 
 
-def _strftime_path(source: SourceConfig, time: datetime) -> str:
+def frame_path(source: SourceConfig, time: datetime) -> str:
+    """Expected file of a source at a time (the catalog patterns applied with strftime)."""
     directory = os.path.join(source.resolved_root, time.strftime(source.path_fmt))
     return os.path.join(directory, time.strftime(source.fn_pattern) + "." + source.fn_ext)
 
@@ -103,6 +104,6 @@ def list_frames(
             f"{source.timestep}-min axis from {start}"
         )
     return [
-        FrameRef(t.to_pydatetime(), _strftime_path(source, t.to_pydatetime()))
+        FrameRef(t.to_pydatetime(), frame_path(source, t.to_pydatetime()))
         for t in time_axis(start, end, source.timestep)
     ]

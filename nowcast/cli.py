@@ -76,6 +76,79 @@ def ingest(
     typer.echo(describe_cube(open_cube(result.path)))
 
 
+@app.command()
+def patches(
+    config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
+    scheduler: str = typer.Option(None, help="Dask scheduler address (default: local cluster)"),
+    force: bool = typer.Option(False, help="rebuild even if the store is up to date"),
+) -> None:
+    """Cut the experiment's cubes into a normalized zarr patch-sequence store."""
+    from .patches import build_patches, evaluation_windows, open_patch_store
+
+    try:
+        path = build_patches(config, scheduler=scheduler, force=force)
+    except ConfigError as err:
+        _fail(err)
+    store = open_patch_store(path)
+    splits = store["split"].to_series().value_counts().to_dict()
+    windows = evaluation_windows(path)["split"].value_counts().to_dict()
+    typer.echo(f"patch store: {path}")
+    typer.echo(f"samples per split: {splits}; full-domain windows per split: {windows}")
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
+    resume: bool = typer.Option(False, help="continue exactly from checkpoints/last.pt"),
+    device: str = typer.Option(None, help="cuda, cuda:1, mps or cpu (default: auto)"),
+) -> None:
+    """Train the experiment's model (multi-GPU: torchrun --nproc_per_node=N -m nowcast.train)."""
+    import json
+
+    from .train import TrainingDivergedError
+    from .train import train as run_train
+
+    try:
+        summary = run_train(config, resume=resume, device=device)
+    except (ConfigError, FileExistsError, FileNotFoundError, TrainingDivergedError) as err:
+        _fail(err)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def predict(
+    source: str = typer.Option(..., "--source", "-s", help="catalog source name"),
+    checkpoint: Path = typer.Option(
+        Path("pipelines/pretrained/bom_convlstm.pt"), help="model checkpoint"
+    ),
+    at: datetime = typer.Option(None, help="time of the last input frame (UTC)"),
+    latest: bool = typer.Option(True, help="use the newest available frame (default)"),
+    cube_dir: str = typer.Option("data/cubes", help="where the source's cube is"),
+    from_files: bool = typer.Option(False, help="read the raw files instead of the cube"),
+    out_dir: Path = typer.Option(Path("runs/predict"), help="output folder"),
+    catalog: Path = typer.Option(None, help="data catalog YAML"),
+) -> None:
+    """Issue a nowcast from the newest (or --at) frames: CF NetCDF + forecast map PNG."""
+    from .config import load_catalog
+    from .predict import predict as run_predict
+
+    if at is None and not latest:
+        _fail(ConfigError("give --at TIME or --latest"))
+    try:
+        result = run_predict(
+            source,
+            checkpoint,
+            at=at,
+            cube_dir=cube_dir,
+            from_files=from_files,
+            out_dir=out_dir,
+            catalog=load_catalog(catalog),
+        )
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(result.summary())
+
+
 def describe_cube(ds) -> str:
     """A short human summary of a cube."""
     rain = ds["rain_rate"]

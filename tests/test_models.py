@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from nowcast.models import (
     CNNLSTM,
@@ -24,6 +20,7 @@ from nowcast.models import (
     registered_models,
 )
 from nowcast.models import registry as model_registry
+from nowcast.models.complexity import PeakTensorMemory
 from nowcast.models.spatial import apply_tiled
 
 # Small enough to train in a fraction of a second per step on one core.
@@ -237,39 +234,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(downsample):
     assert expected.keys() == actual.keys()
     for name, gradient in expected.items():
         torch.testing.assert_close(actual[name], gradient, atol=1e-5, rtol=1e-5, msg=name)
-
-
-class PeakTensorMemory(TorchDispatchMode):
-    """Peak bytes of tensor storage allocated by operators (forward, backward, recomputation).
-
-    Every storage an operator returns is counted once until it is freed (weakref finalizer on the
-    storage), so this is the live activation memory a CPU allocator would have to hold.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live_bytes = 0
-        self.peak_bytes = 0
-        self._tracked: set[int] = set()
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._tracked.discard(key)
-        self.live_bytes -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        output = func(*args, **(kwargs or {}))
-        for value in tree_flatten(output)[0]:
-            if not isinstance(value, torch.Tensor):
-                continue
-            storage = value.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._tracked:
-                continue
-            self._tracked.add(key)
-            self.live_bytes += nbytes
-            weakref.finalize(storage, self._release, key, nbytes)
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        return output
 
 
 def _peak_training_memory(n_frames: int, gradient_checkpointing: bool) -> int:

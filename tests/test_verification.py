@@ -46,6 +46,8 @@ from nowcast.verification import (
     weighted_starts,
 )
 from nowcast.verification.detcat import DEFAULT_SCORES as CAT_SCORES
+from nowcast.verification.detcat import contingency_counts
+from nowcast.verification.detcont import continuous_sums
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -266,6 +268,65 @@ def test_contingency_merge_of_spatial_tiles_equals_whole_grid(pair, thresholds, 
         )
     merged = functools.reduce(contingency_merge, parts)
     _assert_same_sums(merged, whole, exact=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_contingency_counts_equal_per_threshold_counts_with_ties_and_nans(dtype):
+    rng = np.random.default_rng(11)
+    thresholds = [0.1, 1.0, 2.0, 5.0, 10.0]
+    shape = (2, 3, 40, 37)
+    # A third of the values sit exactly on a threshold (0.1 is not exact in float32), a few are
+    # NaN or infinite, the rest are continuous.
+    values = np.array(thresholds + [0.0, np.nan, np.inf], dtype=dtype)
+    forecast = np.where(
+        rng.random(shape) < 0.35, rng.choice(values, shape), rng.gamma(0.6, 4.0, shape)
+    )
+    observation = np.where(
+        rng.random(shape) < 0.35, rng.choice(values, shape), rng.gamma(0.6, 4.0, shape)
+    )
+    forecast, observation = forecast.astype(dtype), observation.astype(dtype)
+    counts = contingency_counts(forecast, observation, thresholds)
+    for index in np.ndindex(shape[:2]):
+        fct, obs = forecast[index], observation[index]
+        valid = np.isfinite(fct) & np.isfinite(obs)
+        for k, threshold in enumerate(thresholds):
+            # The Python float threshold is compared in the data dtype, as pysteps does.
+            fct_event, obs_event = fct[valid] > threshold, obs[valid] > threshold
+            assert counts["hits"][index + (k,)] == np.sum(fct_event & obs_event)
+            assert counts["misses"][index + (k,)] == np.sum(~fct_event & obs_event)
+            assert counts["false_alarms"][index + (k,)] == np.sum(fct_event & ~obs_event)
+            assert counts["correct_negatives"][index + (k,)] == np.sum(~fct_event & ~obs_event)
+
+
+def test_continuous_sums_of_a_large_float32_frame_match_float64_sums():
+    # 300 x 301 pixels are not a multiple of the 64 rows of the blocked sum, so the remainder
+    # path is used; the tolerance is below what a single float32 accumulator achieves.
+    rng = np.random.default_rng(12)
+    shape = (2, 300, 301)
+    observation = np.where(rng.random(shape) < 0.4, rng.gamma(0.6, 8.0, shape), 0.0)
+    forecast = observation + rng.normal(0.0, 1.0, shape)
+    forecast[0, :5, :7] = np.nan
+    forecast, observation = forecast.astype(np.float32), observation.astype(np.float32)
+    sums = continuous_sums(forecast, observation)
+    for lead in range(shape[0]):
+        # Errors are formed in the input dtype, as in det_cont_fct; only the sums differ.
+        error = (forecast[lead] - observation[lead]).astype(np.float64)
+        valid = np.isfinite(error)
+        error = error[valid]
+        weights = balanced_weights(observation[lead][valid].astype(np.float64))
+        assert sums["n"][lead] == valid.sum()
+        # The signed errors cancel, so their tolerance scales with the absolute errors.
+        np.testing.assert_allclose(
+            sums["sum_error"][lead], error.sum(), rtol=0, atol=1e-8 * np.abs(error).sum()
+        )
+        np.testing.assert_allclose(sums["sum_absolute_error"][lead], np.abs(error).sum(), rtol=1e-6)
+        np.testing.assert_allclose(sums["sum_squared_error"][lead], (error**2).sum(), rtol=1e-6)
+        np.testing.assert_allclose(
+            sums["sum_weighted_absolute_error"][lead], (weights * np.abs(error)).sum(), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            sums["sum_weighted_squared_error"][lead], (weights * error**2).sum(), rtol=1e-6
+        )
 
 
 def test_merge_leaves_inputs_unchanged_and_rejects_other_coordinates():

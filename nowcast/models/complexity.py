@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -121,3 +124,36 @@ def forward_flops(
         for handle in handles:
             handle.remove()
     return 2 * total_macs
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated by operators (forward, backward, recomputation).
+
+    Every storage an operator returns is counted once until it is freed (weakref finalizer on the
+    storage), so this is the live activation memory a CPU allocator would have to hold.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._tracked: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._tracked.discard(key)
+        self.live_bytes -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for value in tree_flatten(output)[0]:
+            if not isinstance(value, torch.Tensor):
+                continue
+            storage = value.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._tracked:
+                continue
+            self._tracked.add(key)
+            self.live_bytes += nbytes
+            weakref.finalize(storage, self._release, key, nbytes)
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return output

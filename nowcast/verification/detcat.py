@@ -128,27 +128,31 @@ def contingency_counts(
         (..., n_thresholds). Pairs with a non-finite value are not counted.
     """
     forecast, observation = as_float_pair(forecast, observation)
-    # A Python float is compared in the data's dtype (numpy's weak scalars), as pysteps does.
-    thresholds = [float(threshold) for threshold in thresholds]
+    # A Python float is compared in the data's dtype (numpy's weak scalars), as pysteps does; a
+    # column of thresholds in that dtype keeps this, where float64 thresholds would promote
+    # float32 data and split ties differently.
+    thresholds = np.asarray(thresholds, dtype=np.float64).astype(forecast.dtype)[:, None]
+    n_thresholds = thresholds.shape[0]
     n_pixels = forecast.shape[-2] * forecast.shape[-1]
     # Per frame: [n_valid, n_forecast(t), n_observed(t), n_both(t)] for every threshold t.
-    counts = np.empty(forecast.shape[:-2] + (3 * len(thresholds) + 1,), dtype=np.int64)
-    forecast_event = np.empty(n_pixels, dtype=bool)
-    observed_event = np.empty(n_pixels, dtype=bool)
-    both_event = np.empty(n_pixels, dtype=bool)
+    counts = np.empty(forecast.shape[:-2] + (3 * n_thresholds + 1,), dtype=np.int64)
+    # One broadcast comparison per field gives the events at all thresholds. Comparisons and
+    # count_nonzero are the cheapest numpy passes here: a joint (forecast bin, observed bin)
+    # histogram needs np.searchsorted (1.3 ms per 512 x 512 frame) and np.bincount (0.6 ms),
+    # against 0.4 ms for all of this function's work on a frame with five thresholds.
+    forecast_events = np.empty((n_thresholds, n_pixels), dtype=bool)
+    observed_events = np.empty((n_thresholds, n_pixels), dtype=bool)
     with np.errstate(invalid="ignore"):
         for index, forecast_frame, observation_frame in iter_frames(forecast, observation):
             forecast_frame, observation_frame, n_valid = _drop_invalid_pairs(
                 forecast_frame, observation_frame
             )
-            n_forecast, n_observed, n_both = [], [], []
-            for threshold in thresholds:
-                np.greater(forecast_frame, threshold, out=forecast_event)
-                np.greater(observation_frame, threshold, out=observed_event)
-                np.logical_and(forecast_event, observed_event, out=both_event)
-                n_forecast.append(np.count_nonzero(forecast_event))
-                n_observed.append(np.count_nonzero(observed_event))
-                n_both.append(np.count_nonzero(both_event))
+            np.greater(forecast_frame, thresholds, out=forecast_events)
+            np.greater(observation_frame, thresholds, out=observed_events)
+            n_forecast = [np.count_nonzero(events) for events in forecast_events]
+            n_observed = [np.count_nonzero(events) for events in observed_events]
+            both_events = np.logical_and(forecast_events, observed_events, out=forecast_events)
+            n_both = [np.count_nonzero(events) for events in both_events]
             counts[index] = [n_valid, *n_forecast, *n_observed, *n_both]
     n_valid = counts[..., :1]
     n_forecast, n_observed, hits = np.split(counts[..., 1:], 3, axis=-1)
@@ -167,9 +171,12 @@ def _drop_invalid_pairs(
 
     Returns the frames and the number of valid pairs.
     """
-    # min and max propagate NaN and reach +-inf: four cheap reductions per frame spare the
-    # isfinite masks in the usual case of a frame without missing data.
-    if np.isfinite(forecast.min() + forecast.max() + observation.min() + observation.max()):
+    # A sum is NaN or infinite when any term is; two einsum sums (SIMD, no temporary) cost a
+    # third of the four min/max reductions that would say the same. A finite sum that
+    # overflows only sends the frame down the exact masked path below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.einsum("i->", forecast) + np.einsum("i->", observation)
+    if np.isfinite(total):
         return forecast, observation, forecast.size
     valid = np.isfinite(forecast) & np.isfinite(observation)
     return (

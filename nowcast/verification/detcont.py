@@ -148,31 +148,25 @@ def continuous_sums(forecast: np.ndarray, observation: np.ndarray) -> dict[str, 
     n_pixels = forecast.shape[-2] * forecast.shape[-1]
     names = ContinuousErrors.additive_fields
     sums = np.empty(forecast.shape[:-2] + (len(names),))
-    # As in det_cont_fct, errors are computed and summed over a frame in the input dtype;
-    # numpy's pairwise summation keeps a float32 frame sum within ~1e-7 of the exact value, and
-    # the sums over frames are float64.
+    # As in det_cont_fct, errors are computed in the input dtype; their sums are float64.
     error = np.empty(n_pixels, dtype=forecast.dtype)
     absolute_error = np.empty(n_pixels, dtype=forecast.dtype)
-    squared_error = np.empty(n_pixels, dtype=forecast.dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         for index, forecast_frame, observation_frame in iter_frames(forecast, observation):
             np.subtract(forecast_frame, observation_frame, out=error)
             n_valid = n_pixels
-            sum_error = error.sum()
+            sum_error = _blocked_sum(error)
             if not np.isfinite(sum_error):
                 # A NaN or inf anywhere makes the sum non-finite; only then build the mask.
                 valid = np.isfinite(error)
                 n_valid = np.count_nonzero(valid)
                 error[~valid] = 0.0
                 observation_frame = np.where(valid, observation_frame, 0.0)
-                sum_error = error.sum()
+                sum_error = _blocked_sum(error)
             np.abs(error, out=absolute_error)
-            np.multiply(error, error, out=squared_error)
-            sum_absolute_error = float(absolute_error.sum())
-            sum_squared_error = float(squared_error.sum())
-            extra_absolute, extra_squared = _extra_weighted_sums(
-                observation_frame, absolute_error, squared_error
-            )
+            sum_absolute_error = _blocked_sum(absolute_error)
+            sum_squared_error = _blocked_sum(error, error)
+            extra_absolute, extra_squared = _extra_weighted_sums(observation_frame, error)
             sums[index] = (
                 n_valid,
                 sum_error,
@@ -186,30 +180,60 @@ def continuous_sums(forecast: np.ndarray, observation: np.ndarray) -> dict[str, 
     return result
 
 
-def _extra_weighted_sums(
-    rain_rate: np.ndarray, absolute_error: np.ndarray, squared_error: np.ndarray
-) -> tuple[float, float]:
+_SUM_ROWS = 64
+
+
+def _blocked_sum(values: np.ndarray, other: np.ndarray | None = None) -> float:
+    """Return sum(values) (or sum(values * other)) of 1-D arrays as a float64.
+
+    The array is viewed as at most 64 rows and reduced down the rows: numpy adds whole rows
+    with SIMD, so every column sums at most 64 terms in the input dtype, and the column sums
+    are added in float64. This is three times faster than ``values.sum()`` (pairwise, but not
+    vectorised across lanes) and as accurate for float32 frames: the error of a 64-term sum is a
+    few ulp, against ~1e-6 relative for a single float32 accumulator over a 512 x 512 frame
+    (which is what ``np.einsum`` and ``np.dot`` use).
+    """
+    n_rows = min(_SUM_ROWS, values.size)
+    if n_rows == 0:
+        return 0.0
+    n_columns = values.size // n_rows
+    n_main = n_rows * n_columns
+    main = values[:n_main].reshape(n_rows, n_columns)
+    if other is None:
+        columns = main.sum(axis=0)
+        rest = values[n_main:]
+    else:
+        # einsum multiplies and adds down the rows in one pass, without a squared-error array.
+        columns = np.einsum("ij,ij->j", main, other[:n_main].reshape(n_rows, n_columns))
+        rest = values[n_main:] * other[n_main:]
+    return float(np.sum(columns, dtype=np.float64) + np.sum(rest, dtype=np.float64))
+
+
+def _extra_weighted_sums(rain_rate: np.ndarray, error: np.ndarray) -> tuple[float, float]:
     """Return sum((w - w0) |e|) and sum((w - w0) e^2) for HKO-7 weights w and base weight w0.
 
-    The weight is a step function of the observed rain rate, so
-    ``w = w0 + sum_k step_k * [rain_rate >= edge_k]``. The pixels above each edge are a subset
-    of those above the previous one; shrinking the arrays edge by edge touches few pixels once
-    past the first edge (2 mm/h), where a full weight array would cost several passes per frame.
+    ``w - w0`` is zero below the first edge where the weight changes (2 mm/h), which is most
+    pixels, so the pixels above it are gathered once and weighted there. Measured on 512 x 512
+    radar frames: boolean indexing is the cheapest gather (``np.flatnonzero`` with ``np.take``
+    costs three times more), and on the gathered pixels ``astype`` of a comparison is the
+    cheapest indicator (``np.where``, ``np.take`` of a weight table and ``np.searchsorted``
+    cost 5 to 20 times more).
     """
-    extra_absolute = extra_squared = 0.0
-    for edge, step in _WEIGHT_STEPS:
-        heavier = rain_rate >= edge
-        # Most frames hold no heavy rain; any() is far cheaper than an empty flatnonzero.
-        if not heavier.any():
-            break
-        above = np.flatnonzero(heavier)
-        # np.take is markedly faster than fancy indexing for this gather.
-        rain_rate = np.take(rain_rate, above)
-        absolute_error = np.take(absolute_error, above)
-        squared_error = np.take(squared_error, above)
-        extra_absolute += step * float(absolute_error.sum())
-        extra_squared += step * float(squared_error.sum())
-    return extra_absolute, extra_squared
+    (first_edge, first_step), *other_steps = _WEIGHT_STEPS
+    heavier = rain_rate >= first_edge
+    # Most frames hold no heavy rain; any() is far cheaper than an empty gather.
+    if not heavier.any():
+        return 0.0, 0.0
+    rain_rate = rain_rate[heavier]
+    absolute_error = np.abs(error[heavier])
+    extra_weight = np.full(rain_rate.size, first_step, dtype=error.dtype)
+    for edge, step in other_steps:
+        extra_weight += step * (rain_rate >= edge).astype(error.dtype)
+    weighted_absolute_error = extra_weight * absolute_error
+    return (
+        _blocked_sum(weighted_absolute_error),
+        _blocked_sum(weighted_absolute_error, absolute_error),
+    )
 
 
 def continuous_accum(

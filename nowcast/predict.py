@@ -1,0 +1,216 @@
+"""Operational ``predict``: a nowcast from the newest (or a chosen) radar frames.
+
+Inputs come from the source's cube or straight from the raw files through the catalog, so a
+forecast can be issued as soon as a new file lands, without re-ingesting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .catalog import FrameRef, frame_path, list_frames
+from .config import Catalog, ConfigError, load_catalog
+from .io.cube import build_cube, cube_path, open_cube
+from .nowcasts.utils import cube_inputs
+
+
+class InputFramesError(ConfigError):
+    """The frames a forecast needs are missing or have gaps."""
+
+
+@dataclass
+class PredictResult:
+    netcdf: str
+    map_png: str
+    reference_time: str
+    seconds: dict
+
+    def summary(self) -> str:
+        timing = ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items())
+        return (
+            f"nowcast from {self.reference_time}\n  NetCDF: {self.netcdf}\n  map: {self.map_png}\n"
+            f"  timing: {timing}"
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _required_times(reference: pd.Timestamp, n_frames: int, step: int) -> list[pd.Timestamp]:
+    return [reference - pd.Timedelta(minutes=step * k) for k in range(n_frames - 1, -1, -1)]
+
+
+def inputs_from_cube(
+    cube: xr.Dataset, at: datetime | None, n_input_frames: int, timestep: int
+) -> xr.DataArray:
+    """The ``n_input_frames`` frames ending at ``at`` (default: the newest valid frame).
+
+    Raises
+    ------
+    InputFramesError
+        If any needed frame is outside the cube or not valid (a gap or a skipped file).
+    """
+    valid = cube["frame_valid"].to_series()
+    if at is None:
+        if not valid.any():
+            raise InputFramesError("the cube has no valid frame")
+        at = valid[valid].index[-1]
+    reference = pd.Timestamp(at)
+    needed = _required_times(reference, n_input_frames, timestep)
+    missing = [t for t in needed if t not in valid.index or not valid[t]]
+    if missing:
+        listing = ", ".join(t.isoformat() for t in missing)
+        raise InputFramesError(
+            f"cannot forecast from {reference.isoformat()}: {len(missing)} of the "
+            f"{n_input_frames} input frames are missing or invalid ({listing})"
+        )
+    return cube_inputs(cube, reference, n_input_frames, timestep)
+
+
+def inputs_from_files(
+    catalog: Catalog, source_name: str, at: datetime | None, n_input_frames: int, timestep: int
+) -> xr.DataArray:
+    """Read the input frames straight from the raw files of a catalog source."""
+    from .ingest import _read_task, source_grid
+
+    source = catalog[source_name]
+    frames = list_frames(source)
+    if at is None:
+        present = [f for f in frames if f.path is None or Path(f.path).exists()]
+        if not present:
+            raise InputFramesError(f"source '{source_name}': no files found")
+        at = present[-1].time
+    reference = pd.Timestamp(at)
+    needed = _required_times(reference, n_input_frames, timestep)
+    refs = [
+        FrameRef(
+            t.to_pydatetime(), None if source.importer == "synthetic" else frame_path(source, t)
+        )
+        for t in needed
+    ]
+    grid = source_grid(source, refs)
+    values, problems = [], []
+    for ref in refs:
+        data, status = _read_task(ref, source, grid)
+        if data is None:
+            problems.append(f"{ref.time.isoformat()} ({status['state']}: {ref.path})")
+        values.append(data)
+    if problems:
+        raise InputFramesError(
+            f"cannot forecast from {reference.isoformat()}: input frames missing or unreadable: "
+            + "; ".join(problems)
+        )
+    cube = build_cube(
+        np.stack(values),
+        [r.time for r in refs],
+        np.ones(len(refs), bool),
+        grid,
+        {"source": source_name, "timestep_minutes": source.timestep},
+    )
+    return cube_inputs(cube, reference, n_input_frames, timestep)
+
+
+def predict(
+    source: str,
+    checkpoint: str | Path,
+    *,
+    at: datetime | None = None,
+    cube_dir: str = "data/cubes",
+    from_files: bool = False,
+    out_dir: str | Path = "runs/predict",
+    catalog: Catalog | None = None,
+    n_leadtimes: int | None = None,
+) -> PredictResult:
+    """Issue a nowcast with a trained model and write CF NetCDF plus a map PNG.
+
+    Parameters
+    ----------
+    source : str
+        Catalog source name.
+    checkpoint : str or Path
+        Checkpoint written by ``nowcast train``.
+    at : datetime, optional
+        Time of the last input frame; default the newest available frame (``--latest``).
+    cube_dir : str
+        Where the source's cube is (unless ``from_files``).
+    from_files : bool
+        Read the raw files through the catalog instead of the cube.
+    out_dir : str or Path
+        Output folder.
+    catalog : Catalog, optional
+    n_leadtimes : int, optional
+        Lead times to write; default all the model predicts.
+
+    Returns
+    -------
+    PredictResult
+    """
+    from .export import write_forecast_netcdf
+    from .nowcasts import get_method
+    from .visualization import plot_forecast_panels
+
+    seconds = {}
+    start = time.perf_counter()
+    method = get_method("model")(checkpoint=checkpoint)
+    seconds["load_model"] = time.perf_counter() - start
+    step = int(method.timestep_minutes)
+
+    start = time.perf_counter()
+    if from_files:
+        inputs = inputs_from_files(
+            catalog or load_catalog(), source, at, method.n_input_frames, step
+        )
+    else:
+        inputs = inputs_from_cube(
+            open_cube(cube_path(cube_dir, source)), at, method.n_input_frames, step
+        )
+    seconds["read_inputs"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    forecast = method(inputs, n_leadtimes or method.n_target_frames)
+    seconds["model"] = time.perf_counter() - start
+
+    reference = pd.Timestamp(forecast["forecast_reference_time"].values)
+    stem = f"{source}_{reference:%Y%m%dT%H%M}Z"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    netcdf = write_forecast_netcdf(
+        forecast,
+        out_dir / f"{stem}.nc",
+        provenance={
+            "source": source,
+            "method": "model",
+            "checkpoint_sha256": file_sha256(checkpoint),
+            "config": {"checkpoint": str(checkpoint), "from_files": from_files},
+        },
+    )
+    seconds["netcdf"] = time.perf_counter() - start
+    start = time.perf_counter()
+    leads = [step * k for k in (1, 3, 6) if k <= forecast.sizes["lead_time"]]
+    figure = plot_forecast_panels(None, {"model": forecast}, leads, path=out_dir / f"{stem}.png")
+    _close(figure)
+    seconds["map"] = time.perf_counter() - start
+    return PredictResult(str(netcdf), str(out_dir / f"{stem}.png"), reference.isoformat(), seconds)
+
+
+def _close(figure) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+__all__ = ["predict", "inputs_from_cube", "inputs_from_files", "InputFramesError"]
