@@ -1,0 +1,190 @@
+"""PyTorch access to the patch store (nowcast.dataset)."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import zarr
+from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+
+from nowcast.config import Catalog, SourceConfig
+from nowcast.dataset import (
+    PatchDataset,
+    dihedral,
+    load_normalization,
+    make_dataloaders,
+    store_info,
+)
+from nowcast.experiment import ExperimentConfig
+from nowcast.ingest import ingest
+from nowcast.patches import build_patches
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A small synthetic patch store: 3 + 3 frames of 32 x 32 pixels."""
+    source = SourceConfig(
+        name="synthetic",
+        importer="synthetic",
+        timestep=10,
+        importer_kwargs={"shape": [64, 64], "n_frames": 36, "seed": 5},
+    )
+    cube_dir = tmp_path_factory.mktemp("cubes")
+    catalog = Catalog(sources={"synthetic": source})
+    ingest("synthetic", str(cube_dir), catalog=catalog, scheduler="threads", progress=False)
+    experiment = ExperimentConfig(
+        name="syn",
+        sources=["synthetic"],
+        cube_dir=str(cube_dir),
+        patch_dir=str(tmp_path_factory.mktemp("patches")),
+        patches={
+            "n_input_frames": 3,
+            "n_target_frames": 3,
+            "patch_size": 32,
+            "stride": 16,
+            "buffer_minutes": 10,
+            "split_fractions": {"train": 0.5, "val": 0.25, "test": 0.25},
+        },
+    )
+    return build_patches(experiment, scheduler="threads", progress=False)
+
+
+def test_loaders_yield_float32_batches_without_nan(store):
+    loaders = make_dataloaders(store, batch_size=8, augment=False)
+    counts = store_info(store)["counts"]["samples"]
+    group = zarr.open_group(store, mode="r")
+    for split, loader in loaders.items():
+        n_seen = 0
+        for inputs, targets, mask in loader:
+            n = inputs.shape[0]
+            assert inputs.shape == (n, 3, 1, 32, 32)
+            assert targets.shape == (n, 3, 1, 32, 32) and mask.shape == (n, 3, 1, 32, 32)
+            assert {t.dtype for t in (inputs, targets, mask)} == {torch.float32}
+            assert torch.isfinite(inputs).all() and torch.isfinite(targets).all()
+            assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
+            assert (targets[mask == 0] == 0).all()
+            n_seen += n
+        assert n_seen == counts[split] > 0, split
+    # val is read in store order: the first batch is the store's first val samples.
+    first_val = int(np.flatnonzero(group["split"][:] == "val")[0])
+    inputs, targets, mask = next(iter(loaders["val"]))
+    np.testing.assert_array_equal(inputs[0, :, 0].numpy(), group["inputs"][first_val])
+    np.testing.assert_array_equal(mask[0, :, 0].numpy(), group["target_mask"][first_val])
+    assert (mask == 0).any()  # the synthetic radar range leaves no-data corners
+
+
+def test_samplers_and_workers(store):
+    loaders = make_dataloaders(store, batch_size=4, num_workers=2, augment=False)
+    assert isinstance(loaders["train"].sampler, RandomSampler)
+    assert isinstance(loaders["val"].sampler, SequentialSampler)
+    assert isinstance(loaders["test"].sampler, SequentialSampler)
+    assert loaders["val"].persistent_workers
+    in_process = make_dataloaders(store, batch_size=4, num_workers=0, augment=False)
+    # Worker processes open the store themselves and return the same samples in order.
+    for _ in range(2):  # the second epoch reuses the persistent workers
+        for from_workers, direct in zip(loaders["val"], in_process["val"], strict=True):
+            for a, b in zip(from_workers, direct, strict=True):
+                torch.testing.assert_close(a, b)
+
+
+def test_distributed_sampler(store, tmp_path):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1
+    )
+    try:
+        loaders = make_dataloaders(store, batch_size=4, distributed=True, seed=3)
+        train, val = loaders["train"].sampler, loaders["val"].sampler
+        assert isinstance(train, DistributedSampler) and train.shuffle and train.seed == 3
+        assert isinstance(val, DistributedSampler) and not val.shuffle
+        assert len(list(train)) == len(loaders["train"].dataset)
+        inputs, _, _ = next(iter(loaders["train"]))
+        assert inputs.shape[1:] == (3, 1, 32, 32)
+    finally:
+        dist.destroy_process_group()
+
+
+def _patterned_store(store: str, tmp_path) -> tuple[str, dict[str, np.ndarray]]:
+    """Copy of the store whose first train sample holds asymmetric random patterns."""
+    copy = str(tmp_path / "patterned.zarr")
+    shutil.copytree(store, copy)
+    group = zarr.open_group(copy, mode="r+")
+    sample = int(np.flatnonzero(group["split"][:] == "train")[0])
+    rng = np.random.default_rng(0)
+    patterns = {
+        "inputs": rng.random((3, 32, 32)).astype(np.float16),
+        "targets": rng.random((3, 32, 32)).astype(np.float16),
+        "target_mask": rng.random((3, 32, 32)) > 0.5,
+    }
+    for name, pattern in patterns.items():
+        group[name][sample] = pattern
+    return copy, patterns
+
+
+def test_augmentation_is_one_transform_for_inputs_targets_and_mask(store, tmp_path):
+    path, patterns = _patterned_store(store, tmp_path)
+    dataset = PatchDataset(path, "train", augment=True, seed=1)
+    transforms = [(k, flip) for flip in (False, True) for k in range(4)]
+    seen = set()
+    for _ in range(40):
+        sample = dataset[0]
+        matches = {}
+        for name, tensor in zip(patterns, sample, strict=True):
+            assert tensor.shape == (3, 1, 32, 32)
+            matches[name] = {
+                t
+                for t in transforms
+                if np.array_equal(
+                    tensor[:, 0].numpy(), dihedral(patterns[name], *t).astype(np.float32)
+                )
+            }
+        assert len(matches["inputs"]) == 1
+        assert matches["inputs"] == matches["targets"] == matches["target_mask"]
+        seen |= matches["inputs"]
+    assert len(seen) >= 4  # augmentation really varies between reads
+
+    plain = PatchDataset(path, "train", augment=False)
+    np.testing.assert_array_equal(plain[0][0][:, 0].numpy(), patterns["inputs"])
+
+
+def test_dihedral_transforms_are_the_eight_symmetries_of_the_square():
+    square = np.arange(16).reshape(1, 4, 4)
+    images = {dihedral(square, k, flip).tobytes() for k in range(4) for flip in (False, True)}
+    assert len(images) == 8
+    np.testing.assert_array_equal(dihedral(square, 1, False)[0], np.rot90(square[0]))
+    np.testing.assert_array_equal(dihedral(square, 0, True)[0], square[0, :, ::-1])
+
+
+def test_normalization_and_store_info(store):
+    transform, params = load_normalization(store)
+    info = store_info(store)
+    assert transform.name == info["normalization"]["method"] == "log1p"
+    assert params == info["normalization"]["params"] and params["scale"] > 0
+    assert (info["n_input_frames"], info["n_target_frames"], info["patch_size"]) == (3, 3, 32)
+    assert set(info["counts"]["windows"]) == {"train", "val", "test"}
+    assert set(info["cube_paths"]) == {"synthetic"}
+    _, targets, mask = PatchDataset(store, "test")[0]
+    rain_rate = transform.inverse(targets, params)
+    assert isinstance(rain_rate, torch.Tensor) and (rain_rate >= 0).all()
+    np.testing.assert_allclose(
+        rain_rate.numpy(), transform.inverse(targets.numpy(), params), rtol=1e-6
+    )
+
+
+def test_dataset_pickles_without_open_handles(store):
+    dataset = PatchDataset(store, "val")
+    expected = dataset[1]
+    state = dataset.__getstate__()
+    assert state["_arrays"] is None and state["_generator"] is None
+    clone = pickle.loads(pickle.dumps(dataset))
+    for a, b in zip(clone[1], expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_unknown_split(store):
+    with pytest.raises(ValueError, match="unknown split 'validation'"):
+        PatchDataset(store, "validation")
