@@ -1,0 +1,23 @@
+"""Forecast methods: persistence, pysteps extrapolation and S-PROG, and trained models.
+
+Every method takes the input frames as an ``xarray.DataArray`` of rain rate (time, y, x) in mm/h
+(with a ``time`` coordinate and the cube's CRS, see :func:`cube_inputs`) and a number of lead
+times, and returns the in-memory Forecast (``docs/architecture.md``): a DataArray (lead_time, y,
+x) in mm/h whose reference time is the last input time. The no-data area of the last input frame
+is NaN in every lead time.
+
+=============== ==========================================================================
+name            method
+=============== ==========================================================================
+persistence     Eulerian persistence
+extrapolation   Lucas-Kanade motion + semi-Lagrangian extrapolation (pysteps)
+sprog           S-PROG (pysteps) on dB fields with the Lucas-Kanade motion
+model           a trained network: ``get_method("model")(checkpoint=path)`` -> callable
+=============== ==========================================================================
+"""
+
+from nowcast.nowcasts.interface import BASELINES, get_method, registered_methods
+from nowcast.nowcasts.model import ModelNowcast
+from nowcast.nowcasts.utils import cube_inputs
+
+__all__ = ["BASELINES", "ModelNowcast", "cube_inputs", "get_method", "registered_methods"]

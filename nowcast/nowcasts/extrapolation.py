@@ -1,0 +1,104 @@
+"""Lagrangian persistence: Lucas-Kanade motion and semi-Lagrangian extrapolation (pysteps).
+
+The recipe of the pysteps extrapolation example: the motion field is estimated on the last three
+frames transformed to dB (``dB_transform`` with a 0.1 mm/h threshold, no rain and no data set to
+-15 dB), and the last frame's rain rate (no data set to 0) is advected with it. Pixels advected
+from outside the grid are NaN (pysteps' ``outval``), and the last frame's no-data area stays
+no-data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+from pysteps import extrapolation, motion
+from pysteps.utils.transformation import dB_transform
+
+from nowcast.nowcasts.utils import check_inputs, input_timestep, to_forecast
+
+#: Rain rate (mm/h) below which a pixel is "no rain" in the dB transform.
+DB_THRESHOLD = 0.1
+#: dB value of no rain and of no data when estimating motion.
+DB_ZEROVALUE = -15.0
+#: Frames the motion field is estimated from.
+N_MOTION_FRAMES = 3
+
+
+def to_db(rain_rate: np.ndarray) -> np.ndarray:
+    """Rain rate (mm/h) to dB, with no rain and no data at :data:`DB_ZEROVALUE`.
+
+    Parameters
+    ----------
+    rain_rate : numpy.ndarray
+        Rain rate, any shape; NaN is no data.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 dB values, all finite.
+    """
+    rain_rate = np.clip(np.asarray(rain_rate, dtype=np.float64), 0.0, None)
+    db, _ = dB_transform(rain_rate, threshold=DB_THRESHOLD, zerovalue=DB_ZEROVALUE)
+    return np.where(np.isfinite(db), db, DB_ZEROVALUE)
+
+
+def motion_field(rain_rate: np.ndarray, method: str = "LK", **kwargs) -> np.ndarray:
+    """Estimate the advection field from the last frames of a rain-rate stack.
+
+    Parameters
+    ----------
+    rain_rate : numpy.ndarray
+        Rain rate (time, y, x) in mm/h; the last :data:`N_MOTION_FRAMES` frames are used.
+    method : str, optional
+        pysteps motion method, by default ``"LK"`` (Lucas-Kanade).
+    **kwargs
+        Passed to the pysteps motion method.
+
+    Returns
+    -------
+    numpy.ndarray
+        Motion (2, y, x) in pixels per timestep (x then y component).
+    """
+    frames = to_db(rain_rate[-N_MOTION_FRAMES:])
+    return motion.get_method(method)(frames, **kwargs)
+
+
+def forecast(
+    inputs: xr.DataArray,
+    n_leadtimes: int,
+    timestep_minutes: float | None = None,
+    motion_method: str = "LK",
+    velocity: np.ndarray | None = None,
+    **extrapolation_kwargs,
+) -> xr.DataArray:
+    """Advect the last frame along the Lucas-Kanade motion field.
+
+    Parameters
+    ----------
+    inputs : xarray.DataArray
+        Rain rate (time, y, x) in mm/h, at least 3 frames unless ``velocity`` is given.
+    n_leadtimes : int
+        Number of lead times.
+    timestep_minutes : float, optional
+        Lead-time step; by default the input frames' spacing.
+    motion_method : str, optional
+        pysteps motion method, by default ``"LK"``.
+    velocity : numpy.ndarray, optional
+        A precomputed motion field (2, y, x) in pixels per timestep (skips the estimation).
+    **extrapolation_kwargs
+        Passed to pysteps' semi-Lagrangian ``extrapolate`` (e.g. ``interp_order``).
+
+    Returns
+    -------
+    xarray.DataArray
+        Forecast (lead_time, y, x) in mm/h.
+    """
+    check_inputs(inputs, n_leadtimes, 1 if velocity is not None else N_MOTION_FRAMES)
+    step = input_timestep(inputs, timestep_minutes)
+    rain_rate = np.asarray(inputs.values, dtype=np.float64)
+    if velocity is None:
+        velocity = motion_field(rain_rate, motion_method)
+    last = np.nan_to_num(np.clip(rain_rate[-1], 0.0, None), nan=0.0)
+    extrapolate = extrapolation.get_method("semilagrangian")
+    values = extrapolate(last, velocity, int(n_leadtimes), **extrapolation_kwargs)
+    return to_forecast(values, inputs, step, "extrapolation")

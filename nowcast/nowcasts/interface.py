@@ -1,0 +1,60 @@
+"""Registry of forecast methods (pysteps ``nowcasts.get_method`` style)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nowcast.nowcasts import extrapolation, persistence, sprog
+from nowcast.nowcasts.model import ModelNowcast
+
+_METHODS: dict[str, Callable] = {
+    "persistence": persistence.forecast,
+    "extrapolation": extrapolation.forecast,
+    "sprog": sprog.forecast,
+    "model": ModelNowcast,
+}
+
+#: Methods that are ready to call; ``model`` must first be built from a checkpoint.
+BASELINES = ("persistence", "extrapolation", "sprog")
+
+
+def registered_methods() -> list[str]:
+    """Return the sorted names of the registered forecast methods."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Callable:
+    """Return a forecast method by name.
+
+    Parameters
+    ----------
+    name : str
+        Case-insensitive:
+
+        ``"persistence"``
+            Eulerian persistence (the last frame repeated).
+        ``"extrapolation"``
+            Lucas-Kanade motion and semi-Lagrangian extrapolation (pysteps).
+        ``"sprog"``
+            pysteps S-PROG on dB fields with the Lucas-Kanade motion.
+        ``"model"``
+            :class:`~nowcast.nowcasts.model.ModelNowcast`: call it with ``checkpoint=path``
+            (loaded once) to get the forecast callable.
+
+    Returns
+    -------
+    callable
+        ``forecast(inputs, n_leadtimes, **kwargs) -> xarray.DataArray`` for the baselines; for
+        ``"model"`` the class that builds such a callable.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered; the message lists the registered names.
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _METHODS:
+        raise ValueError(
+            f"unknown forecast method {name!r}; registered: {', '.join(registered_methods())}"
+        )
+    return _METHODS[key]

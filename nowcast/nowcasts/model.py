@@ -1,0 +1,172 @@
+"""A trained network as a forecast method: normalize, run on the whole grid, transform back.
+
+The models are fully convolutional (see :mod:`nowcast.models`), so the full radar domain is
+predicted in one pass whatever the patch size they were trained on. Inputs are normalized with
+the parameters the patch store fitted (recorded in the checkpoint), no-data becomes 0 exactly as
+in the patch store, and the output is transformed back to mm/h, clipped at 0, with the last input
+frame's no-data area set to NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from nowcast import transforms
+from nowcast.nowcasts.utils import check_inputs, input_timestep, to_forecast
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ModelNowcast:
+    """Forecast method wrapping a model; build it once, call it for every forecast.
+
+    Parameters
+    ----------
+    checkpoint : str or path-like, optional
+        Checkpoint written by ``nowcast train`` (loaded once, with ``weights_only=True``).
+    model : torch.nn.Module, optional
+        An in-memory model instead of a checkpoint; then ``normalization``,
+        ``n_input_frames`` and ``timestep_minutes`` must be given.
+    normalization : dict, optional
+        ``{"method": name, "params": {...}}`` as the patch store records it.
+    n_input_frames : int, optional
+        Input frames the model reads.
+    timestep_minutes : float, optional
+        Timestep the model was trained on; inputs with another spacing are refused.
+    device : str or torch.device, optional
+        Where the model runs; by default CUDA when available, else the CPU.
+    name : str, optional
+        Method name recorded in the forecasts, by default ``"model"``.
+
+    Examples
+    --------
+    >>> nowcast_method = get_method("model")(checkpoint="runs/bom/checkpoints/best.pt")
+    >>> forecast = nowcast_method(inputs, n_leadtimes=6)
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike | None = None,
+        *,
+        model: nn.Module | None = None,
+        normalization: dict | None = None,
+        n_input_frames: int | None = None,
+        timestep_minutes: float | None = None,
+        device: str | torch.device | None = None,
+        name: str = "model",
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        if (checkpoint is None) == (model is None):
+            raise ValueError("give either a checkpoint path or an in-memory model")
+        if checkpoint is not None:
+            from nowcast.checkpoint import load_model
+
+            model, meta = load_model(checkpoint, self.device)
+            normalization = meta["normalization"]
+            n_input_frames = meta["n_input_frames"]
+            timestep_minutes = meta["timestep_minutes"]
+            self.n_target_frames = int(meta["n_target_frames"])
+            self.model_name = meta["model_name"]
+        else:
+            if normalization is None or n_input_frames is None:
+                raise ValueError("an in-memory model needs normalization and n_input_frames")
+            self.n_target_frames = getattr(model, "n_target_frames", None)
+            self.model_name = type(model).__name__
+        self.model = model.to(self.device).eval()
+        self.normalization = dict(normalization)
+        self.transform = transforms.get_method(self.normalization["method"])
+        self.n_input_frames = int(n_input_frames)
+        self.timestep_minutes = timestep_minutes
+        self.name = name
+
+    def predict_values(self, rain_rate: np.ndarray) -> np.ndarray:
+        """Run the model on rain-rate frames.
+
+        Parameters
+        ----------
+        rain_rate : numpy.ndarray
+            Input rain rate (n_input_frames, y, x) in mm/h, NaN for no data.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 rain rate (n_target_frames, y, x), >= 0 everywhere (no mask applied).
+        """
+        params = self.normalization["params"]
+        rain_rate = np.clip(np.asarray(rain_rate, dtype=np.float32), 0.0, None)
+        normalized = self.transform.forward(rain_rate, params)
+        normalized = np.where(np.isfinite(normalized), normalized, 0.0).astype(np.float32)
+        frames = torch.from_numpy(normalized)[None, :, None].to(self.device)
+        with torch.no_grad():
+            prediction = self.model(frames)[0, :, 0].float()
+            rain = self.transform.inverse(prediction, params)
+        return torch.clamp(rain, min=0.0).cpu().numpy().astype(np.float32)
+
+    def __call__(
+        self, inputs: xr.DataArray, n_leadtimes: int, timestep_minutes: float | None = None
+    ) -> xr.DataArray:
+        """Forecast from the last ``n_input_frames`` frames of ``inputs``.
+
+        Parameters
+        ----------
+        inputs : xarray.DataArray
+            Rain rate (time, y, x) in mm/h with a ``time`` coordinate and a CRS, at least
+            ``n_input_frames`` frames at the model's timestep.
+        n_leadtimes : int
+            Number of lead times, at most the model's ``n_target_frames``.
+        timestep_minutes : float, optional
+            Lead-time step; by default the input frames' spacing.
+
+        Returns
+        -------
+        xarray.DataArray
+            Forecast (lead_time, y, x) in mm/h.
+        """
+        check_inputs(inputs, n_leadtimes, self.n_input_frames)
+        if timestep_minutes is None and inputs.sizes["time"] == 1:
+            timestep_minutes = self.timestep_minutes
+        step = input_timestep(inputs, timestep_minutes)
+        if self.timestep_minutes is not None and not np.isclose(step, self.timestep_minutes):
+            raise ValueError(
+                f"the model was trained on {self.timestep_minutes}-minute frames, "
+                f"the inputs are {step:g} min apart"
+            )
+        if self.n_target_frames is not None and n_leadtimes > self.n_target_frames:
+            raise ValueError(
+                f"the model predicts {self.n_target_frames} lead times, {n_leadtimes} asked for"
+            )
+        rain_rate = inputs.values[-self.n_input_frames :]
+        values = self.predict_values(rain_rate)[: int(n_leadtimes)]
+        return to_forecast(values, inputs, step, self.name)
+
+
+def forecast(
+    inputs: xr.DataArray, n_leadtimes: int, checkpoint: str | os.PathLike, **kwargs
+) -> xr.DataArray:
+    """One-off model forecast (loads the checkpoint on every call; prefer :class:`ModelNowcast`).
+
+    Parameters
+    ----------
+    inputs : xarray.DataArray
+        Rain rate (time, y, x) in mm/h.
+    n_leadtimes : int
+        Number of lead times.
+    checkpoint : str or path-like
+        Checkpoint file.
+    **kwargs
+        Passed to :class:`ModelNowcast` (e.g. ``device``).
+
+    Returns
+    -------
+    xarray.DataArray
+        Forecast (lead_time, y, x) in mm/h.
+    """
+    return ModelNowcast(checkpoint, **kwargs)(inputs, n_leadtimes)
