@@ -119,6 +119,11 @@ class PatchesConfig(StrictModel):
     normalization: str = Field("log1p", description="nowcast.transforms method")
     normalization_kwargs: dict[str, float] = Field(default_factory=dict)
     dtype: Literal["float16", "float32"] = "float16"
+    frame: Literal["eulerian", "lagrangian"] = Field(
+        "eulerian",
+        description="lagrangian: inputs advected to the reference time and targets back to it "
+        "along the LK motion of the inputs (nowcast.lagrangian), for advection-aware models",
+    )
     min_windows: int = Field(1, ge=1, description="fewer windows in any split is an error")
     max_fit_values: int = Field(
         20_000_000, ge=1000, description="pixels used to fit the normalization (spatial subsample)"
@@ -523,6 +528,20 @@ def read_patches(
     n = len(windows)
     values = np.empty((n, n_frames, patch_size, patch_size), dtype=dtype)
     valid = np.empty((n, n_frames, patch_size, patch_size), dtype=bool)
+    if part.get("frame") == "lagrangian":
+        for window in np.unique(windows):
+            first = part["first"] + window * part["step"]
+            frames = rain_rate[first : first + (n_frames - 1) * part["step"] + 1 : part["step"]]
+            frames, frames_valid = lagrangian_window(frames, part["n_input"])
+            block_values = normalize_frames(frames, normalization, dtype)
+            for k in np.flatnonzero(windows == window):
+                region = (
+                    slice(None),
+                    slice(rows[k], rows[k] + patch_size),
+                    slice(cols[k], cols[k] + patch_size),
+                )
+                values[k], valid[k] = block_values[region], frames_valid[region]
+        return values, valid
     # A run is a stretch of non-decreasing, overlapping windows (a shard may hold the end of
     # one split and the start of the next, which can be earlier in time).
     gaps = np.diff(windows, prepend=windows[0] - n_frames)
@@ -543,6 +562,39 @@ def read_patches(
             )
             values[k], valid[k] = block_values[region], block_valid[region]
     return values, valid
+
+
+def lagrangian_window(frames: np.ndarray, n_input: int) -> tuple[np.ndarray, np.ndarray]:
+    """One full-domain window moved into the Lagrangian frame of its inputs.
+
+    The motion comes from the input frames only (as at forecast time). Rain rate and the
+    validity mask are advected alike; a pixel is valid where its advected validity is ~1, so
+    pixels that came from outside the radar range are no-data rather than dry.
+
+    Returns
+    -------
+    rain_rate, valid : numpy.ndarray
+        (n_frames, y, x), NaN where not valid.
+    """
+    from .lagrangian import inputs_to_lagrangian, motion_field, targets_to_lagrangian
+
+    frames = np.asarray(frames, dtype=np.float64)
+    finite = np.isfinite(frames).astype(np.float64)
+    velocity = motion_field(frames[:n_input])
+    moved = np.concatenate(
+        [
+            inputs_to_lagrangian(frames[:n_input], velocity),
+            targets_to_lagrangian(frames[n_input:], velocity),
+        ]
+    )
+    moved_valid = np.concatenate(
+        [
+            inputs_to_lagrangian(finite[:n_input], velocity),
+            targets_to_lagrangian(finite[n_input:], velocity),
+        ]
+    )
+    valid = (moved_valid > 0.99) & np.isfinite(frames[n_input - 1])[None]
+    return np.where(valid, moved, np.nan).astype(np.float32), valid
 
 
 def extract_shard(
@@ -591,6 +643,8 @@ def lazy_patch_arrays(
                     "window": run["window"].to_numpy(),
                     "y0": run["y0"].to_numpy(),
                     "x0": run["x0"].to_numpy(),
+                    "frame": config.frame,
+                    "n_input": n_input,
                 }
             )
         outputs = dask.delayed(extract_shard, nout=4, pure=True)(
@@ -978,6 +1032,7 @@ def _store_attrs(
         "nowcast_version": __version__,
         "history": f"{now}Z nowcast patches {experiment.name}",
         "normalization": json.dumps(normalization),
+        "frame": config.frame,
         "n_input_frames": int(n_input),
         "n_target_frames": int(n_target),
         "timestep_minutes": int(plans[0].timestep),

@@ -534,3 +534,34 @@ def test_bom_store(bom_cube, tmp_path):
         assert (np.abs(restored - truth)[mask] <= tolerance[mask]).all()
         wettest = max(wettest, float(truth[mask].max()))
     assert wettest > 10  # the checked samples include heavy rain, not only zeros
+
+
+def test_lagrangian_store_moves_targets_onto_the_reference_frame(cube_dir, tmp_path):
+    eulerian = open_patch_store(
+        build_patches(_experiment(cube_dir, tmp_path / "e"), scheduler="threads", progress=False)
+    )
+    lagrangian = open_patch_store(
+        build_patches(
+            _experiment(cube_dir, tmp_path / "l", frame="lagrangian"),
+            scheduler="threads",
+            progress=False,
+        )
+    )
+    assert lagrangian.attrs["frame"] == "lagrangian" and eulerian.attrs["frame"] == "eulerian"
+    assert lagrangian.sizes == eulerian.sizes
+    np.testing.assert_array_equal(lagrangian["y0"].values, eulerian["y0"].values)
+    # The reference (last input) frame is not moved.
+    np.testing.assert_array_equal(
+        lagrangian["inputs"].isel(input_time=-1).values,
+        eulerian["inputs"].isel(input_time=-1).values,
+    )
+
+    def spread(ds):
+        last = ds["inputs"].isel(input_time=-1).astype("float32")
+        both = ds["target_mask"].isel(target_time=-1) & ds["input_mask"].isel(input_time=-1)
+        diff = (ds["targets"].isel(target_time=-1).astype("float32") - last) ** 2
+        return float(diff.where(both).mean())
+
+    # In the Lagrangian frame the last target differs from the reference by growth/decay only.
+    assert spread(lagrangian) < 0.6 * spread(eulerian)
+    assert not np.isnan(lagrangian["targets"].values).any()

@@ -1,0 +1,45 @@
+"""Lagrangian frame: persistence there is pysteps extrapolation; it removes the advection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from pysteps import extrapolation
+
+from nowcast.io.synthetic import SyntheticParams, synthetic_frame
+from nowcast.lagrangian import (
+    inputs_to_lagrangian,
+    motion_field,
+    outputs_from_lagrangian,
+    targets_to_lagrangian,
+)
+
+
+def _frames(n: int) -> np.ndarray:
+    params = SyntheticParams(shape=(96, 96), motion=(2.0, -1.0), seed=4, n_cells=16)
+    start = pd.Timestamp("2000-01-01")
+    return np.nan_to_num(
+        np.stack(
+            [synthetic_frame(start + pd.Timedelta(minutes=10 * k), params, 10) for k in range(n)]
+        )
+    )
+
+
+def test_lagrangian_persistence_is_pysteps_extrapolation():
+    frames = _frames(4)
+    velocity = motion_field(frames)
+    outputs = outputs_from_lagrangian(np.repeat(frames[-1:], 3, axis=0), velocity)
+    expected = extrapolation.get_method("semilagrangian")(frames[-1], velocity, 3, outval=0.0)
+    np.testing.assert_allclose(outputs, np.nan_to_num(expected), atol=1e-10)
+
+
+def test_lagrangian_frame_removes_advection():
+    frames = _frames(9)
+    velocity = motion_field(frames[:6])
+    inputs = inputs_to_lagrangian(frames[:6], velocity)
+    targets = targets_to_lagrangian(frames[6:], velocity)
+    assert inputs.shape == (6, 96, 96) and targets.shape == (3, 96, 96)
+    np.testing.assert_array_equal(inputs[-1], frames[5])  # the reference frame stays put
+    # In the Lagrangian frame frames differ by growth/decay only: far closer to the last input.
+    assert np.mean((inputs[0] - frames[5]) ** 2) < 0.6 * np.mean((frames[0] - frames[5]) ** 2)
+    assert np.mean((targets[0] - frames[5]) ** 2) < 0.6 * np.mean((frames[6] - frames[5]) ** 2)
