@@ -116,6 +116,36 @@ def train(
 
 
 @app.command()
+def evaluate(
+    config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
+    scheduler: str = typer.Option(None, help="Dask scheduler address (default: local cluster)"),
+) -> None:
+    """Score the model against persistence and pysteps extrapolation on the test windows."""
+    from .evaluate import evaluate as run_evaluate
+
+    try:
+        outputs = run_evaluate(config, scheduler=scheduler)
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(Path(outputs["report"]).read_text())
+    typer.echo(f"outputs: {Path(outputs['report']).parent}")
+
+
+@app.command()
+def export(
+    config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
+) -> None:
+    """Write forecasts of the experiment's test windows as CF-1.8 NetCDF."""
+    from .export import export as run_export
+
+    try:
+        paths = run_export(config)
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(f"wrote {len(paths)} NetCDF file(s) to {Path(paths[0]).parent if paths else '-'}")
+
+
+@app.command()
 def predict(
     source: str = typer.Option(..., "--source", "-s", help="catalog source name"),
     checkpoint: Path = typer.Option(

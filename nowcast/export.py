@@ -43,6 +43,15 @@ class ExportConfig(StrictModel):
         "dimension) instead of one file per forecast",
     )
     latlon: bool = Field(True, description="add 2-D lat/lon auxiliary coordinates")
+    methods: list[str] = Field(
+        default_factory=lambda: ["model"], description="nowcast methods whose forecasts to write"
+    )
+    checkpoint: str | None = Field(
+        None, description="model checkpoint; default <run_dir>/checkpoints/best.pt"
+    )
+    split: str = Field("test", description="split whose full-domain windows are forecast")
+    window_stride_minutes: int = Field(60, gt=0, description="minutes between forecast starts")
+    max_forecasts: int | None = Field(None, ge=1, description="at most this many start times")
 
 
 def forecast_to_dataset(
@@ -313,6 +322,65 @@ def forecast_filename(experiment: str, forecast: xr.DataArray, multi: bool = Fal
 ForecastSource = Callable[[ExperimentConfig], Iterable[xr.DataArray]]
 
 
+def experiment_forecasts(
+    experiment: ExperimentConfig, settings: ExportConfig
+) -> tuple[list[xr.DataArray], dict]:
+    """Forecasts of the configured methods on the experiment's full-domain windows.
+
+    Windows come from the patch store (``settings.split``), thinned to one start every
+    ``window_stride_minutes``; inputs are read from the source cubes.
+
+    Returns
+    -------
+    forecasts : list of xarray.DataArray
+    provenance : dict
+        ``checkpoint_sha256`` when a model made forecasts.
+    """
+    import pandas as pd
+
+    from .dataset import store_info
+    from .io.cube import cube_path, open_cube
+    from .nowcasts import cube_inputs, get_method
+    from .patches import evaluation_windows
+    from .predict import file_sha256
+
+    windows = evaluation_windows(experiment.patch_store, settings.split)
+    if windows.empty:
+        raise ConfigError(f"{experiment.patch_store}: no '{settings.split}' windows to forecast")
+    store = store_info(experiment.patch_store)
+    n_input, n_target = int(store["n_input_frames"]), int(store["n_target_frames"])
+    step = int(store["timestep_minutes"])
+    reference = pd.to_datetime(windows["reference_time"])
+    offset = (reference - reference.min()) / pd.Timedelta(minutes=settings.window_stride_minutes)
+    windows = windows[offset == offset.round()]
+    if settings.max_forecasts:
+        windows = windows.iloc[: settings.max_forecasts]
+
+    provenance = {}
+    methods = {}
+    for name in settings.methods:
+        if name == "model":
+            checkpoint = settings.checkpoint or f"{experiment.run_path}/checkpoints/best.pt"
+            if not Path(checkpoint).exists():
+                raise ConfigError(f"export.checkpoint: {checkpoint} not found; run `nowcast train`")
+            methods[name] = get_method("model")(checkpoint=checkpoint)
+            provenance["checkpoint_sha256"] = file_sha256(checkpoint)
+        else:
+            methods[name] = get_method(name)
+    cubes = {}
+    forecasts = []
+    for window in windows.itertuples():
+        cube = cubes.setdefault(
+            window.source, open_cube(cube_path(experiment.cube_root, window.source))
+        )
+        inputs = cube_inputs(cube, window.reference_time, n_input, step)
+        for name, method in methods.items():
+            forecast = method(inputs, n_target)
+            forecast.attrs["method"] = name
+            forecasts.append(forecast)
+    return forecasts, provenance
+
+
 def export(
     config: str | Path | ExperimentConfig,
     forecasts: Iterable[xr.DataArray] | None = None,
@@ -341,14 +409,14 @@ def export(
     """
     experiment = config if isinstance(config, ExperimentConfig) else load_experiment(config)
     settings = stage_config(experiment, "export", ExportConfig)
+    provenance = {"config": experiment.model_dump(mode="json"), **(provenance or {})}
     if forecasts is None:
         if forecast_source is None:
-            raise ConfigError(
-                "export needs forecasts: pass `forecasts` or a `forecast_source` callable"
-            )
-        forecasts = forecast_source(experiment)
+            forecasts, extra = experiment_forecasts(experiment, settings)
+            provenance.update(extra)
+        else:
+            forecasts = forecast_source(experiment)
     out_dir = settings.out_dir or f"{experiment.run_path}/netcdf"
-    provenance = {"config": experiment.model_dump(mode="json"), **(provenance or {})}
 
     paths = []
     if settings.multi_file:

@@ -260,7 +260,12 @@ def test_forecast_to_dataset_without_latlon(bom):
 
 def _experiment(tmp_path: Path, export_section: dict) -> Path:
     path = tmp_path / "experiment.yaml"
-    config = {"name": "bom", "sources": ["bom"], "run_dir": str(tmp_path / "run")}
+    config = {
+        "name": "bom",
+        "sources": ["bom"],
+        "run_dir": str(tmp_path / "run"),
+        "patch_dir": str(tmp_path / "patches"),
+    }
     config["export"] = export_section
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
@@ -301,9 +306,51 @@ def test_export_stage_multi_file_from_a_forecast_source(bom, tmp_path):
         assert ds.sizes["forecast_reference_time"] == 2
 
 
-def test_export_stage_needs_forecasts_and_a_valid_section(tmp_path):
-    with pytest.raises(ConfigError, match="forecast_source"):
+def test_export_stage_needs_a_patch_store_and_a_valid_section(tmp_path):
+    with pytest.raises(ConfigError, match="nowcast patches"):
         export(_experiment(tmp_path, {}))
     with pytest.raises(ConfigError, match="multi_files"):
         export(_experiment(tmp_path, {"multi_files": True}), forecasts=[])
     assert ExportConfig().latlon is True
+
+
+def test_export_stage_writes_forecasts_of_the_test_windows(tmp_path):
+    from conftest import synthetic_catalog
+
+    from nowcast.experiment import ExperimentConfig
+    from nowcast.export import export
+    from nowcast.ingest import ingest
+    from nowcast.patches import build_patches, evaluation_windows
+
+    ingest(
+        "synthetic",
+        str(tmp_path / "cubes"),
+        catalog=synthetic_catalog(n_frames=40),
+        scheduler="threads",
+        progress=False,
+    )
+    experiment = ExperimentConfig(
+        name="syn",
+        sources=["synthetic"],
+        cube_dir=str(tmp_path / "cubes"),
+        patch_dir=str(tmp_path / "patches"),
+        run_dir=str(tmp_path / "run"),
+        patches={
+            "n_input_frames": 3,
+            "n_target_frames": 3,
+            "patch_size": 32,
+            "stride": 32,
+            "buffer_minutes": 20,
+            "min_wet_fraction": 0.1,
+        },
+        export={"methods": ["persistence", "extrapolation"], "window_stride_minutes": 20},
+    )
+    store = build_patches(experiment, scheduler="threads", progress=False)
+    n_windows = len(evaluation_windows(store, "test"))
+    paths = export(experiment)
+    expected_starts = (n_windows + 1) // 2  # one start every 20 min on a 10-min axis
+    assert len(paths) == 2 * expected_starts
+    ds = xr.open_dataset(paths[0])
+    assert ds["rain_rate"].sizes["lead_time"] == 3
+    assert ds.attrs["nowcast_method"] in {"persistence", "extrapolation"}
+    assert json.loads(ds.attrs["config"])["name"] == "syn"
