@@ -1,0 +1,249 @@
+"""Training losses on normalised frames, with no-data pixels masked out.
+
+Every loss has the signature ``loss(prediction, target, mask, target_rain_rate=None)`` and returns
+the mean over the valid pixels only (``mask > 0``), so the radar's no-data area neither adds
+error nor dilutes the mean. Masking uses :func:`torch.where`, not a product with the mask, so a
+NaN or inf under the mask cannot leak into the loss or its gradient.
+
+=========== ================================================================================
+name        loss
+=========== ================================================================================
+mse         mean squared error of the normalised values
+mae         mean absolute error of the normalised values
+mse+mae     their sum
+bmse+bmae   HKO-7 balanced MSE + MAE (Shi et al., 2017): each pixel's squared and absolute
+            errors weighted by :func:`balanced_weights` of the target rain rate in mm/h (needs
+            ``target_rain_rate``), as the B-MSE / B-MAE of :mod:`nowcast.verification.detcont`
+=========== ================================================================================
+
+References
+----------
+Shi, X., Gao, Z., Lausen, L., Wang, H., Yeung, D.-Y., Wong, W.-K. and Woo, W.-C. (2017). Deep
+learning for precipitation nowcasting: a benchmark and a new model. NeurIPS 30.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "HKO7_THRESHOLDS",
+    "HKO7_WEIGHTS",
+    "RAIN_RATE_LOSSES",
+    "balanced_mse_mae",
+    "balanced_weights",
+    "get_method",
+    "masked_mae",
+    "masked_mse",
+    "masked_mse_mae",
+    "registered_losses",
+]
+
+Loss = Callable[..., torch.Tensor]
+
+# The same bins and weights as nowcast.verification.detcont (the tests check it), so that training
+# optimises what is reported. Not imported from there: that package imports pysteps, which costs
+# seconds at start-up in every training process (each DDP rank).
+#: Rain-rate bin edges (mm/h) of the HKO-7 balanced loss; a bin includes its lower edge.
+HKO7_THRESHOLDS = (0.5, 2.0, 5.0, 10.0, 30.0)
+#: Weight of each bin: below 0.5, [0.5, 2), [2, 5), [5, 10), [10, 30) and from 30 mm/h up.
+HKO7_WEIGHTS = (1.0, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+#: Losses that need the target rain rate (mm/h) as well as the normalised target.
+RAIN_RATE_LOSSES = ("bmse+bmae",)
+
+
+def balanced_weights(rain_rate: torch.Tensor) -> torch.Tensor:
+    """Return the HKO-7 weight of each rain rate.
+
+    Parameters
+    ----------
+    rain_rate : torch.Tensor
+        Rain rate in mm/h.
+
+    Returns
+    -------
+    torch.Tensor
+        Weights from :data:`HKO7_WEIGHTS` for the bins split at :data:`HKO7_THRESHOLDS`, of the
+        dtype and device of ``rain_rate`` (arbitrary where it is NaN: callers mask those).
+    """
+    thresholds = torch.tensor(HKO7_THRESHOLDS, dtype=rain_rate.dtype, device=rain_rate.device)
+    weights = torch.tensor(HKO7_WEIGHTS, dtype=rain_rate.dtype, device=rain_rate.device)
+    # right=True: a rain rate equal to a threshold belongs to the bin above it.
+    return weights[torch.bucketize(rain_rate, thresholds, right=True)]
+
+
+def _masked_error(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return the error (zero off the mask), the boolean valid mask and the valid count (>= 1)."""
+    valid = mask > 0
+    error = torch.where(valid, prediction - target, torch.zeros((), dtype=prediction.dtype))
+    # clamp: an all-no-data batch gives a zero loss instead of 0 / 0.
+    n_valid = valid.sum().clamp_min(1)
+    return error, valid, n_valid
+
+
+def masked_mse(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    target_rain_rate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared error over the valid pixels.
+
+    Parameters
+    ----------
+    prediction, target : torch.Tensor
+        Normalised frames of the same shape, e.g. (batch, n_target_frames, 1, height, width).
+    mask : torch.Tensor
+        1 where the target is valid, 0 for no data; same shape.
+    target_rain_rate : torch.Tensor, optional
+        Unused; accepted so that every loss has the same signature.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss.
+    """
+    error, _, n_valid = _masked_error(prediction, target, mask)
+    return (error * error).sum() / n_valid
+
+
+def masked_mae(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    target_rain_rate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean absolute error over the valid pixels.
+
+    Parameters
+    ----------
+    prediction, target : torch.Tensor
+        Normalised frames of the same shape.
+    mask : torch.Tensor
+        1 where the target is valid, 0 for no data.
+    target_rain_rate : torch.Tensor, optional
+        Unused; accepted so that every loss has the same signature.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss.
+    """
+    error, _, n_valid = _masked_error(prediction, target, mask)
+    return error.abs().sum() / n_valid
+
+
+def masked_mse_mae(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    target_rain_rate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum of :func:`masked_mse` and :func:`masked_mae`.
+
+    Parameters
+    ----------
+    prediction, target : torch.Tensor
+        Normalised frames of the same shape.
+    mask : torch.Tensor
+        1 where the target is valid, 0 for no data.
+    target_rain_rate : torch.Tensor, optional
+        Unused; accepted so that every loss has the same signature.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss.
+    """
+    error, _, n_valid = _masked_error(prediction, target, mask)
+    return (error * error + error.abs()).sum() / n_valid
+
+
+def balanced_mse_mae(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    target_rain_rate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """HKO-7 balanced MSE + balanced MAE over the valid pixels.
+
+    ``sum(w * (e**2 + |e|)) / n_valid`` where ``e`` is the error of the normalised values and
+    ``w`` the HKO-7 weight of the target rain rate (1, 1, 2, 5, 10, 30 for the bins split at
+    0.5, 2, 5, 10 and 30 mm/h, lower edges included). HKO-7 sums over the pixels of a frame;
+    dividing by the number of valid pixels instead only rescales the loss and keeps it
+    independent of grid size and radar mask, like the verification scores.
+
+    Parameters
+    ----------
+    prediction, target : torch.Tensor
+        Normalised frames of the same shape.
+    mask : torch.Tensor
+        1 where the target is valid, 0 for no data.
+    target_rain_rate : torch.Tensor
+        The target as rain rate in mm/h (the inverse normalisation of ``target``).
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss.
+
+    Raises
+    ------
+    ValueError
+        If ``target_rain_rate`` is missing.
+    """
+    if target_rain_rate is None:
+        raise ValueError("the balanced loss needs target_rain_rate (mm/h) to weight the pixels")
+    error, valid, n_valid = _masked_error(prediction, target, mask)
+    weights = torch.where(valid, balanced_weights(target_rain_rate), 0.0).to(error.dtype)
+    return (weights * (error * error + error.abs())).sum() / n_valid
+
+
+_LOSSES: dict[str, Loss] = {
+    "mse": masked_mse,
+    "mae": masked_mae,
+    "mse+mae": masked_mse_mae,
+    "bmse+bmae": balanced_mse_mae,
+}
+
+
+def registered_losses() -> list[str]:
+    """Return the names of the registered losses.
+
+    Returns
+    -------
+    list of str
+        Registered names, sorted.
+    """
+    return sorted(_LOSSES)
+
+
+def get_method(name: str) -> Loss:
+    """Return the loss function registered under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        One of ``"mse"``, ``"mae"``, ``"mse+mae"``, ``"bmse+bmae"`` (case-insensitive).
+
+    Returns
+    -------
+    callable
+        ``loss(prediction, target, mask, target_rain_rate=None) -> scalar tensor``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered; the message lists the registered names.
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _LOSSES:
+        raise ValueError(
+            f"unknown loss {name!r}; registered losses are: {', '.join(registered_losses())}"
+        )
+    return _LOSSES[key]
