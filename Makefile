@@ -80,6 +80,12 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)
 
+skill: $(STAMP)
+	$(PY) -m pipelines.skill $(ARGS)
+
+compare: $(STAMP)
+	$(PY) -m pipelines.skill --compare $(ARGS)
+
 demo: $(STAMP)
 	$(PY) -m pipelines.demo $(ARGS)
 

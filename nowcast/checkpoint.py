@@ -233,6 +233,9 @@ def make_checkpoint(
         "n_input_frames": int(store_info["n_input_frames"]),
         "n_target_frames": int(store_info["n_target_frames"]),
         "timestep_minutes": int(store_info["timestep_minutes"]),
+        # "lagrangian": the model maps inputs advected to the reference time onto targets
+        # advected back to it (nowcast.lagrangian); inference must do the same.
+        "frame": str(store_info.get("frame", "eulerian")),
         "step": int(step),
         "epoch": int(epoch),
         "batch_index": int(batch_index),

@@ -43,3 +43,34 @@ def test_lagrangian_frame_removes_advection():
     # In the Lagrangian frame frames differ by growth/decay only: far closer to the last input.
     assert np.mean((inputs[0] - frames[5]) ** 2) < 0.6 * np.mean((frames[0] - frames[5]) ** 2)
     assert np.mean((targets[0] - frames[5]) ** 2) < 0.6 * np.mean((frames[6] - frames[5]) ** 2)
+
+
+def test_untrained_residual_model_in_lagrangian_frame_is_extrapolation():
+    import xarray as xr
+
+    from nowcast.models import build_model
+    from nowcast.nowcasts import get_method
+    from nowcast.nowcasts.model import ModelNowcast
+
+    frames = _frames(4).astype(np.float32)
+    times = pd.date_range("2000-01-01", periods=4, freq="10min")
+    inputs = xr.DataArray(
+        frames,
+        dims=("time", "y", "x"),
+        coords={"time": times, "y": np.arange(96.0)[::-1] * 1000, "x": np.arange(96.0) * 1000},
+        attrs={"crs_wkt": "EPSG:3035"},
+    )
+    model = build_model(
+        "convlstm", 4, 3, patch_factor=2, hidden_channels=(4,), kernel_sizes=(3,), residual=True
+    )
+    method = ModelNowcast(
+        model=model,
+        normalization={"method": "log1p", "params": {"scale": 4.0}},
+        n_input_frames=4,
+        timestep_minutes=10,
+        frame="lagrangian",
+    )
+    forecast = method(inputs, 3)
+    reference = get_method("extrapolation")(inputs, 3)
+    valid = np.isfinite(reference.values)
+    np.testing.assert_allclose(forecast.values[valid], reference.values[valid], atol=1e-4)

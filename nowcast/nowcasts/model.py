@@ -37,6 +37,9 @@ class ModelNowcast:
         ``n_input_frames`` and ``timestep_minutes`` must be given.
     normalization : dict, optional
         ``{"method": name, "params": {...}}`` as the patch store records it.
+    frame : {"eulerian", "lagrangian"}, optional
+        For an in-memory model: whether it works in the Lagrangian frame of its inputs (from a
+        checkpoint this is read from the checkpoint).
     n_input_frames : int, optional
         Input frames the model reads.
     timestep_minutes : float, optional
@@ -62,6 +65,7 @@ class ModelNowcast:
         timestep_minutes: float | None = None,
         device: str | torch.device | None = None,
         name: str = "model",
+        frame: str = "eulerian",
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         if (checkpoint is None) == (model is None):
@@ -73,6 +77,7 @@ class ModelNowcast:
             normalization = meta["normalization"]
             n_input_frames = meta["n_input_frames"]
             timestep_minutes = meta["timestep_minutes"]
+            frame = meta.get("frame", "eulerian")
             self.n_target_frames = int(meta["n_target_frames"])
             self.model_name = meta["model_name"]
         else:
@@ -86,6 +91,9 @@ class ModelNowcast:
         self.n_input_frames = int(n_input_frames)
         self.timestep_minutes = timestep_minutes
         self.name = name
+        if frame not in ("eulerian", "lagrangian"):
+            raise ValueError(f"unknown frame {frame!r}; expected 'eulerian' or 'lagrangian'")
+        self.frame = frame
 
     def predict_values(self, rain_rate: np.ndarray) -> np.ndarray:
         """Run the model on rain-rate frames.
@@ -102,13 +110,26 @@ class ModelNowcast:
         """
         params = self.normalization["params"]
         rain_rate = np.clip(np.asarray(rain_rate, dtype=np.float32), 0.0, None)
+        velocity = None
+        if self.frame == "lagrangian":
+            from nowcast.lagrangian import inputs_to_lagrangian, motion_field
+
+            velocity = motion_field(rain_rate)
+            no_data = ~np.isfinite(rain_rate)
+            rain_rate = inputs_to_lagrangian(rain_rate, velocity).astype(np.float32)
+            rain_rate[no_data] = np.nan
         normalized = self.transform.forward(rain_rate, params)
         normalized = np.where(np.isfinite(normalized), normalized, 0.0).astype(np.float32)
         frames = torch.from_numpy(normalized)[None, :, None].to(self.device)
         with torch.no_grad():
             prediction = self.model(frames)[0, :, 0].float()
             rain = self.transform.inverse(prediction, params)
-        return torch.clamp(rain, min=0.0).cpu().numpy().astype(np.float32)
+        rain = torch.clamp(rain, min=0.0).cpu().numpy().astype(np.float32)
+        if velocity is not None:
+            from nowcast.lagrangian import outputs_from_lagrangian
+
+            rain = outputs_from_lagrangian(rain, velocity).astype(np.float32)
+        return rain
 
     def __call__(
         self, inputs: xr.DataArray, n_leadtimes: int, timestep_minutes: float | None = None
