@@ -149,7 +149,7 @@ def export(
 def predict(
     source: str = typer.Option(..., "--source", "-s", help="catalog source name"),
     checkpoint: Path = typer.Option(
-        Path("pipelines/pretrained/bom_convlstm.pt"), help="model checkpoint"
+        Path("pipelines/pretrained/bom_lagrangian_convlstm.pt"), help="model checkpoint"
     ),
     at: datetime = typer.Option(None, help="time of the last input frame (UTC)"),
     latest: bool = typer.Option(True, help="use the newest available frame (default)"),
