@@ -17,10 +17,14 @@ from nowcast.predict import InputFramesError, predict
 MODEL_KWARGS = {"patch_factor": 2, "hidden_channels": [4], "kernel_sizes": [3], "residual": True}
 
 
-def residual_checkpoint(path, n_input=3, n_target=4, timestep=10) -> str:
-    """An untrained residual ConvLSTM: it forecasts exactly persistence of the last frame."""
+def residual_checkpoint(
+    path, n_input=3, n_target=4, timestep=10, model_name="convlstm", model_kwargs=None
+) -> str:
+    """A checkpoint of an untrained model; by default a residual ConvLSTM, which forecasts
+    exactly persistence of the last frame."""
+    model_kwargs = MODEL_KWARGS if model_kwargs is None else model_kwargs
     torch.manual_seed(0)
-    model = build_model("convlstm", n_input, n_target, **MODEL_KWARGS)
+    model = build_model(model_name, n_input, n_target, **model_kwargs)
     checkpoint = make_checkpoint(
         model=model,
         optimizer=torch.optim.AdamW(model.parameters()),
@@ -28,8 +32,8 @@ def residual_checkpoint(path, n_input=3, n_target=4, timestep=10) -> str:
         scaler=torch.amp.GradScaler("cpu", enabled=False),
         config={},
         experiment="test",
-        model_name="convlstm",
-        model_kwargs=MODEL_KWARGS,
+        model_name=model_name,
+        model_kwargs=model_kwargs,
         store_info={
             "n_input_frames": n_input,
             "n_target_frames": n_target,
@@ -112,3 +116,64 @@ def test_predict_across_a_gap_is_a_clear_error(synthetic_setup):
             catalog=catalog,
         )
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.nc"))
+
+
+@pytest.mark.parametrize(
+    "model_name, model_kwargs",
+    [
+        ("convlstm", {"patch_factor": 4, "hidden_channels": [8, 8], "kernel_sizes": [3, 3]}),
+        ("cnn_lstm", {"tile_size": 16, "conv_channels": [4, 8], "lstm_hidden": 32}),
+        ("fc_lstm", {"tile_size": 8, "hidden_size": 32, "num_layers": 1}),
+    ],
+)
+def test_every_registered_model_runs_through_predict_and_export(
+    synthetic_setup, model_name, model_kwargs
+):
+    from nowcast.export import export
+    from nowcast.models import registered_models
+
+    assert model_name in registered_models()
+    catalog, tmp_path, _ = synthetic_setup
+    checkpoint = residual_checkpoint(
+        tmp_path / f"{model_name}.pt", model_name=model_name, model_kwargs=model_kwargs
+    )
+    result = predict(
+        "synthetic",
+        checkpoint,
+        cube_dir=str(tmp_path / "cubes"),
+        out_dir=tmp_path / model_name,
+        catalog=catalog,
+    )
+    with xr.open_dataset(result.netcdf) as ds:
+        assert ds["rain_rate"].sizes == {"lead_time": 4, "y": 64, "x": 64}
+        assert np.isfinite(ds["rain_rate"].values).any()
+
+    from nowcast.experiment import ExperimentConfig
+    from nowcast.patches import build_patches
+
+    longer = synthetic_catalog(n_frames=30)
+    ingest(
+        "synthetic", str(tmp_path / "cubes30"), catalog=longer, scheduler="threads", progress=False
+    )
+    experiment = ExperimentConfig(
+        name="syn",
+        sources=["synthetic"],
+        cube_dir=str(tmp_path / "cubes30"),
+        patch_dir=str(tmp_path / "patches"),
+        run_dir=str(tmp_path / f"run_{model_name}"),
+        patches={
+            "n_input_frames": 3,
+            "n_target_frames": 4,
+            "patch_size": 32,
+            "stride": 32,
+            "split_fractions": {"train": 0.3, "val": 0.3, "test": 0.4},
+            "buffer_minutes": 0,
+            "min_wet_fraction": 0.0,
+        },
+        export={"methods": ["model"], "checkpoint": checkpoint, "max_forecasts": 1},
+    )
+    build_patches(experiment, scheduler="threads", progress=False)
+    paths = export(experiment)
+    assert len(paths) == 1
+    with xr.open_dataset(paths[0]) as ds:
+        assert ds.attrs["nowcast_method"] == "model"
