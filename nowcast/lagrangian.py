@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 from pysteps import extrapolation
+from scipy.ndimage import map_coordinates
 
 from .nowcasts.extrapolation import motion_field
 
 __all__ = [
     "motion_field",
+    "displacements",
+    "warp",
     "advect",
     "inputs_to_lagrangian",
     "targets_to_lagrangian",
@@ -23,11 +26,37 @@ __all__ = [
 ]
 
 
+def displacements(velocity: np.ndarray, n_steps: int) -> list[np.ndarray]:
+    """Cumulative semi-Lagrangian displacements after 1, ..., ``n_steps`` timesteps (pysteps).
+
+    Each step continues from the previous displacement (``displacement_prev``), which is what
+    pysteps' ``extrapolate`` does internally for a multi-step call.
+    """
+    extrapolate = extrapolation.get_method("semilagrangian")
+    result, displacement = [], None
+    for _ in range(n_steps):
+        _, displacement = extrapolate(
+            None, velocity, 1, displacement_prev=displacement, return_displacement=True
+        )
+        result.append(displacement)
+    return result
+
+
+def warp(field: np.ndarray, displacement: np.ndarray, outval: float = 0.0) -> np.ndarray:
+    """Interpolate ``field`` at the displaced grid, as pysteps' ``extrapolate`` does.
+
+    This is the single ``map_coordinates`` call at the end of pysteps' semi-Lagrangian step,
+    written out so that one displacement serves every frame of a window: advecting all frames
+    through ``extrapolate`` would recompute the same trajectories once per frame.
+    """
+    rows, cols = np.indices(field.shape, dtype=np.float64)
+    coords = [rows + displacement[1], cols + displacement[0]]
+    field = np.nan_to_num(np.asarray(field, dtype=np.float64), nan=0.0)
+    return map_coordinates(field, coords, mode="constant", cval=outval, order=1, prefilter=False)
+
+
 def advect(field: np.ndarray, velocity: np.ndarray, steps: int) -> np.ndarray:
     """Advect one field by ``steps`` timesteps (negative: backwards) with pysteps.
-
-    Integer steps go through pysteps' step-by-step semi-Lagrangian scheme, so advecting the
-    last frame by k steps gives exactly lead k of the extrapolation nowcast.
 
     Parameters
     ----------
@@ -43,28 +72,33 @@ def advect(field: np.ndarray, velocity: np.ndarray, steps: int) -> np.ndarray:
     numpy.ndarray
         The advected field (y, x); pixels advected in from outside the grid are 0.
     """
-    field = np.nan_to_num(np.asarray(field, dtype=np.float64), nan=0.0)
     if steps == 0:
-        return field
+        return np.nan_to_num(np.asarray(field, dtype=np.float64), nan=0.0)
     direction = 1.0 if steps > 0 else -1.0
-    extrapolate = extrapolation.get_method("semilagrangian")
-    advected = extrapolate(field, direction * velocity, abs(int(steps)), outval=0.0)
-    return np.nan_to_num(advected[-1], nan=0.0)
+    return warp(field, displacements(direction * velocity, abs(int(steps)))[-1])
 
 
 def inputs_to_lagrangian(frames: np.ndarray, velocity: np.ndarray) -> np.ndarray:
     """Advect input frames (time, y, x) forward to the time of the last frame."""
     n_frames = frames.shape[0]
+    forward = displacements(velocity, n_frames - 1)
     return np.stack(
-        [advect(frame, velocity, n_frames - 1 - index) for index, frame in enumerate(frames)]
+        [
+            warp(frame, forward[n_frames - 2 - index])
+            if index < n_frames - 1
+            else np.nan_to_num(np.asarray(frame, dtype=np.float64), nan=0.0)
+            for index, frame in enumerate(frames)
+        ]
     )
 
 
 def targets_to_lagrangian(targets: np.ndarray, velocity: np.ndarray) -> np.ndarray:
     """Advect target frames (lead, y, x) back to the reference time (lead k by k steps)."""
-    return np.stack([advect(frame, velocity, -(k + 1)) for k, frame in enumerate(targets)])
+    backward = displacements(-velocity, targets.shape[0])
+    return np.stack([warp(frame, backward[k]) for k, frame in enumerate(targets)])
 
 
 def outputs_from_lagrangian(outputs: np.ndarray, velocity: np.ndarray) -> np.ndarray:
     """Advect Lagrangian outputs (lead, y, x) forward to their valid times."""
-    return np.stack([advect(frame, velocity, k + 1) for k, frame in enumerate(outputs)])
+    forward = displacements(velocity, outputs.shape[0])
+    return np.stack([warp(frame, forward[k]) for k, frame in enumerate(outputs)])

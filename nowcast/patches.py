@@ -568,31 +568,33 @@ def lagrangian_window(frames: np.ndarray, n_input: int) -> tuple[np.ndarray, np.
     """One full-domain window moved into the Lagrangian frame of its inputs.
 
     The motion comes from the input frames only (as at forecast time). Rain rate and the
-    validity mask are advected alike; a pixel is valid where its advected validity is ~1, so
-    pixels that came from outside the radar range are no-data rather than dry.
+    validity mask are advected along the same trajectories; a pixel is valid where its advected
+    validity is ~1, so pixels that came from outside the radar range are no-data, not dry.
 
     Returns
     -------
     rain_rate, valid : numpy.ndarray
         (n_frames, y, x), NaN where not valid.
     """
-    from .lagrangian import inputs_to_lagrangian, motion_field, targets_to_lagrangian
+    from .lagrangian import displacements, motion_field, warp
 
     frames = np.asarray(frames, dtype=np.float64)
     finite = np.isfinite(frames).astype(np.float64)
+    n_target = frames.shape[0] - n_input
     velocity = motion_field(frames[:n_input])
-    moved = np.concatenate(
-        [
-            inputs_to_lagrangian(frames[:n_input], velocity),
-            targets_to_lagrangian(frames[n_input:], velocity),
-        ]
-    )
-    moved_valid = np.concatenate(
-        [
-            inputs_to_lagrangian(finite[:n_input], velocity),
-            targets_to_lagrangian(finite[n_input:], velocity),
-        ]
-    )
+    forward = displacements(velocity, n_input - 1)
+    backward = displacements(-velocity, n_target)
+    # Input i moves forward by n_input - 1 - i steps; target k back by k + 1 steps.
+    moves = [forward[n_input - 2 - i] for i in range(n_input - 1)] + [None] + backward
+    moved = np.empty_like(frames)
+    moved_valid = np.empty_like(frames)
+    for index, displacement in enumerate(moves):
+        if displacement is None:
+            moved[index] = np.nan_to_num(frames[index], nan=0.0)
+            moved_valid[index] = finite[index]
+        else:
+            moved[index] = warp(frames[index], displacement)
+            moved_valid[index] = warp(finite[index], displacement)
     valid = (moved_valid > 0.99) & np.isfinite(frames[n_input - 1])[None]
     return np.where(valid, moved, np.nan).astype(np.float32), valid
 
