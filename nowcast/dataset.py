@@ -82,8 +82,8 @@ class PatchDataset(Dataset):
         Apply one random flip / quarter-turn rotation per sample, the same to every frame of the
         inputs, the targets and the mask.
     seed : int
-        Seed of the augmentation; combined with ``torch.initial_seed()`` of the reading process,
-        which ``DataLoader`` sets per worker and per epoch from its generator.
+        Seed of the augmentation; each sample's flip/rotation is drawn from
+        ``(seed, epoch, sample)`` (see :meth:`set_epoch`).
 
     Notes
     -----
@@ -103,27 +103,29 @@ class PatchDataset(Dataset):
         self.indices = np.flatnonzero(np.asarray(group["split"][:]) == split)
         self.n_input_frames = int(group.attrs["n_input_frames"])
         self.n_target_frames = int(group.attrs["n_target_frames"])
+        self.epoch = 0
         self._reset()
 
     def _reset(self) -> None:
         self._pid = None
         self._arrays = None
-        self._generator = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_pid=None, _arrays=None, _generator=None)
+        state.update(_pid=None, _arrays=None)
         return state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of the coming reads: augmentation is a function of (seed, epoch, sample)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def _open(self) -> None:
-        """Open the arrays (and seed the augmentation) once per process."""
+        """Open the arrays once per process (zarr handles are not shared across workers)."""
         group = _open_group(self.store_path)
         self._arrays = {name: group[name] for name in ("inputs", "targets", "target_mask")}
-        seed = (self.seed * 1_000_003 + torch.initial_seed()) % 2**63
-        self._generator = torch.Generator().manual_seed(seed)
         self._pid = os.getpid()
 
     def __getitem__(self, index: int):
@@ -132,7 +134,9 @@ class PatchDataset(Dataset):
         sample = int(self.indices[index])
         arrays = [self._arrays[name][sample] for name in ("inputs", "targets", "target_mask")]
         if self.augment:
-            choice = int(torch.randint(0, 8, (1,), generator=self._generator))
+            # A pure function of (seed, epoch, sample): identical in any worker, and a resumed
+            # run redraws exactly the same flips and rotations.
+            choice = int(np.random.default_rng([self.seed, self.epoch, sample]).integers(8))
             arrays = [dihedral(array, choice % 4, choice >= 4) for array in arrays]
         # The copy to contiguous float32 also resolves the views' negative strides.
         return tuple(
@@ -183,7 +187,9 @@ def make_dataloaders(
             shuffle=shuffle and sampler is None,
             sampler=sampler,
             num_workers=num_workers,
-            persistent_workers=num_workers > 0,
+            # Not persistent: workers are re-created each epoch from the dataset, so they see
+            # set_epoch (exactly reproducible augmentation) at the cost of a restart per epoch.
+            persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(seed),
         )

@@ -83,10 +83,11 @@ def test_samplers_and_workers(store):
     assert isinstance(loaders["train"].sampler, RandomSampler)
     assert isinstance(loaders["val"].sampler, SequentialSampler)
     assert isinstance(loaders["test"].sampler, SequentialSampler)
-    assert loaders["val"].persistent_workers
+    # Workers are re-created each epoch so they see the dataset's epoch (augmentation seed).
+    assert not loaders["val"].persistent_workers
     in_process = make_dataloaders(store, batch_size=4, num_workers=0, augment=False)
     # Worker processes open the store themselves and return the same samples in order.
-    for _ in range(2):  # the second epoch reuses the persistent workers
+    for _ in range(2):
         for from_workers, direct in zip(loaders["val"], in_process["val"], strict=True):
             for a, b in zip(from_workers, direct, strict=True):
                 torch.testing.assert_close(a, b)
@@ -130,7 +131,8 @@ def test_augmentation_is_one_transform_for_inputs_targets_and_mask(store, tmp_pa
     dataset = PatchDataset(path, "train", augment=True, seed=1)
     transforms = [(k, flip) for flip in (False, True) for k in range(4)]
     seen = set()
-    for _ in range(40):
+    for epoch in range(40):
+        dataset.set_epoch(epoch)
         sample = dataset[0]
         matches = {}
         for name, tensor in zip(patterns, sample, strict=True):
@@ -145,7 +147,7 @@ def test_augmentation_is_one_transform_for_inputs_targets_and_mask(store, tmp_pa
         assert len(matches["inputs"]) == 1
         assert matches["inputs"] == matches["targets"] == matches["target_mask"]
         seen |= matches["inputs"]
-    assert len(seen) >= 4  # augmentation really varies between reads
+    assert len(seen) >= 4  # augmentation really varies between epochs
 
     plain = PatchDataset(path, "train", augment=False)
     np.testing.assert_array_equal(plain[0][0][:, 0].numpy(), patterns["inputs"])
@@ -179,7 +181,7 @@ def test_dataset_pickles_without_open_handles(store):
     dataset = PatchDataset(store, "val")
     expected = dataset[1]
     state = dataset.__getstate__()
-    assert state["_arrays"] is None and state["_generator"] is None
+    assert state["_arrays"] is None and state["_pid"] is None
     clone = pickle.loads(pickle.dumps(dataset))
     for a, b in zip(clone[1], expected, strict=True):
         torch.testing.assert_close(a, b)
@@ -188,3 +190,15 @@ def test_dataset_pickles_without_open_handles(store):
 def test_unknown_split(store):
     with pytest.raises(ValueError, match="unknown split 'validation'"):
         PatchDataset(store, "validation")
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_sample(store):
+    from nowcast.dataset import PatchDataset
+
+    dataset = PatchDataset(store, "train", augment=True, seed=5)
+    again = PatchDataset(store, "train", augment=True, seed=5)
+    first = [dataset[i][0] for i in range(6)]
+    torch.testing.assert_close(first, [again[i][0] for i in range(6)])
+    dataset.set_epoch(1)
+    later = [dataset[i][0] for i in range(6)]
+    assert any(not torch.equal(a, b) for a, b in zip(first, later, strict=True))
