@@ -32,11 +32,14 @@ processes on a shared machine hits them alike.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from benchmarks.common import RESULTS, save
 from nowcast import losses
 from nowcast.models import build_model, count_parameters, forward_flops
 
@@ -184,13 +187,22 @@ def bench(repeats: int = 5, compile: bool = False) -> dict:
     return result
 
 
-def main() -> None:
-    """Run the benchmark and print a short table."""
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, save ``benchmarks/results/train.json`` and print a short table."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_train")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    args = parser.parse_args()
+    args = parser.parse_args(argv or [])
     result = bench(repeats=args.repeats, compile=args.compile)
+    best_samples_per_s = result["variants"][result["best"]]["samples_per_s"]
+    patches = RESULTS / "patches.json"
+    if patches.exists():
+        # The patch-store benchmark measured the loader on the BoM store (128x128, 6+6 frames,
+        # the same sample shape as here); data must outpace training by far.
+        loader = json.loads(patches.read_text())["results"]["loader_workers_0"]["samples_per_s"]
+        result["loader_samples_per_s"] = loader
+        result["loader_over_training"] = loader / best_samples_per_s
+    save("train", result)
     print(
         f"default ConvLSTM ({result['parameters']:,} parameters), batch {result['batch_size']}, "
         f"{result['frames']} frames of {result['patch_size']}x{result['patch_size']}, "
@@ -206,7 +218,13 @@ def main() -> None:
             f"{row['step_flops_per_s'] / 1e9:>9.1f}{row['ratio']:>7.2f}"
         )
     print(f"fastest: {result['best']}")
+    if "loader_over_training" in result:
+        print(
+            f"loader (0 workers) {result['loader_samples_per_s']:.0f} samples/s = "
+            f"{result['loader_over_training']:.0f}x training consumption (target >= 10x)"
+        )
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
