@@ -11,6 +11,7 @@ so stages built by different people do not edit one giant schema.
     sources: [bom]            # catalog sources
     cube_dir: data/cubes      # where `nowcast ingest` wrote the cubes (path or fsspec URL)
     patch_dir: data/patches   # where `nowcast patches` writes <name>.zarr
+    patch_store_name: null    # optional: share the store of another experiment
     run_dir: runs/bom         # checkpoints, logs, metrics, figures, NetCDF
     patches: {...}
     train: {...}
@@ -39,6 +40,7 @@ class ExperimentConfig(StrictModel):
     sources: list[str] = Field(min_length=1)
     cube_dir: str = "data/cubes"
     patch_dir: str = "data/patches"
+    patch_store_name: str | None = None
     run_dir: str = ""
     catalog: str | None = None
     description: str = ""
@@ -50,7 +52,9 @@ class ExperimentConfig(StrictModel):
 
     @property
     def patch_store(self) -> str:
-        return f"{expand_env(self.patch_dir).rstrip('/')}/{self.name}.zarr"
+        # Experiments that differ only in training can share one store (e.g. model comparisons).
+        name = self.patch_store_name or self.name
+        return f"{expand_env(self.patch_dir).rstrip('/')}/{name}.zarr"
 
     @property
     def run_path(self) -> str:

@@ -37,7 +37,7 @@ COMPARE_MODELS = {
     "cnn_lstm": {"tile_size": 64},
     "fc_lstm": {"tile_size": 16},
 }
-COMPARE_MINUTES = 4.0
+COMPARE_MINUTES = 3.0
 DOC = REPO / "docs" / "skill.md"
 FIGURES = REPO / "docs" / "skill"
 RESULTS = FIGURES / "results.json"
@@ -107,6 +107,7 @@ def compare_experiments() -> list[ExperimentConfig]:
             base.model_copy(
                 update={
                     "name": f"compare_{name}",
+                    "patch_store_name": base.name,
                     "run_dir": f"runs/compare_{name}",
                     "train": train_section,
                     "evaluate": evaluate_section,
