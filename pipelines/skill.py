@@ -226,6 +226,24 @@ def write_doc(results: dict) -> None:
         lines += ["### Frequency bias at 1 mm/h", "", *score_table(metrics, "BIAS", 1.0), ""]
         lines += ["### MSE (mm²/h²)", "", *score_table(metrics, "MSE"), ""]
         lines += [f"![{Path(f).stem}]({f})" for f in result["figures"]] + [""]
+    lines += [
+        "## Notes",
+        "",
+        "- **Why Lagrangian and residual.** A plain ConvLSTM trained for minutes on ~30 rainy"
+        " windows of one day blurs and over-forecasts (probe before this pipeline: CSI 0.19 vs"
+        " 0.57 for LK at 60 min, frequency bias 5–11 with the HKO-7 balanced loss). Moving the"
+        " inputs into the Lagrangian frame of their own LK motion and predicting a correction to"
+        " the last frame makes the untrained network exactly pysteps' extrapolation; training"
+        " only has to learn growth and decay, which the data can support.",
+        "- **Leakage.** Motion for the Lagrangian frame comes from the input frames only; the test"
+        " block (08:00–11:50) is separated from training and validation by a 30-min buffer, and"
+        " normalization statistics come from the training windows only.",
+        "- **On a GPU** the same configs run unchanged: AMP (bf16) and channels_last are switched"
+        " on automatically and the 600 steps take well under a minute instead of ~8 minutes, so"
+        " the same 15-minute budget would buy a wider model, all training windows every epoch and"
+        " more epochs; cuDNN's non-deterministic kernels make runs differ in the last digits.",
+        "",
+    ]
     comparison = results.get("compare")
     if comparison:
         lines += [
