@@ -84,6 +84,11 @@ class PatchDataset(Dataset):
     seed : int
         Seed of the augmentation; each sample's flip/rotation is drawn from
         ``(seed, epoch, sample)`` (see :meth:`set_epoch`).
+    time_reversal : bool
+        With probability 1/2 (drawn like the flips) play the window backwards: the reversed
+        targets become the inputs and the reversed inputs the targets. Growth becomes decay, so
+        a training set dominated by growing storms teaches both. Needs as many input as target
+        frames; meant for Lagrangian stores, whose frames all sit at one reference position.
 
     Notes
     -----
@@ -92,7 +97,14 @@ class PatchDataset(Dataset):
     ``(n_target_frames, 1, H, W)`` (1.0 valid data, 0.0 no data; normalized values are 0 there).
     """
 
-    def __init__(self, store_path: str, split: str, augment: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        store_path: str,
+        split: str,
+        augment: bool = False,
+        seed: int = 0,
+        time_reversal: bool = False,
+    ):
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}")
         self.store_path = str(store_path)
@@ -103,6 +115,12 @@ class PatchDataset(Dataset):
         self.indices = np.flatnonzero(np.asarray(group["split"][:]) == split)
         self.n_input_frames = int(group.attrs["n_input_frames"])
         self.n_target_frames = int(group.attrs["n_target_frames"])
+        if time_reversal and self.n_input_frames != self.n_target_frames:
+            raise ValueError(
+                f"time_reversal needs n_input_frames == n_target_frames, the store has "
+                f"{self.n_input_frames} and {self.n_target_frames}"
+            )
+        self.time_reversal = time_reversal
         self.epoch = 0
         self._reset()
 
@@ -125,18 +143,27 @@ class PatchDataset(Dataset):
     def _open(self) -> None:
         """Open the arrays once per process (zarr handles are not shared across workers)."""
         group = _open_group(self.store_path)
-        self._arrays = {name: group[name] for name in ("inputs", "targets", "target_mask")}
+        names = ("inputs", "targets", "input_mask", "target_mask")
+        self._arrays = {name: group[name] for name in names}
         self._pid = os.getpid()
 
     def __getitem__(self, index: int):
         if self._pid != os.getpid():
             self._open()
         sample = int(self.indices[index])
-        arrays = [self._arrays[name][sample] for name in ("inputs", "targets", "target_mask")]
+        # A pure function of (seed, epoch, sample): identical in any worker, and a resumed run
+        # redraws exactly the same augmentation.
+        rng = np.random.default_rng([self.seed, self.epoch, sample])
+        if self.time_reversal and rng.random() < 0.5:
+            arrays = [
+                self._arrays["targets"][sample][::-1],
+                self._arrays["inputs"][sample][::-1],
+                self._arrays["input_mask"][sample][::-1],
+            ]
+        else:
+            arrays = [self._arrays[name][sample] for name in ("inputs", "targets", "target_mask")]
         if self.augment:
-            # A pure function of (seed, epoch, sample): identical in any worker, and a resumed
-            # run redraws exactly the same flips and rotations.
-            choice = int(np.random.default_rng([self.seed, self.epoch, sample]).integers(8))
+            choice = int(rng.integers(8))
             arrays = [dihedral(array, choice % 4, choice >= 4) for array in arrays]
         # The copy to contiguous float32 also resolves the views' negative strides.
         return tuple(
@@ -152,6 +179,7 @@ def make_dataloaders(
     augment: bool = True,
     distributed: bool = False,
     seed: int = 0,
+    time_reversal: bool = False,
 ) -> dict[str, DataLoader]:
     """Data loaders of the train, val and test splits.
 
@@ -170,6 +198,8 @@ def make_dataloaders(
         initialised); call ``loader.sampler.set_epoch(epoch)`` each epoch.
     seed : int
         Seed of shuffling and augmentation.
+    time_reversal : bool
+        Time-reversal augmentation for the train split (see :class:`PatchDataset`).
 
     Returns
     -------
@@ -179,7 +209,13 @@ def make_dataloaders(
     loaders = {}
     for split in SPLITS:
         shuffle = split == "train"
-        dataset = PatchDataset(store_path, split, augment=augment and shuffle, seed=seed)
+        dataset = PatchDataset(
+            store_path,
+            split,
+            augment=augment and shuffle,
+            seed=seed,
+            time_reversal=time_reversal and shuffle,
+        )
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if distributed else None
         loaders[split] = DataLoader(
             dataset,

@@ -126,6 +126,9 @@ class TrainConfig(StrictModel):
     val_every: int = Field(1, ge=1, description="epochs between validations")
     log_every: int = Field(10, ge=1, description="steps between train log rows")
     augment: bool = True
+    time_reversal: bool = Field(
+        False, description="also train on windows played backwards (growth <-> decay)"
+    )
     max_minutes: float | None = Field(
         None, gt=0, description="time budget: stop cleanly and checkpoint after this long"
     )
@@ -602,6 +605,8 @@ def train(
             augment=train_config.augment,
             distributed=distributed,
             seed=train_config.seed,
+            # Only passed when asked for, so data modules without the option keep working.
+            **({"time_reversal": True} if train_config.time_reversal else {}),
         )
         train_loader, val_loader = loaders["train"], loaders["val"]
         steps_per_epoch = len(train_loader)

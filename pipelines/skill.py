@@ -31,7 +31,10 @@ from nowcast.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 # The plain ConvLSTM reference (pipelines/configs/bom.yaml) is trained by `make compare`.
-SKILL_EXPERIMENTS = ["pipelines/configs/bom_lagrangian.yaml"]
+SKILL_EXPERIMENTS = [
+    "pipelines/configs/bom_lagrangian.yaml",
+    "pipelines/configs/bom_lagrangian_tr.yaml",
+]
 COMPARE_BASE = "pipelines/configs/bom.yaml"
 COMPARE_MODELS = {
     "convlstm": {"patch_factor": 4, "hidden_channels": [64, 64], "kernel_sizes": [3, 3]},
@@ -256,12 +259,16 @@ def write_doc(results: dict) -> None:
             "| model | steps | CSI 1 mm/h @10 | @30 | @60 | MSE @30 | MSE @60 |",
             "|---|---|---|---|---|---|---|",
         ]
-        for name, result in comparison.items():
+        rows = [(name, result, "model") for name, result in comparison.items()]
+        first = next(iter(comparison.values()))
+        rows += [(baseline, first, baseline) for baseline in ("extrapolation", "persistence")]
+        for name, result, method in rows:
             metrics = pd.read_csv(REPO / result["metrics_csv"])
-            csi = [_value(metrics, "model", "CSI", lead, 1.0) for lead in (10, 30, 60)]
-            mse = [_value(metrics, "model", "MSE", lead) for lead in (30, 60)]
+            csi = [_value(metrics, method, "CSI", lead, 1.0) for lead in (10, 30, 60)]
+            mse = [_value(metrics, method, "MSE", lead) for lead in (30, 60)]
+            steps = result["steps"] if method == "model" else "–"
             lines.append(
-                f"| {name} | {result['steps']} | "
+                f"| {name} | {steps} | "
                 + " | ".join(f"{c['value']:.3f}" if c is not None else "–" for c in csi)
                 + " | "
                 + " | ".join(f"{m['value']:.1f}" if m is not None else "–" for m in mse)

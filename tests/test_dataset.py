@@ -202,3 +202,26 @@ def test_augmentation_is_a_function_of_seed_epoch_and_sample(store):
     dataset.set_epoch(1)
     later = [dataset[i][0] for i in range(6)]
     assert any(not torch.equal(a, b) for a, b in zip(first, later, strict=True))
+
+
+def test_time_reversal_plays_the_window_backwards(store):
+    from nowcast.dataset import PatchDataset
+    from nowcast.patches import open_patch_store
+
+    ds = open_patch_store(store)
+    plain = PatchDataset(store, "train")
+    reversing = PatchDataset(store, "train", time_reversal=True, seed=2)
+    flipped = 0
+    for index in range(len(plain)):
+        inputs, targets, mask = reversing[index]
+        sample = int(plain.indices[index])
+        if torch.equal(inputs, plain[index][0]):
+            continue
+        flipped += 1
+        expected_inputs = ds["targets"].isel(sample=sample).values[::-1].astype(np.float32)
+        expected_targets = ds["inputs"].isel(sample=sample).values[::-1].astype(np.float32)
+        expected_mask = ds["input_mask"].isel(sample=sample).values[::-1].astype(np.float32)
+        np.testing.assert_array_equal(inputs[:, 0].numpy(), expected_inputs)
+        np.testing.assert_array_equal(targets[:, 0].numpy(), expected_targets)
+        np.testing.assert_array_equal(mask[:, 0].numpy(), expected_mask)
+    assert 0 < flipped < len(plain)  # about half of the windows are reversed
