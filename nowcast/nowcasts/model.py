@@ -37,6 +37,9 @@ class ModelNowcast:
         ``n_input_frames`` and ``timestep_minutes`` must be given.
     normalization : dict, optional
         ``{"method": name, "params": {...}}`` as the patch store records it.
+    calibrated : bool, optional
+        Apply the checkpoint's isotonic calibration when it has one (see
+        :mod:`nowcast.calibration`), by default True.
     frame : {"eulerian", "lagrangian"}, optional
         For an in-memory model: whether it works in the Lagrangian frame of its inputs (from a
         checkpoint this is read from the checkpoint).
@@ -66,6 +69,7 @@ class ModelNowcast:
         device: str | torch.device | None = None,
         name: str = "model",
         frame: str = "eulerian",
+        calibrated: bool = True,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         if (checkpoint is None) == (model is None):
@@ -78,9 +82,11 @@ class ModelNowcast:
             n_input_frames = meta["n_input_frames"]
             timestep_minutes = meta["timestep_minutes"]
             frame = meta.get("frame", "eulerian")
+            self.calibration = meta.get("calibration") if calibrated else None
             self.n_target_frames = int(meta["n_target_frames"])
             self.model_name = meta["model_name"]
         else:
+            self.calibration = None
             if normalization is None or n_input_frames is None:
                 raise ValueError("an in-memory model needs normalization and n_input_frames")
             self.n_target_frames = getattr(model, "n_target_frames", None)
@@ -129,6 +135,10 @@ class ModelNowcast:
             from nowcast.lagrangian import outputs_from_lagrangian
 
             rain = outputs_from_lagrangian(rain, velocity).astype(np.float32)
+        if self.calibration:
+            from nowcast.calibration import apply_calibration
+
+            rain = apply_calibration(rain, self.calibration)
         return rain
 
     def __call__(
