@@ -50,6 +50,15 @@ def apply_calibration(rain_rate: np.ndarray, calibration: list[dict]) -> np.ndar
     return np.where(np.isfinite(rain_rate), calibrated, np.nan).astype(np.float32)
 
 
+def remove_calibration(checkpoint: str | Path) -> bool:
+    """Drop a checkpoint's calibration (atomically); True if it had one."""
+    state = load_checkpoint(checkpoint)
+    if state.pop("calibration", None) is None:
+        return False
+    save_checkpoint(checkpoint, state)
+    return True
+
+
 def calibrate(
     experiment: ExperimentConfig, checkpoint: str | Path | None = None, seed: int = 0
 ) -> dict:
@@ -72,9 +81,8 @@ def calibrate(
     from .nowcasts.model import ModelNowcast
 
     checkpoint = Path(checkpoint or Path(experiment.run_path) / "checkpoints" / "best.pt")
+    remove_calibration(checkpoint)  # calibrate the raw model, never a calibrated one
     state = load_checkpoint(checkpoint)
-    state.pop("calibration", None)
-    save_checkpoint(checkpoint, state)  # calibrate the raw model, never a calibrated one
     method = ModelNowcast(checkpoint=checkpoint)
     windows = evaluation_windows(experiment.patch_store, "val")
     rng = np.random.default_rng(seed)
