@@ -23,7 +23,8 @@ from nowcast.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAINED = REPO / "pipelines" / "pretrained" / "bom_lagrangian_convlstm.pt"
-REAL_CONFIG = REPO / "pipelines" / "configs" / "bom_lagrangian.yaml"
+# The pretrained model comes from bom_lagrangian_tr, which shares the bom_lagrangian patch store.
+REAL_CONFIG = REPO / "pipelines" / "configs" / "bom_lagrangian_tr.yaml"
 SYNTHETIC_CONFIG = REPO / "pipelines" / "configs" / "synthetic.yaml"
 
 
