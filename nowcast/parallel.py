@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 from distributed import Client, LocalCluster
 
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
 
 def default_n_workers() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 8))
@@ -42,12 +44,20 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None):
         if active is not None:
             yield active
             return
+    # distributed's nannies set OMP_NUM_THREADS=1 (and friends) in *this* process's environment
+    # before spawning workers; restore it so later stages (training) keep their threads.
+    saved = {key: os.environ.get(key) for key in _THREAD_VARIABLES}
     cluster = LocalCluster(
         n_workers=n_workers or default_n_workers(),
         threads_per_worker=1,
         processes=scheduler != "threads",
         dashboard_address=":0",
     )
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     client = Client(cluster)
     try:
         yield client

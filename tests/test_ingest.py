@@ -409,3 +409,12 @@ def test_cube_rejects_foreign_store(tmp_path):
 
 def test_environment_root_is_used(catalog, data_root):
     assert catalog["bom"].resolved_root.startswith(os.environ["NOWCAST_DATA_ROOT"])
+
+
+def test_local_cluster_leaves_thread_settings_alone(monkeypatch):
+    from nowcast.parallel import dask_client
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with dask_client(n_workers=1) as client:
+        assert client.run(lambda: os.environ.get("OMP_NUM_THREADS"))  # workers: one thread
+    assert "OMP_NUM_THREADS" not in os.environ  # this process (training) keeps its threads
