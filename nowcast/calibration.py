@@ -20,8 +20,7 @@ from sklearn.isotonic import IsotonicRegression
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .experiment import ExperimentConfig
-from .io.cube import cube_path, open_cube
-from .nowcasts import cube_inputs
+from .nowcasts.utils import window_inputs
 from .patches import evaluation_windows
 
 #: (forecast, observation) pairs kept per lead time and window, to bound memory and fit time.
@@ -89,12 +88,8 @@ def calibrate(
     step = int(method.timestep_minutes)
     n_leads = method.n_target_frames
     pairs = [([], []) for _ in range(n_leads)]
-    cubes = {}
-    for window in windows.itertuples():
-        cube = cubes.setdefault(
-            window.source, open_cube(cube_path(experiment.cube_root, window.source))
-        )
-        inputs = cube_inputs(cube, window.reference_time, method.n_input_frames, step)
+    batches = window_inputs(experiment.cube_root, windows, method.n_input_frames, step)
+    for window, cube, inputs in batches:
         forecast = method(inputs, n_leads).values
         valid_times = [
             np.datetime64(window.reference_time) + np.timedelta64(step * (k + 1), "m")

@@ -369,7 +369,9 @@ def run_methods(inputs: xr.DataArray, setup: ForecastSetup) -> dict[str, xr.Data
             method = _model_method(setup.checkpoint, setup.device, modified)
         else:
             method = forecast_methods.get_method(name)
-        if name in ("extrapolation", "sprog") and "motion_method" not in kwargs:
+        # One LK field per window, shared by every method that advects (a Lagrangian model too).
+        advects = name in ("extrapolation", "sprog") or getattr(method, "frame", "") == "lagrangian"
+        if advects and "motion_method" not in kwargs:
             if velocity is None:
                 velocity = motion_field(np.asarray(inputs.values))
             kwargs.setdefault("velocity", velocity)

@@ -339,8 +339,8 @@ def experiment_forecasts(
     import pandas as pd
 
     from .dataset import store_info
-    from .io.cube import cube_path, open_cube
-    from .nowcasts import cube_inputs, get_method
+    from .nowcasts import get_method
+    from .nowcasts.utils import window_inputs
     from .patches import evaluation_windows
     from .predict import file_sha256
 
@@ -367,13 +367,8 @@ def experiment_forecasts(
             provenance["checkpoint_sha256"] = file_sha256(checkpoint)
         else:
             methods[name] = get_method(name)
-    cubes = {}
     forecasts = []
-    for window in windows.itertuples():
-        cube = cubes.setdefault(
-            window.source, open_cube(cube_path(experiment.cube_root, window.source))
-        )
-        inputs = cube_inputs(cube, window.reference_time, n_input, step)
+    for _, _, inputs in window_inputs(experiment.cube_root, windows, n_input, step):
         for name, method in methods.items():
             forecast = method(inputs, n_target)
             forecast.attrs["method"] = name

@@ -79,8 +79,12 @@ def source_grid(source: SourceConfig, frames: list[FrameRef]) -> Grid:
     raise ConfigError(f"source '{source.name}': no readable file in the time range{detail}")
 
 
-def _read_task(frame: FrameRef, source: SourceConfig, grid: Grid):
-    """Decode one frame: (rain rate or None, status dict)."""
+def read_frame_status(frame: FrameRef, source: SourceConfig, grid: Grid):
+    """Decode one frame without raising: (rain rate or None, status dict).
+
+    ``status["state"]`` is ``ok``, ``missing`` (no file), ``corrupt`` or ``grid_mismatch``,
+    with the reason; ingest and predict decide what each means for them.
+    """
     status = {"time": frame.time.isoformat(), "file": frame.path, "state": "ok", "reason": ""}
     if source.importer == "synthetic":
         params = SyntheticParams.from_kwargs(source.importer_kwargs)
@@ -109,7 +113,7 @@ def _read_block(frames: list[FrameRef], source: SourceConfig, grid: Grid):
     block = np.full((len(frames), *grid.shape), np.nan, dtype=np.float32)
     statuses = []
     for index, frame in enumerate(frames):
-        data, status = _read_task(frame, source, grid)
+        data, status = read_frame_status(frame, source, grid)
         if data is not None:
             block[index] = data
         statuses.append(status)

@@ -19,7 +19,8 @@ __all__ = [
     "motion_field",
     "displacements",
     "warp",
-    "advect",
+    "window_moves",
+    "move_frames",
     "inputs_to_lagrangian",
     "targets_to_lagrangian",
     "outputs_from_lagrangian",
@@ -55,50 +56,41 @@ def warp(field: np.ndarray, displacement: np.ndarray, outval: float = 0.0) -> np
     return map_coordinates(field, coords, mode="constant", cval=outval, order=1, prefilter=False)
 
 
-def advect(field: np.ndarray, velocity: np.ndarray, steps: int) -> np.ndarray:
-    """Advect one field by ``steps`` timesteps (negative: backwards) with pysteps.
+def window_moves(velocity: np.ndarray, n_input: int, n_target: int) -> list:
+    """Displacement bringing each frame of a window to the reference time (the last input).
 
-    Parameters
-    ----------
-    field : numpy.ndarray
-        Rain rate (y, x); NaN is treated as 0 while advecting.
-    velocity : numpy.ndarray
-        Motion (2, y, x) in pixels per timestep.
-    steps : int
-        Number of timesteps.
-
-    Returns
-    -------
-    numpy.ndarray
-        The advected field (y, x); pixels advected in from outside the grid are 0.
+    Input ``i`` moves forward by ``n_input - 1 - i`` steps, the reference frame stays (None)
+    and target ``k`` moves back by ``k + 1`` steps.
     """
-    if steps == 0:
-        return np.nan_to_num(np.asarray(field, dtype=np.float64), nan=0.0)
-    direction = 1.0 if steps > 0 else -1.0
-    return warp(field, displacements(direction * velocity, abs(int(steps)))[-1])
+    forward = displacements(velocity, n_input - 1)
+    moves = [forward[n_input - 2 - i] for i in range(n_input - 1)]
+    if n_input:
+        moves.append(None)
+    return moves + displacements(-velocity, n_target)
 
 
-def inputs_to_lagrangian(frames: np.ndarray, velocity: np.ndarray) -> np.ndarray:
-    """Advect input frames (time, y, x) forward to the time of the last frame."""
-    n_frames = frames.shape[0]
-    forward = displacements(velocity, n_frames - 1)
+def move_frames(frames: np.ndarray, moves: list) -> np.ndarray:
+    """Warp each frame (time, y, x) by its displacement (None: unchanged, NaN as 0)."""
     return np.stack(
         [
-            warp(frame, forward[n_frames - 2 - index])
-            if index < n_frames - 1
-            else np.nan_to_num(np.asarray(frame, dtype=np.float64), nan=0.0)
-            for index, frame in enumerate(frames)
+            np.nan_to_num(np.asarray(frame, dtype=np.float64), nan=0.0)
+            if move is None
+            else warp(frame, move)
+            for frame, move in zip(frames, moves, strict=True)
         ]
     )
 
 
+def inputs_to_lagrangian(frames: np.ndarray, velocity: np.ndarray) -> np.ndarray:
+    """Advect input frames (time, y, x) forward to the time of the last frame."""
+    return move_frames(frames, window_moves(velocity, frames.shape[0], 0))
+
+
 def targets_to_lagrangian(targets: np.ndarray, velocity: np.ndarray) -> np.ndarray:
     """Advect target frames (lead, y, x) back to the reference time (lead k by k steps)."""
-    backward = displacements(-velocity, targets.shape[0])
-    return np.stack([warp(frame, backward[k]) for k, frame in enumerate(targets)])
+    return move_frames(targets, window_moves(velocity, 0, targets.shape[0]))
 
 
 def outputs_from_lagrangian(outputs: np.ndarray, velocity: np.ndarray) -> np.ndarray:
     """Advect Lagrangian outputs (lead, y, x) forward to their valid times."""
-    forward = displacements(velocity, outputs.shape[0])
-    return np.stack([warp(frame, forward[k]) for k, frame in enumerate(outputs)])
+    return move_frames(outputs, displacements(velocity, outputs.shape[0]))

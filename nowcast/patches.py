@@ -576,25 +576,12 @@ def lagrangian_window(frames: np.ndarray, n_input: int) -> tuple[np.ndarray, np.
     rain_rate, valid : numpy.ndarray
         (n_frames, y, x), NaN where not valid.
     """
-    from .lagrangian import displacements, motion_field, warp
+    from .lagrangian import motion_field, move_frames, window_moves
 
     frames = np.asarray(frames, dtype=np.float64)
-    finite = np.isfinite(frames).astype(np.float64)
-    n_target = frames.shape[0] - n_input
-    velocity = motion_field(frames[:n_input])
-    forward = displacements(velocity, n_input - 1)
-    backward = displacements(-velocity, n_target)
-    # Input i moves forward by n_input - 1 - i steps; target k back by k + 1 steps.
-    moves = [forward[n_input - 2 - i] for i in range(n_input - 1)] + [None] + backward
-    moved = np.empty_like(frames)
-    moved_valid = np.empty_like(frames)
-    for index, displacement in enumerate(moves):
-        if displacement is None:
-            moved[index] = np.nan_to_num(frames[index], nan=0.0)
-            moved_valid[index] = finite[index]
-        else:
-            moved[index] = warp(frames[index], displacement)
-            moved_valid[index] = warp(finite[index], displacement)
+    moves = window_moves(motion_field(frames[:n_input]), n_input, frames.shape[0] - n_input)
+    moved = move_frames(frames, moves)
+    moved_valid = move_frames(np.isfinite(frames).astype(np.float64), moves)
     valid = (moved_valid > 0.99) & np.isfinite(frames[n_input - 1])[None]
     return np.where(valid, moved, np.nan).astype(np.float32), valid
 

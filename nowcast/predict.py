@@ -84,7 +84,7 @@ def inputs_from_files(
     catalog: Catalog, source_name: str, at: datetime | None, n_input_frames: int, timestep: int
 ) -> xr.DataArray:
     """Read the input frames straight from the raw files of a catalog source."""
-    from .ingest import _read_task, source_grid
+    from .ingest import read_frame_status, source_grid
 
     source = catalog[source_name]
     frames = list_frames(source)
@@ -104,7 +104,7 @@ def inputs_from_files(
     grid = source_grid(source, refs)
     values, problems = [], []
     for ref in refs:
-        data, status = _read_task(ref, source, grid)
+        data, status = read_frame_status(ref, source, grid)
         if data is None:
             problems.append(f"{ref.time.isoformat()} ({status['state']}: {ref.path})")
         values.append(data)

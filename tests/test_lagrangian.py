@@ -74,3 +74,6 @@ def test_untrained_residual_model_in_lagrangian_frame_is_extrapolation():
     reference = get_method("extrapolation")(inputs, 3)
     valid = np.isfinite(reference.values)
     np.testing.assert_allclose(forecast.values[valid], reference.values[valid], atol=1e-4)
+    # A motion field passed in (as evaluate shares it) gives the same forecast.
+    shared = method(inputs, 3, velocity=motion_field(inputs.values))
+    np.testing.assert_array_equal(shared.values, forecast.values)

@@ -101,13 +101,18 @@ class ModelNowcast:
             raise ValueError(f"unknown frame {frame!r}; expected 'eulerian' or 'lagrangian'")
         self.frame = frame
 
-    def predict_values(self, rain_rate: np.ndarray) -> np.ndarray:
+    def predict_values(
+        self, rain_rate: np.ndarray, velocity: np.ndarray | None = None
+    ) -> np.ndarray:
         """Run the model on rain-rate frames.
 
         Parameters
         ----------
         rain_rate : numpy.ndarray
             Input rain rate (n_input_frames, y, x) in mm/h, NaN for no data.
+        velocity : numpy.ndarray, optional
+            LK motion (2, y, x) of these inputs for a Lagrangian model, when the caller already
+            has it (evaluation shares one field with extrapolation and S-PROG).
 
         Returns
         -------
@@ -116,11 +121,11 @@ class ModelNowcast:
         """
         params = self.normalization["params"]
         rain_rate = np.clip(np.asarray(rain_rate, dtype=np.float32), 0.0, None)
-        velocity = None
         if self.frame == "lagrangian":
             from nowcast.lagrangian import inputs_to_lagrangian, motion_field
 
-            velocity = motion_field(rain_rate)
+            if velocity is None:
+                velocity = motion_field(rain_rate)
             no_data = ~np.isfinite(rain_rate)
             rain_rate = inputs_to_lagrangian(rain_rate, velocity).astype(np.float32)
             rain_rate[no_data] = np.nan
@@ -131,7 +136,7 @@ class ModelNowcast:
             prediction = self.model(frames)[0, :, 0].float()
             rain = self.transform.inverse(prediction, params)
         rain = torch.clamp(rain, min=0.0).cpu().numpy().astype(np.float32)
-        if velocity is not None:
+        if self.frame == "lagrangian":
             from nowcast.lagrangian import outputs_from_lagrangian
 
             rain = outputs_from_lagrangian(rain, velocity).astype(np.float32)
@@ -142,7 +147,11 @@ class ModelNowcast:
         return rain
 
     def __call__(
-        self, inputs: xr.DataArray, n_leadtimes: int, timestep_minutes: float | None = None
+        self,
+        inputs: xr.DataArray,
+        n_leadtimes: int,
+        timestep_minutes: float | None = None,
+        velocity: np.ndarray | None = None,
     ) -> xr.DataArray:
         """Forecast from the last ``n_input_frames`` frames of ``inputs``.
 
@@ -155,6 +164,8 @@ class ModelNowcast:
             Number of lead times, at most the model's ``n_target_frames``.
         timestep_minutes : float, optional
             Lead-time step; by default the input frames' spacing.
+        velocity : numpy.ndarray, optional
+            Precomputed motion of the inputs (see :meth:`predict_values`).
 
         Returns
         -------
@@ -175,7 +186,7 @@ class ModelNowcast:
                 f"the model predicts {self.n_target_frames} lead times, {n_leadtimes} asked for"
             )
         rain_rate = inputs.values[-self.n_input_frames :]
-        values = self.predict_values(rain_rate)[: int(n_leadtimes)]
+        values = self.predict_values(rain_rate, velocity)[: int(n_leadtimes)]
         return to_forecast(values, inputs, step, self.name)
 
 

@@ -148,3 +148,20 @@ def cube_inputs(
     if cube.attrs.get("institution"):
         inputs.attrs["institution"] = cube.attrs["institution"]
     return inputs
+
+
+def window_inputs(cube_dir: str, windows, n_input_frames: int, timestep_minutes: int):
+    """Yield ``(window, cube, inputs)`` for the rows of an evaluation-window table.
+
+    Each source's cube is opened once (``windows`` has ``source`` and ``reference_time``
+    columns, as :func:`nowcast.patches.evaluation_windows` returns).
+    """
+    from nowcast.io.cube import cube_path, open_cube
+
+    cubes = {}
+    for window in windows.itertuples():
+        if window.source not in cubes:
+            cubes[window.source] = open_cube(cube_path(cube_dir, window.source))
+        cube = cubes[window.source]
+        inputs = cube_inputs(cube, window.reference_time, n_input_frames, timestep_minutes)
+        yield window, cube, inputs
