@@ -85,10 +85,11 @@ class PatchDataset(Dataset):
         Seed of the augmentation; each sample's flip/rotation is drawn from
         ``(seed, epoch, sample)`` (see :meth:`set_epoch`).
     time_reversal : bool
-        With probability 1/2 (drawn like the flips) play the window backwards: the reversed
-        targets become the inputs and the reversed inputs the targets. Growth becomes decay, so
-        a training set dominated by growing storms teaches both. Needs as many input as target
-        frames; meant for Lagrangian stores, whose frames all sit at one reference position.
+        With probability 1/2 (drawn like the flips) play the window backwards: its frames
+        (inputs then targets) are reversed and split again into ``n_input_frames`` inputs and
+        ``n_target_frames`` targets. Growth becomes decay, so a training set dominated by
+        growing storms teaches both. Meant for Lagrangian stores, whose frames all sit at one
+        reference position.
 
     Notes
     -----
@@ -115,11 +116,6 @@ class PatchDataset(Dataset):
         self.indices = np.flatnonzero(np.asarray(group["split"][:]) == split)
         self.n_input_frames = int(group.attrs["n_input_frames"])
         self.n_target_frames = int(group.attrs["n_target_frames"])
-        if time_reversal and self.n_input_frames != self.n_target_frames:
-            raise ValueError(
-                f"time_reversal needs n_input_frames == n_target_frames, the store has "
-                f"{self.n_input_frames} and {self.n_target_frames}"
-            )
         self.time_reversal = time_reversal
         self.epoch = 0
         self._reset()
@@ -155,11 +151,14 @@ class PatchDataset(Dataset):
         # redraws exactly the same augmentation.
         rng = np.random.default_rng([self.seed, self.epoch, sample])
         if self.time_reversal and rng.random() < 0.5:
-            arrays = [
-                self._arrays["targets"][sample][::-1],
-                self._arrays["inputs"][sample][::-1],
-                self._arrays["input_mask"][sample][::-1],
-            ]
+            frames = np.concatenate(
+                [self._arrays["inputs"][sample], self._arrays["targets"][sample]]
+            )[::-1]
+            masks = np.concatenate(
+                [self._arrays["input_mask"][sample], self._arrays["target_mask"][sample]]
+            )[::-1]
+            n_input = self.n_input_frames
+            arrays = [frames[:n_input], frames[n_input:], masks[n_input:]]
         else:
             arrays = [self._arrays[name][sample] for name in ("inputs", "targets", "target_mask")]
         if self.augment:

@@ -25,9 +25,7 @@ from nowcast.ingest import ingest
 from nowcast.patches import build_patches
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """A small synthetic patch store: 3 + 3 frames of 32 x 32 pixels."""
+def _synthetic_store(tmp_path_factory, n_input_frames: int, n_target_frames: int) -> str:
     source = SourceConfig(
         name="synthetic",
         importer="synthetic",
@@ -43,8 +41,8 @@ def store(tmp_path_factory) -> str:
         cube_dir=str(cube_dir),
         patch_dir=str(tmp_path_factory.mktemp("patches")),
         patches={
-            "n_input_frames": 3,
-            "n_target_frames": 3,
+            "n_input_frames": n_input_frames,
+            "n_target_frames": n_target_frames,
             "patch_size": 32,
             "stride": 16,
             "buffer_minutes": 10,
@@ -52,6 +50,18 @@ def store(tmp_path_factory) -> str:
         },
     )
     return build_patches(experiment, scheduler="threads", progress=False)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A small synthetic patch store: 3 + 3 frames of 32 x 32 pixels."""
+    return _synthetic_store(tmp_path_factory, 3, 3)
+
+
+@pytest.fixture(scope="module")
+def uneven_store(tmp_path_factory) -> str:
+    """As ``store`` with 3 input and 2 target frames (a 30-min step: leads 30 and 60 min)."""
+    return _synthetic_store(tmp_path_factory, 3, 2)
 
 
 def test_loaders_yield_float32_batches_without_nan(store):
@@ -204,13 +214,16 @@ def test_augmentation_is_a_function_of_seed_epoch_and_sample(store):
     assert any(not torch.equal(a, b) for a, b in zip(first, later, strict=True))
 
 
-def test_time_reversal_plays_the_window_backwards(store):
+@pytest.mark.parametrize("name", ["store", "uneven_store"])
+def test_time_reversal_plays_the_window_backwards(name, request):
     from nowcast.dataset import PatchDataset
     from nowcast.patches import open_patch_store
 
+    store = request.getfixturevalue(name)
     ds = open_patch_store(store)
     plain = PatchDataset(store, "train")
     reversing = PatchDataset(store, "train", time_reversal=True, seed=2)
+    n_input = plain.n_input_frames
     flipped = 0
     for index in range(len(plain)):
         inputs, targets, mask = reversing[index]
@@ -218,10 +231,11 @@ def test_time_reversal_plays_the_window_backwards(store):
         if torch.equal(inputs, plain[index][0]):
             continue
         flipped += 1
-        expected_inputs = ds["targets"].isel(sample=sample).values[::-1].astype(np.float32)
-        expected_targets = ds["inputs"].isel(sample=sample).values[::-1].astype(np.float32)
-        expected_mask = ds["input_mask"].isel(sample=sample).values[::-1].astype(np.float32)
-        np.testing.assert_array_equal(inputs[:, 0].numpy(), expected_inputs)
-        np.testing.assert_array_equal(targets[:, 0].numpy(), expected_targets)
-        np.testing.assert_array_equal(mask[:, 0].numpy(), expected_mask)
+        window = ds.isel(sample=sample)
+        frames = np.concatenate([window["inputs"].values, window["targets"].values])[::-1]
+        masks = np.concatenate([window["input_mask"].values, window["target_mask"].values])[::-1]
+        assert inputs.shape[0] == n_input and targets.shape[0] == plain.n_target_frames
+        np.testing.assert_array_equal(inputs[:, 0].numpy(), frames[:n_input].astype(np.float32))
+        np.testing.assert_array_equal(targets[:, 0].numpy(), frames[n_input:].astype(np.float32))
+        np.testing.assert_array_equal(mask[:, 0].numpy(), masks[n_input:].astype(np.float32))
     assert 0 < flipped < len(plain)  # about half of the windows are reversed
