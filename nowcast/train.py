@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import importlib
 import json
 import logging
@@ -108,7 +109,11 @@ class TrainConfig(StrictModel):
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor, fraction of lr")
     plateau_factor: float = Field(0.5, gt=0, lt=1, description="lr factor of a plateau")
     plateau_patience: int = Field(2, ge=0, description="validations without improvement")
-    loss: Literal["mse", "mae", "mse+mae", "bmse+bmae"] = "bmse+bmae"
+    loss: Literal["mse", "mae", "mse+mae", "bmse+bmae", "mse+bias"] = "bmse+bmae"
+    loss_kwargs: dict[str, float] = Field(
+        default_factory=dict,
+        description="keyword arguments of the loss, e.g. {area_weight: 1.0} for mse+bias",
+    )
     epochs: int | None = Field(20, ge=1, description="epochs to train (null: max_steps only)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
     batch_size: int = Field(8, ge=1, description="per process")
@@ -497,6 +502,31 @@ class TrainLog:
         self.tensorboard.close()
 
 
+def build_loss(
+    train_config: TrainConfig, transform, normalization: dict, device: torch.device
+) -> Callable[..., torch.Tensor]:
+    """The configured loss with its keyword arguments bound.
+
+    A loss in :data:`nowcast.losses.THRESHOLD_LOSSES` also gets the rain thresholds
+    :data:`nowcast.losses.WET_AREA_THRESHOLDS` in the store's normalised units.
+    """
+    loss_fn = losses.get_method(train_config.loss)
+    kwargs: dict[str, Any] = dict(train_config.loss_kwargs)
+    if train_config.loss in losses.THRESHOLD_LOSSES:
+        rain_rate = torch.tensor(losses.WET_AREA_THRESHOLDS, dtype=torch.float32)
+        kwargs["wet_thresholds"] = transform.forward(rain_rate, normalization).to(device)
+    if not kwargs:
+        return loss_fn
+    try:
+        loss_fn(*(torch.zeros(1, 1, 1, 2, 2),) * 3, None, **kwargs)
+    except TypeError as error:
+        raise ConfigError(
+            f"train.loss_kwargs {train_config.loss_kwargs} do not fit loss "
+            f"'{train_config.loss}': {error}"
+        ) from None
+    return functools.partial(loss_fn, **kwargs)
+
+
 def train(
     config: str | os.PathLike | ExperimentConfig,
     resume: bool = False,
@@ -638,7 +668,7 @@ def train(
         )
         step_scheduler, plateau = build_schedulers(optimizer, train_config, total_steps)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        loss_fn = losses.get_method(train_config.loss)
+        loss_fn = build_loss(train_config, transform, normalization, device)
         needs_rain_rate = train_config.loss in losses.RAIN_RATE_LOSSES
 
         # ---- resume ----------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import random
@@ -244,9 +245,20 @@ def _loss_inputs(seed: int = 0):
     return prediction, target, mask, target_rain_rate
 
 
+def _bound_loss(name: str):
+    """The registered loss, with normalised wet thresholds bound where it needs them."""
+    loss_fn = losses.get_method(name)
+    if name in losses.THRESHOLD_LOSSES:
+        thresholds = Log1pTransform().forward(
+            torch.tensor(losses.WET_AREA_THRESHOLDS), NORMALIZATION
+        )
+        return functools.partial(loss_fn, wet_thresholds=thresholds)
+    return loss_fn
+
+
 @pytest.mark.parametrize("name", losses.registered_losses())
 def test_loss_ignores_no_data(name):
-    loss_fn = losses.get_method(name)
+    loss_fn = _bound_loss(name)
     prediction, target, mask, rain_rate = _loss_inputs()
     prediction.requires_grad_(True)
     reference = loss_fn(prediction, target, mask, rain_rate)
@@ -306,11 +318,52 @@ def test_balanced_weights_match_the_verification_scores():
     assert torch.equal(losses.balanced_weights(rain_rate), detcont.balanced_weights(rain_rate))
 
 
+def test_wet_area_loss_penalises_frequency_bias():
+    prediction, target, mask, _ = _loss_inputs(seed=2)
+    loss_fn = _bound_loss("mse+bias")
+    # A perfect forecast costs nothing; the area term of a sharp forecast is almost exact.
+    assert loss_fn(target, target, mask).item() == pytest.approx(0.0, abs=1e-3)
+    # Two forecasts with the same MSE: adding 0.1 everywhere wets more pixels (bias > 1) than
+    # subtracting 0.1 dries (targets are uniform on [0, 1], the 0.5 mm/h threshold is ~0.1).
+    wetter, drier = target + 0.1, target - 0.1
+    mse = losses.get_method("mse")
+    torch.testing.assert_close(mse(wetter, target, mask), mse(drier, target, mask))
+    assert loss_fn(wetter, target, mask) > mse(wetter, target, mask)
+    # The penalty grows with the area error, and its gradient shrinks an over-forecast area.
+    over = target.clone()
+    over[target < 0.3] = 0.35  # light rain everywhere below 0.35 becomes rain above threshold
+    heavier = target.clone()
+    heavier[target < 0.3] = 0.5
+    assert loss_fn(heavier, target, mask) - mse(heavier, target, mask) >= loss_fn(
+        over, target, mask
+    ) - mse(over, target, mask)
+    over.requires_grad_(True)
+    area_only = functools.partial(_bound_loss("mse+bias"), area_weight=1.0)
+    (area_only(over, target, mask) - mse(over, target, mask)).backward()
+    assert over.grad[(target < 0.3) & (mask > 0)].sum() > 0  # descent lowers them
+    with pytest.raises(ValueError, match="wet_thresholds"):
+        losses.get_method("mse+bias")(prediction, target, mask)
+
+
+def test_loss_kwargs_must_fit_the_loss(tmp_path):
+    experiment = make_experiment(tmp_path, loss="mse+bias", loss_kwargs={"area_wieght": 2.0})
+    with pytest.raises(ConfigError, match="loss_kwargs"):
+        run_training(experiment)
+
+
+def test_wet_area_loss_trains(tmp_path):
+    experiment = make_experiment(
+        tmp_path, epochs=None, max_steps=6, loss="mse+bias", loss_kwargs={"area_weight": 2.0}
+    )
+    summary = run_training(experiment)
+    assert summary["steps"] == 6 and math.isfinite(summary["best_val_loss"])
+
+
 def test_balanced_loss_needs_rain_rate_and_unknown_loss_lists_names():
     prediction, target, mask, _ = _loss_inputs()
     with pytest.raises(ValueError, match="target_rain_rate"):
         losses.get_method("bmse+bmae")(prediction, target, mask)
-    with pytest.raises(ValueError, match="mse, mse\\+mae"):
+    with pytest.raises(ValueError, match="mse, mse\\+bias, mse\\+mae"):
         losses.get_method("huber")
 
 
