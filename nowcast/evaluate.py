@@ -42,7 +42,7 @@ from nowcast.experiment import ExperimentConfig, load_experiment, stage_config
 from nowcast.forecast import make_forecast
 from nowcast.io.cube import cube_path, open_cube
 from nowcast.nowcasts.extrapolation import N_MOTION_FRAMES, motion_field
-from nowcast.parallel import dask_client
+from nowcast.parallel import dask_client, show_progress
 from nowcast.verification import (
     ScoreAccumulator,
     bootstrap_ci,
@@ -963,8 +963,6 @@ def evaluate(
     with dask_client(scheduler) as client:
         futures = client.map(score_window, windows, setup=setup, pure=False)
         if progress:
-            from distributed import progress as show_progress
-
             show_progress(futures)
         results = client.gather(futures)
 

@@ -26,7 +26,7 @@ from .config import Catalog, ConfigError, SourceConfig, load_catalog
 from .io.cube import CUBE_CHUNKS, build_cube, cube_path, open_cube, write_cube
 from .io.radar import FrameReadError, Grid, GridMismatchError, read_frame, read_grid
 from .io.synthetic import SyntheticParams, synthetic_frame, synthetic_grid
-from .parallel import dask_client
+from .parallel import dask_client, show_progress
 
 
 @dataclass
@@ -239,8 +239,6 @@ def ingest(
             delayed_write = write_cube(new, tmp, compute=False)
             future = client.compute(delayed_write)
             if progress:
-                from distributed import progress as show_progress
-
                 show_progress(future)
             future.result()
         del results

@@ -73,3 +73,19 @@ def _active_client() -> Client | None:
         return get_client()
     except ValueError:
         return None
+
+
+def show_progress(futures) -> None:
+    """Block on a text progress bar of ``futures`` (a future or a list of them).
+
+    The bar is fed by a scheduler coroutine that writes every 100 ms and only stops when its
+    write fails. Closing the cluster right after the bar ends cancels that coroutine mid-sleep,
+    and distributed logs the cancellation as an ERROR with a traceback; waiting a little over
+    two intervals lets it find the closed connection and stop quietly.
+    """
+    import time
+
+    from distributed import progress
+
+    progress(futures, interval="100ms")
+    time.sleep(0.25)

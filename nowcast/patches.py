@@ -43,7 +43,7 @@ from . import transforms as normalization_methods
 from .config import ConfigError, StrictModel, load_catalog
 from .experiment import ExperimentConfig, load_experiment, stage_config
 from .io.cube import cube_path, open_cube
-from .parallel import dask_client
+from .parallel import dask_client, show_progress
 
 SPLITS = ("train", "val", "test")
 # A buffer is carved from the split that comes later in this order.
@@ -777,8 +777,6 @@ def write_store(ds: xr.Dataset, path: str, client, progress: bool) -> None:
         )
     future = client.compute(delayed_write)
     if progress:
-        from distributed import progress as show_progress
-
         show_progress(future)
     future.result()
 
