@@ -31,6 +31,8 @@ from nowcast.io.cube import open_cube
 from nowcast.nowcasts import ModelNowcast, cube_inputs, get_method
 
 N_INPUT, N_TARGET = 4, 3
+#: A small residual ConvLSTM: untrained, it is Lagrangian persistence (LK extrapolation).
+TINY_RESIDUAL = {"patch_factor": 4, "hidden_channels": [8], "kernel_sizes": [3], "residual": True}
 PATCHES = {
     "n_input_frames": N_INPUT,
     "n_target_frames": N_TARGET,
@@ -349,3 +351,84 @@ def test_bom_extrapolation_is_plausible_and_beats_persistence(bom_cube, tmp_path
     # Documented for LK on this day (starts every 30 min): 0.77 at 10 min, 0.56 at 30 min.
     assert 0.6 < csi["extrapolation", 10.0] < 0.95
     assert csi["extrapolation", 30.0] > csi["persistence", 30.0]
+
+
+@pytest.mark.realdata
+def test_multi_source_experiment_is_scored_per_source(catalog, tmp_path):
+    """Two radars at different timesteps (BoM 10 min, KNMI 5 min) share a 30-min step: one
+    Lagrangian residual model is trained on both and every source is scored on its own test
+    block, as in pipelines/configs/multi_source.yaml."""
+    from nowcast.ingest import ingest
+    from nowcast.patches import build_patches, evaluation_windows
+    from nowcast.train import train
+
+    cube_dir = tmp_path / "cubes"
+    ranges = {
+        "bom": ("2020-10-31T03:00", "2020-10-31T07:30"),
+        "knmi": ("2010-08-26T00:00", "2010-08-26T04:30"),
+    }
+    for source, (start, end) in ranges.items():
+        ingest(
+            source, str(cube_dir), catalog=catalog, start=start, end=end,
+            scheduler="threads", progress=False,
+        )  # fmt: skip
+    experiment = ExperimentConfig(
+        name="two_radars",
+        sources=["bom", "knmi"],
+        cube_dir=str(cube_dir),
+        patch_dir=str(tmp_path / "patches"),
+        run_dir=str(tmp_path / "run"),
+        patches={
+            "resample_minutes": 30,
+            "n_input_frames": 3,
+            "n_target_frames": 2,
+            "patch_size": 64,
+            "stride": 64,
+            "split_times": {
+                "test": [
+                    {"start": "2020-10-31T05:30", "end": "2020-10-31T07:30"},
+                    {"start": "2010-08-26T02:30", "end": "2010-08-26T04:30"},
+                ],
+                "val": [{"start": "2010-08-26T00:00", "end": "2010-08-26T02:00"}],
+            },
+            "buffer_minutes": 0,
+            "max_samples_per_split": 64,
+            "frame": "lagrangian",
+        },
+        train={
+            "model": {"name": "convlstm", "kwargs": TINY_RESIDUAL},
+            "loss": "mse+bias",
+            "epochs": None,
+            "max_steps": 2,
+            "batch_size": 4,
+            "time_reversal": True,
+        },
+        evaluate={
+            "methods": ["extrapolation", "model"],
+            "thresholds": [1.0],
+            "fss_scales": [1],
+            "n_bootstrap": 20,
+            "figures": False,
+        },
+    )
+    store = build_patches(experiment, scheduler="threads", progress=False)
+    windows = evaluation_windows(store, "test")
+    assert set(windows["source"]) == {"bom", "knmi"}
+    # Clock-aligned 30-min frames only, whatever the source's own step.
+    minutes = pd.DatetimeIndex(windows["reference_time"]).minute
+    assert set(minutes) <= {0, 30}
+    train(experiment, device="cpu", progress=False)
+    outputs = evaluate(experiment, scheduler="threads", progress=False)
+    table = pd.read_csv(outputs["metrics_csv"])
+    assert set(table["source"]) == {"bom", "knmi", "all"}
+    assert sorted(table["lead_time"].unique()) == [30.0, 60.0]
+    csi = table[(table["score"] == "CSI") & (table["threshold"] == 1.0)]
+    csi = csi.set_index(["source", "method", "lead_time"])["value"]
+    for method in ("extrapolation", "model"):
+        for lead in (30.0, 60.0):
+            # Pooled contingency tables: the pooled CSI is a mediant of the sources' CSIs.
+            per_source = [csi["bom", method, lead], csi["knmi", method, lead]]
+            assert min(per_source) - 1e-9 <= csi["all", method, lead] <= max(per_source) + 1e-9
+    # The residual model starts as LK extrapolation and two small steps keep it close to it.
+    for source in ("bom", "knmi"):
+        assert abs(csi[source, "model", 30.0] - csi[source, "extrapolation", 30.0]) < 0.1
