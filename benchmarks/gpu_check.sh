@@ -14,12 +14,16 @@ set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg NOWCAST_DATA_ROOT=/tmp/nowcast-no-radar-data
-PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
-$PIP --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-python3 -c 'import importlib.metadata as m, sys
+# Offline machines: install the carried wheels. Elsewhere `pip install -e .` the project first
+# (after torch with CUDA) and run this script without a .whl folder.
+if [ -d .whl ]; then
+  PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
+  $PIP --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+  python3 -c 'import importlib.metadata as m, sys
 sys.exit(tuple(map(int, m.version("typing_extensions").split(".")[:2])) < (4, 16))' ||
-  $PIP --target /tmp/site .whl/optional/*.whl
+    $PIP --target /tmp/site .whl/optional/*.whl
+fi
 
 {
   nvidia-smi -L
