@@ -80,9 +80,16 @@ import yaml
 
 from benchmarks.common import RESULTS
 from nowcast import losses, transforms
-from nowcast import train as train_module
 from nowcast.models import build_model, count_parameters, forward_flops
-from nowcast.train import TrainConfig, resolve_amp_dtype, resolve_device, seed_everything
+from nowcast.train import (
+    TrainConfig,
+    build_loss,
+    build_optimizer,
+    configure_backends,
+    resolve_amp_dtype,
+    resolve_device,
+    seed_everything,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_CONFIG = REPO / "pipelines" / "configs" / "bom_lagrangian_tr.yaml"
@@ -162,14 +169,6 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def configure_backends(device: torch.device) -> None:
-    """The backend flags :func:`nowcast.train.train` sets on CUDA (inline there, no helper)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-
 def amp_dtype_for(device: torch.device) -> torch.dtype:
     """Autocast dtype of the AMP variants: train's "auto" on CUDA, bf16 elsewhere."""
     dtype = resolve_amp_dtype("auto", device)
@@ -196,14 +195,6 @@ def make_model(raw: dict, train_config: TrainConfig) -> torch.nn.Module:
 # ---- training step ---------------------------------------------------------------------------
 
 
-def make_loss(train_config: TrainConfig, device: torch.device):
-    """The config's loss as ``train`` builds it (``nowcast.train.build_loss`` where it exists)."""
-    build_loss = getattr(train_module, "build_loss", None)
-    if build_loss is None:
-        return losses.get_method(train_config.loss)
-    return build_loss(train_config, transforms.get_method("log1p"), LOG1P_PARAMS, device)
-
-
 def time_training_variant(
     name: str, raw: dict, train_config: TrainConfig, sizes: Sizes, device: torch.device
 ) -> dict:
@@ -215,17 +206,11 @@ def time_training_variant(
     model = make_model(raw, train_config).to(device)
     if variant.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=train_config.optimizer.lr,
-        betas=train_config.optimizer.betas,
-        weight_decay=train_config.optimizer.weight_decay,
-        fused=device.type == "cuda",
-    )
+    optimizer = build_optimizer(model, train_config, device)
     amp_dtype = amp_dtype_for(device) if variant.amp else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     forward = torch.compile(model) if variant.compile else model
-    loss_fn = make_loss(train_config, device)
+    loss_fn = build_loss(train_config, transforms.get_method("log1p"), LOG1P_PARAMS, device)
     needs_rain_rate = train_config.loss in losses.RAIN_RATE_LOSSES
 
     generator = torch.Generator(device="cpu").manual_seed(0)

@@ -27,6 +27,7 @@ import argparse
 import csv
 import functools
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -304,6 +305,27 @@ def learning_rate_factor(
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def configure_backends(device: torch.device) -> None:
+    """On CUDA: TF32 matmuls and convolutions, and cuDNN autotuning (fixed patch shapes)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def build_optimizer(
+    model: torch.nn.Module, config: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW with the config's settings; the fused kernel on CUDA."""
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=config.optimizer.lr,
+        betas=config.optimizer.betas,
+        weight_decay=config.optimizer.weight_decay,
+        fused=device.type == "cuda",
+    )
+
+
 def build_schedulers(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
     """Return the per-step scheduler and the per-validation plateau scheduler (either may be None).
 
@@ -518,7 +540,7 @@ def build_loss(
     if not kwargs:
         return loss_fn
     try:
-        loss_fn(*(torch.zeros(1, 1, 1, 2, 2),) * 3, None, **kwargs)
+        inspect.signature(loss_fn).bind_partial(**kwargs)
     except TypeError as error:
         raise ConfigError(
             f"train.loss_kwargs {train_config.loss_kwargs} do not fit loss "
@@ -616,10 +638,7 @@ def train(
             if train_config.channels_last == "auto"
             else train_config.channels_last
         )
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+        configure_backends(device)
         # Every rank gets the same seed: DDP starts from rank 0's weights anyway, and the
         # DistributedSampler gives each rank different samples.
         seed_everything(train_config.seed)
@@ -659,13 +678,7 @@ def train(
         raw_model.to(device)
         if channels_last:
             raw_model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(
-            raw_model.parameters(),
-            lr=train_config.optimizer.lr,
-            betas=train_config.optimizer.betas,
-            weight_decay=train_config.optimizer.weight_decay,
-            fused=device.type == "cuda",
-        )
+        optimizer = build_optimizer(raw_model, train_config, device)
         step_scheduler, plateau = build_schedulers(optimizer, train_config, total_steps)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         loss_fn = build_loss(train_config, transform, normalization, device)
