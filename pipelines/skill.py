@@ -246,34 +246,29 @@ def multi_source_check(metrics: pd.DataFrame) -> list[str]:
     return lines
 
 
+def score_tables(metrics: pd.DataFrame, source=None) -> list[str]:
+    """CSI at 0.5/1/5 mm/h, frequency bias at 1 mm/h and MSE per lead, of one source or pooled."""
+    lines = []
+    for title, score, threshold in [
+        *((f"CSI at {t:g} mm/h", "CSI", t) for t in (0.5, 1.0, 5.0)),
+        ("Frequency bias at 1 mm/h", "BIAS", 1.0),
+        ("MSE (mm²/h²)", "MSE", None),
+    ]:
+        lines += [f"{title}:", "", *score_table(metrics, score, threshold, source), ""]
+    return lines
+
+
 def source_sections(metrics: pd.DataFrame, figures: list[str]) -> list[str]:
-    """Per-source CSI, frequency bias and MSE tables, CSI curve and maps of a multi-source run."""
+    """Per-source score tables, CSI curve and maps of a multi-source run."""
     lines = []
     for source in sources_of(metrics):
-        lines += [f"### Source `{source}`", ""]
-        for threshold in (0.5, 1.0, 5.0):
-            lines += [
-                f"CSI at {threshold:g} mm/h:",
-                "",
-                *score_table(metrics, "CSI", threshold, source),
-                "",
-            ]
-        lines += [
-            "Frequency bias at 1 mm/h:",
-            "",
-            *score_table(metrics, "BIAS", 1.0, source),
-            "",
-            "MSE (mm²/h²):",
-            "",
-            *score_table(metrics, "MSE", None, source),
-            "",
-        ]
         own = [
             f
             for f in figures
             if Path(f).stem == f"csi_vs_lead_time_{source}"
             or Path(f).stem.startswith(f"maps_{source}_2")
         ]
+        lines += [f"### Source `{source}`", "", *score_tables(metrics, source)]
         lines += [f"![{Path(f).stem}]({f})" for f in own] + [""]
     return lines
 
@@ -314,15 +309,7 @@ def write_doc(results: dict) -> None:
         if several:
             lines += source_sections(metrics, result["figures"])
             continue
-        for threshold in (0.5, 1.0, 5.0):
-            lines += [
-                f"### CSI at {threshold:g} mm/h",
-                "",
-                *score_table(metrics, "CSI", threshold),
-                "",
-            ]
-        lines += ["### Frequency bias at 1 mm/h", "", *score_table(metrics, "BIAS", 1.0), ""]
-        lines += ["### MSE (mm²/h²)", "", *score_table(metrics, "MSE"), ""]
+        lines += ["### Scores", "", *score_tables(metrics)]
         lines += [f"![{Path(f).stem}]({f})" for f in result["figures"]] + [""]
     lines += [
         "## Notes",
