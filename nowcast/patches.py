@@ -521,27 +521,24 @@ def read_patches(
     Notes
     -----
     Windows that overlap in time are read from the cube and normalized once, as one block of
-    frames covering all their patches.
+    frames covering all their patches. With ``lagrangian_blocks`` (window -> full-domain values
+    and validity from :func:`lagrangian_block`) the patches are cut from those instead.
     """
-    rain_rate = _cube_rain_rate(part["cube"])
     windows, rows, cols = part["window"], part["y0"], part["x0"]
     n = len(windows)
     values = np.empty((n, n_frames, patch_size, patch_size), dtype=dtype)
     valid = np.empty((n, n_frames, patch_size, patch_size), dtype=bool)
-    if part.get("frame") == "lagrangian":
-        for window in np.unique(windows):
-            first = part["first"] + window * part["step"]
-            frames = rain_rate[first : first + (n_frames - 1) * part["step"] + 1 : part["step"]]
-            frames, frames_valid = lagrangian_window(frames, part["n_input"])
-            block_values = normalize_frames(frames, normalization, dtype)
-            for k in np.flatnonzero(windows == window):
-                region = (
-                    slice(None),
-                    slice(rows[k], rows[k] + patch_size),
-                    slice(cols[k], cols[k] + patch_size),
-                )
-                values[k], valid[k] = block_values[region], frames_valid[region]
+    if "lagrangian_blocks" in part:
+        for k, window in enumerate(windows):
+            block_values, block_valid = part["lagrangian_blocks"][int(window)]
+            region = (
+                slice(None),
+                slice(rows[k], rows[k] + patch_size),
+                slice(cols[k], cols[k] + patch_size),
+            )
+            values[k], valid[k] = block_values[region], block_valid[region]
         return values, valid
+    rain_rate = _cube_rain_rate(part["cube"])
     # A run is a stretch of non-decreasing, overlapping windows (a shard may hold the end of
     # one split and the start of the next, which can be earlier in time).
     gaps = np.diff(windows, prepend=windows[0] - n_frames)
@@ -586,6 +583,22 @@ def lagrangian_window(frames: np.ndarray, n_input: int) -> tuple[np.ndarray, np.
     return np.where(valid, moved, np.nan).astype(np.float32), valid
 
 
+def lagrangian_block(
+    cube: str,
+    first: int,
+    step: int,
+    n_frames: int,
+    n_input: int,
+    normalization: dict,
+    dtype: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalized values and validity of one full-domain window in its Lagrangian frame."""
+    rain_rate = _cube_rain_rate(cube)
+    frames = rain_rate[first : first + (n_frames - 1) * step + 1 : step]
+    frames, frames_valid = lagrangian_window(frames, n_input)
+    return normalize_frames(frames, normalization, dtype), frames_valid
+
+
 def extract_shard(
     parts: list[dict], n_input: int, n_frames: int, patch_size: int, normalization: dict, dtype
 ):
@@ -615,29 +628,48 @@ def lazy_patch_arrays(
     plan_of = {plan.source: plan for plan in plans}
     shard = shard_size(config, n_input, len(table))
     size = config.patch_size
+    n_frames = n_input + n_target
     shapes = [(n_input, size, size), (n_target, size, size)] * 2
     dtypes = [config.dtype] * 2 + [bool] * 2
+    # A Lagrangian window needs LK motion and advection of the whole domain: one task per
+    # window, shared by every shard that holds its patches (a window's patches span several
+    # shards on large grids).
+    blocks = {}
+    if config.frame == "lagrangian":
+        for source, window in table[["source", "window"]].drop_duplicates().itertuples(False):
+            plan = plan_of[source]
+            blocks[source, int(window)] = dask.delayed(lagrangian_block, nout=2, pure=True)(
+                plan.path,
+                plan.first + int(window) * plan.step,
+                plan.step,
+                n_frames,
+                n_input,
+                normalization,
+                config.dtype,
+            )
     pieces = []
     for begin in range(0, len(table), shard):
         rows = table.iloc[begin : begin + shard]
         source_runs = (rows["source"] != rows["source"].shift()).cumsum()
         parts = []
         for _, run in rows.groupby(source_runs, sort=False):
-            plan = plan_of[run["source"].iloc[0]]
-            parts.append(
-                {
-                    "cube": plan.path,
-                    "first": plan.first,
-                    "step": plan.step,
-                    "window": run["window"].to_numpy(),
-                    "y0": run["y0"].to_numpy(),
-                    "x0": run["x0"].to_numpy(),
-                    "frame": config.frame,
-                    "n_input": n_input,
+            source = run["source"].iloc[0]
+            plan = plan_of[source]
+            part = {
+                "cube": plan.path,
+                "first": plan.first,
+                "step": plan.step,
+                "window": run["window"].to_numpy(),
+                "y0": run["y0"].to_numpy(),
+                "x0": run["x0"].to_numpy(),
+            }
+            if blocks:
+                part["lagrangian_blocks"] = {
+                    int(w): blocks[source, int(w)] for w in np.unique(part["window"])
                 }
-            )
+            parts.append(part)
         outputs = dask.delayed(extract_shard, nout=4, pure=True)(
-            parts, n_input, n_input + n_target, size, normalization, config.dtype
+            parts, n_input, n_frames, size, normalization, config.dtype
         )
         pieces.append(
             [

@@ -565,3 +565,30 @@ def test_lagrangian_store_moves_targets_onto_the_reference_frame(cube_dir, tmp_p
     # In the Lagrangian frame the last target differs from the reference by growth/decay only.
     assert spread(lagrangian) < 0.6 * spread(eulerian)
     assert not np.isnan(lagrangian["targets"].values).any()
+
+
+def test_lagrangian_patches_equal_one_window_moved_directly(cube_dir, tmp_path):
+    """Each window is moved into its Lagrangian frame once and shared by every shard that holds
+    its patches (4 samples per shard: a window's patches span several shards)."""
+    from nowcast.patches import lagrangian_window, normalize_frames
+
+    experiment = _experiment(cube_dir, tmp_path, frame="lagrangian", samples_per_shard=4)
+    ds = open_patch_store(build_patches(experiment, scheduler="threads", progress=False))
+    normalization = json.loads(ds.attrs["normalization"])
+    cube = open_cube(str(cube_dir / "synthetic.zarr"))
+    times = cube["time"].values
+    n_input, size = ds.sizes["input_time"], ds.attrs["patch_size"]
+    starts = pd.Series(ds["start_time"].values)
+    assert starts.value_counts().max() > 4  # some window's patches do span shards
+    for start, rows in starts.groupby(starts).groups.items():
+        first = int(np.flatnonzero(times == np.datetime64(start))[0])
+        frames = cube["rain_rate"].values[first : first + n_input + ds.sizes["target_time"]]
+        moved, moved_valid = lagrangian_window(frames, n_input)
+        expected = normalize_frames(moved, normalization, ds["inputs"].dtype)
+        for sample in rows:
+            y0, x0 = int(ds["y0"][sample]), int(ds["x0"][sample])
+            region = (slice(None), slice(y0, y0 + size), slice(x0, x0 + size))
+            stored = np.concatenate([ds["inputs"][sample].values, ds["targets"][sample].values])
+            np.testing.assert_array_equal(stored, expected[region])
+            mask = np.concatenate([ds["input_mask"][sample], ds["target_mask"][sample]])
+            np.testing.assert_array_equal(mask, moved_valid[region])
