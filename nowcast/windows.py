@@ -1,0 +1,440 @@
+"""Windows: the runs of consecutive frames that one forecast or one training sample uses.
+
+This module is the one owner of window logic; patches, evaluate, export, calibration and
+predict call it instead of re-deriving it:
+
+- the **timeline** of a cube: its frames at the source timestep, or only the clock-aligned ones
+  at a common ``resample_minutes``, with their validity and **segment**;
+- **split labels**: contiguous train / val / test blocks from fractions or explicit time ranges,
+  and the buffer carved between splits;
+- **listing**: a window is ``n_input + n_target`` consecutive frames of one timeline that are all
+  valid, all in one split and all in one segment, exactly one timestep apart;
+- **thinning** of the windows that are evaluated or exported;
+- **valid-time arithmetic**: input times and valid times from a reference time (the last input
+  frame).
+
+Segments come from ingest: a gap longer than the source's ``max_gap_minutes`` is not stored in the
+cube, which records a ``segment`` number per frame instead. A cube of an older ingest without a
+``segment`` variable is read as one segment. No window crosses a segment boundary.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .config import ConfigError
+
+SPLITS = ("train", "val", "test")
+# A buffer is carved from the split that comes later in this order.
+SPLIT_PRIORITY = ("test", "val", "train")
+
+
+# --------------------------------------------------------------------------------------------
+# valid-time arithmetic
+
+
+def input_offsets(n_input: int, timestep_minutes: int) -> np.ndarray:
+    """Offsets of the input frames from the reference time: ``-(n_input-1)*step, ..., 0``."""
+    step = np.timedelta64(int(timestep_minutes), "m").astype("timedelta64[ns]")
+    return (np.arange(n_input) - (n_input - 1)) * step
+
+
+def lead_offsets(n_leads: int, timestep_minutes: int) -> np.ndarray:
+    """Lead times of the forecast frames: ``step, 2*step, ..., n_leads*step``."""
+    step = np.timedelta64(int(timestep_minutes), "m").astype("timedelta64[ns]")
+    return np.arange(1, n_leads + 1) * step
+
+
+def input_times(reference_time, n_input: int, timestep_minutes: int) -> np.ndarray:
+    """Valid times (datetime64[ns]) of the input frames ending at ``reference_time``."""
+    return np.datetime64(pd.Timestamp(reference_time), "ns") + input_offsets(
+        n_input, timestep_minutes
+    )
+
+
+def valid_times(reference_time, n_leads: int, timestep_minutes: int) -> np.ndarray:
+    """Valid times (datetime64[ns]) of the forecast frames after ``reference_time``."""
+    return np.datetime64(pd.Timestamp(reference_time), "ns") + lead_offsets(
+        n_leads, timestep_minutes
+    )
+
+
+def reference_times(start_times, n_input: int, timestep_minutes: int) -> np.ndarray:
+    """Reference times (last input frame) of windows that start at ``start_times``."""
+    step = np.timedelta64(int(timestep_minutes), "m").astype("timedelta64[ns]")
+    return np.asarray(start_times, dtype="datetime64[ns]") + (n_input - 1) * step
+
+
+def default_frame_counts(timestep_minutes: int) -> tuple[int, int]:
+    """One hour of input and one hour of target frames (10 min -> 6/6, 5 min -> 12/12)."""
+    if 60 % timestep_minutes:
+        raise ConfigError(
+            f"no default n_input_frames/n_target_frames for a {timestep_minutes}-minute "
+            "timestep; set them in the patches section"
+        )
+    n = 60 // timestep_minutes
+    return n, n
+
+
+# --------------------------------------------------------------------------------------------
+# timeline of a cube
+
+
+def cube_timestep(cube: xr.Dataset) -> int:
+    """Minutes between consecutive frames of a cube (attribute, else inferred from ``time``)."""
+    step = int(cube.attrs.get("timestep_minutes", 0))
+    if step:
+        return step
+    times = cube["time"].values
+    if len(times) < 2:
+        raise ConfigError("cannot infer the timestep of a one-frame cube")
+    return int(np.min(np.diff(times)) // np.timedelta64(1, "m"))
+
+
+def cube_segments(cube: xr.Dataset) -> np.ndarray:
+    """Segment number of each cube frame; one segment for cubes written before segments."""
+    if "segment" in cube.variables:
+        return np.asarray(cube["segment"].values, dtype=np.int32)
+    return np.zeros(cube.sizes["time"], dtype=np.int32)
+
+
+def aligned_frames(times: np.ndarray, source_step: int, resample_minutes: int | None) -> np.ndarray:
+    """Cube indices of the frames kept at ``resample_minutes`` (all frames without it).
+
+    Kept frames are aligned to the clock (minutes since midnight divisible by the step), so that
+    sources with different timesteps are resampled to the same times, and no frame is
+    interpolated.
+    """
+    if resample_minutes is None or resample_minutes == source_step:
+        return np.arange(len(times))
+    if resample_minutes % source_step:
+        raise ConfigError(
+            f"resample_minutes={resample_minutes} is not a multiple of the source timestep "
+            f"({source_step} min)"
+        )
+    minutes = (times - times.astype("datetime64[D]")) // np.timedelta64(1, "m")
+    return np.flatnonzero(minutes % resample_minutes == 0)
+
+
+@dataclass
+class Timeline:
+    """The frames of one cube at a (possibly resampled) timestep.
+
+    Attributes
+    ----------
+    source, cube_path : str
+        Catalog source and the path of its cube.
+    cube_step : int
+        Minutes between cube frames.
+    step : int
+        Cube frames per timeline step (``timestep = cube_step * step``).
+    cube_index : numpy.ndarray
+        Cube time index of each timeline frame.
+    times : numpy.ndarray
+        datetime64[ns] valid time of each timeline frame.
+    frame_valid : numpy.ndarray
+        True where the frame was read from a file.
+    segment : numpy.ndarray
+        Segment number of each frame (ingest splits the time axis at long gaps).
+    """
+
+    source: str
+    cube_path: str
+    cube_step: int
+    step: int
+    cube_index: np.ndarray
+    times: np.ndarray
+    frame_valid: np.ndarray
+    segment: np.ndarray
+
+    @classmethod
+    def from_cube(
+        cls, source: str, path: str, cube: xr.Dataset, resample_minutes: int | None = None
+    ) -> Timeline:
+        """Timeline of an open cube; only ``time``, ``frame_valid`` and ``segment`` are read."""
+        cube_step = cube_timestep(cube)
+        cube_times = np.asarray(cube["time"].values, dtype="datetime64[ns]")
+        kept = aligned_frames(cube_times, cube_step, resample_minutes)
+        step = (resample_minutes or cube_step) // cube_step
+        return cls(
+            source=source,
+            cube_path=path,
+            cube_step=cube_step,
+            step=step,
+            cube_index=kept,
+            times=cube_times[kept],
+            frame_valid=np.asarray(cube["frame_valid"].values, dtype=bool)[kept],
+            segment=cube_segments(cube)[kept],
+        )
+
+    @property
+    def timestep(self) -> int:
+        """Minutes between timeline frames."""
+        return self.cube_step * self.step
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def cube_slice(self, start: int, n_frames: int) -> slice:
+        """Cube time slice of the ``n_frames`` timeline frames from ``start`` (one window)."""
+        first = int(self.cube_index[start])
+        return slice(first, first + (n_frames - 1) * self.step + 1, self.step)
+
+
+def frame_counts(timelines: list[Timeline], n_input: int | None, n_target: int | None):
+    """Input and target frame counts of an experiment; every source must share the timestep."""
+    steps = {t.source: t.timestep for t in timelines}
+    if len(set(steps.values())) > 1:
+        raise ConfigError(
+            f"sources have different timesteps {steps} (minutes); set patches.resample_minutes "
+            "to a common multiple"
+        )
+    default_in, default_out = default_frame_counts(timelines[0].timestep)
+    return n_input or default_in, n_target or default_out
+
+
+# --------------------------------------------------------------------------------------------
+# split labels
+
+
+def labels_by_fraction(
+    n_frames: int, fractions: dict[str, float], pattern: list[str], n_cycles: int
+) -> np.ndarray:
+    """Split label of each frame: contiguous blocks following ``pattern``, ``n_cycles`` times.
+
+    A split that appears several times in the pattern shares its fraction between its blocks.
+    Fractions are of the frames stored in the cube, so long gaps between segments take no share.
+    """
+    occurrences = Counter(pattern)
+    blocks = list(pattern) * n_cycles
+    weights = np.array([fractions[s] / occurrences[s] for s in blocks])
+    edges = np.rint(np.concatenate([[0.0], np.cumsum(weights)]) / weights.sum() * n_frames)
+    labels = np.full(n_frames, "", dtype=object)
+    for split, start, stop in zip(
+        blocks, edges[:-1].astype(int), edges[1:].astype(int), strict=True
+    ):
+        labels[start:stop] = split
+    return labels
+
+
+def labels_by_time(times: np.ndarray, split_times: dict) -> np.ndarray:
+    """Split label of each frame from explicit time ranges; a left-out split takes the rest.
+
+    ``split_times`` maps a split to ranges with ``start`` and ``end`` attributes (both included).
+    """
+    labels = np.full(times.shape, "", dtype=object)
+    for split, ranges in split_times.items():
+        for time_range in ranges:
+            inside = (times >= np.datetime64(time_range.start)) & (
+                times <= np.datetime64(time_range.end)
+            )
+            clash = sorted(set(labels[inside]) - {"", split})
+            if clash:
+                raise ConfigError(
+                    f"split_times: {split} range {time_range.start} - {time_range.end} overlaps "
+                    f"split {clash[0]}"
+                )
+            labels[inside] = split
+    rest = [s for s in SPLITS if s not in split_times]
+    if rest:
+        labels[labels == ""] = rest[0]
+    return labels
+
+
+def carve_buffer(times: np.ndarray, labels: np.ndarray, buffer_minutes: int) -> np.ndarray:
+    """Unlabel frames closer than ``buffer_minutes`` to a frame of a higher-priority split.
+
+    Test frames are never removed; val frames give way to test, train frames to val and test.
+    After this, any two frames of different splits are at least ``buffer_minutes`` apart.
+    """
+    labels = labels.copy()
+    if buffer_minutes <= 0:
+        return labels
+    buffer = np.timedelta64(buffer_minutes, "m")
+    for rank, split in enumerate(SPLIT_PRIORITY[1:], start=1):
+        higher = np.sort(times[np.isin(labels, SPLIT_PRIORITY[:rank])])
+        if higher.size == 0:
+            continue
+        own = np.flatnonzero(labels == split)
+        position = np.searchsorted(higher, times[own])
+        after = higher[np.minimum(position, higher.size - 1)]
+        before = higher[np.maximum(position - 1, 0)]
+        near = (np.abs(after - times[own]) < buffer) | (np.abs(times[own] - before) < buffer)
+        labels[own[near]] = ""
+    return labels
+
+
+def split_labels(timeline: Timeline, splits) -> np.ndarray:
+    """Split label of each timeline frame, buffer carved.
+
+    ``splits`` has the split fields of ``PatchesConfig``: ``split_times`` (or None),
+    ``split_fractions``, ``block_pattern``, ``n_cycles`` and ``buffer_minutes``.
+    """
+    if splits.split_times is not None:
+        labels = labels_by_time(timeline.times, splits.split_times)
+    else:
+        labels = labels_by_fraction(
+            len(timeline), splits.split_fractions, splits.block_pattern, splits.n_cycles
+        )
+    return carve_buffer(timeline.times, labels, splits.buffer_minutes)
+
+
+def label_blocks(times: np.ndarray, labels: np.ndarray, segment=None) -> list[dict]:
+    """Contiguous runs of one split label: ``{split, start, end}`` (ISO, ``end`` included).
+
+    A run also ends at a segment boundary, so a block never spans a long gap.
+    """
+    segment = np.zeros(len(labels), dtype=np.int32) if segment is None else np.asarray(segment)
+    blocks = []
+    start = 0
+    for index in range(1, len(labels) + 1):
+        if (
+            index == len(labels)
+            or labels[index] != labels[start]
+            or segment[index] != segment[start]
+        ):
+            if labels[start]:
+                blocks.append(
+                    {
+                        "split": str(labels[start]),
+                        "start": pd.Timestamp(times[start]).isoformat(),
+                        "end": pd.Timestamp(times[index - 1]).isoformat(),
+                    }
+                )
+            start = index
+    return blocks
+
+
+# --------------------------------------------------------------------------------------------
+# listing
+
+
+def valid_starts(timeline: Timeline, labels: np.ndarray, n_frames: int) -> np.ndarray:
+    """Timeline indices of the first frames of every valid window.
+
+    A window's ``n_frames`` frames are all valid, all carry the same (non-empty) split label, all
+    lie in one segment and are exactly one timestep apart.
+    """
+    n_windows = len(timeline) - n_frames + 1
+    if n_windows <= 0:
+        return np.zeros(0, dtype=np.int64)
+    first, last = np.arange(n_windows), np.arange(n_windows) + n_frames - 1
+    valid = np.lib.stride_tricks.sliding_window_view(timeline.frame_valid, n_frames).all(axis=1)
+    labelled = labels[:n_windows] != ""
+    frames = np.lib.stride_tricks.sliding_window_view(labels, n_frames)
+    one_split = (frames == frames[:, :1]).all(axis=1)
+    one_segment = timeline.segment[first] == timeline.segment[last]
+    span = np.timedelta64(timeline.timestep * (n_frames - 1), "m")
+    regular = (timeline.times[last] - timeline.times[first]) == span
+    return np.flatnonzero(valid & labelled & one_split & one_segment & regular)
+
+
+def list_windows(
+    timeline: Timeline, labels: np.ndarray, n_input: int, n_target: int
+) -> pd.DataFrame:
+    """Every valid window of a timeline, in time order.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per window: ``source``, ``cube_path``, ``start`` (timeline index of the first
+        frame), ``cube_start`` (its cube index), ``start_time``, ``reference_time`` (last input
+        frame), ``split`` and ``segment``.
+    """
+    starts = valid_starts(timeline, labels, n_input + n_target)
+    return pd.DataFrame(
+        {
+            "source": timeline.source,
+            "cube_path": timeline.cube_path,
+            "start": starts,
+            "cube_start": timeline.cube_index[starts],
+            "start_time": timeline.times[starts],
+            "reference_time": timeline.times[starts + n_input - 1],
+            "split": labels[starts].astype(str),
+            "segment": timeline.segment[starts],
+        }
+    )
+
+
+def window_frame_indices(starts: np.ndarray, n_frames: int) -> np.ndarray:
+    """Sorted unique timeline indices of all frames used by windows starting at ``starts``."""
+    starts = np.asarray(starts, dtype=np.int64)
+    return np.unique((starts[:, None] + np.arange(n_frames)[None, :]).ravel())
+
+
+# --------------------------------------------------------------------------------------------
+# thinning
+
+
+def select_windows(reference_times: np.ndarray, stride: int, max_windows: int | None) -> np.ndarray:
+    """Indices of the windows kept: every ``stride``-th, then at most ``max_windows`` evenly.
+
+    Parameters
+    ----------
+    reference_times : numpy.ndarray
+        Sorted reference times of one source's windows.
+    stride : int
+        Keep every ``stride``-th window (consecutive windows overlap almost entirely, so their
+        scores are strongly correlated; a stride bounds the cost without losing much).
+    max_windows : int, optional
+        Then keep at most this many, spread evenly over the kept ones.
+
+    Returns
+    -------
+    numpy.ndarray
+        Indices into ``reference_times``.
+    """
+    kept = np.arange(0, len(reference_times), stride)
+    if max_windows is not None and kept.size > max_windows:
+        kept = kept[np.unique(np.linspace(0, kept.size - 1, max_windows).round().astype(int))]
+    return kept
+
+
+def on_time_grid(reference_times, stride_minutes: int) -> np.ndarray:
+    """Boolean mask of the reference times a whole number of ``stride_minutes`` after the first.
+
+    Unlike :func:`select_windows` this keeps a fixed clock grid across gaps, which is what an
+    archive of exported forecasts wants (one file every ``stride_minutes``).
+    """
+    times = pd.to_datetime(pd.Series(np.asarray(reference_times, dtype="datetime64[ns]")))
+    if times.empty:
+        return np.zeros(0, dtype=bool)
+    offset = (times - times.min()) / pd.Timedelta(minutes=stride_minutes)
+    return (offset == offset.round()).to_numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# windows read from a cube by time
+
+
+def cube_time_indices(cube: xr.Dataset, times, what: str = "frames") -> np.ndarray:
+    """Cube indices of ``times``; every one must be a stored frame of one segment.
+
+    Raises
+    ------
+    ConfigError
+        Naming the times that the cube does not hold (outside it, or in a long gap between
+        segments), or the segments a window would cross.
+    """
+    cube_times = pd.DatetimeIndex(cube["time"].values)
+    wanted = pd.DatetimeIndex(np.asarray(times, dtype="datetime64[ns]"))
+    indices = cube_times.get_indexer(wanted)
+    if (indices < 0).any():
+        missing = ", ".join(t.isoformat() for t in wanted[indices < 0][:5])
+        source = cube.attrs.get("source", "cube")
+        raise ConfigError(
+            f"{source}: {what} at {missing} are not in the cube (outside its time range or in a "
+            "gap between segments)"
+        )
+    segments = np.unique(cube_segments(cube)[indices])
+    if segments.size > 1:
+        raise ConfigError(
+            f"{what} from {wanted[0].isoformat()} to {wanted[-1].isoformat()} cross segments "
+            f"{segments.tolist()} of the cube: a window never spans a long gap"
+        )
+    return indices
