@@ -20,6 +20,7 @@ from .catalog import FrameRef, frame_path, list_frames
 from .config import Catalog, ConfigError, load_catalog
 from .io.cube import build_cube, cube_path, open_cube
 from .nowcasts.utils import cube_inputs
+from .windows import input_times
 
 
 class InputFramesError(ConfigError):
@@ -50,7 +51,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _required_times(reference: pd.Timestamp, n_frames: int, step: int) -> list[pd.Timestamp]:
-    return [reference - pd.Timedelta(minutes=step * k) for k in range(n_frames - 1, -1, -1)]
+    return list(pd.DatetimeIndex(input_times(reference, n_frames, step)))
 
 
 def inputs_from_cube(

@@ -412,12 +412,18 @@ def on_time_grid(reference_times, stride_minutes: int) -> np.ndarray:
 # windows read from a cube by time
 
 
+class FramesNotInCubeError(ConfigError, KeyError):
+    """Frames a window needs are not in the cube (also a KeyError, as a failed ``.sel`` was)."""
+
+    __str__ = Exception.__str__  # KeyError would quote the message
+
+
 def cube_time_indices(cube: xr.Dataset, times, what: str = "frames") -> np.ndarray:
     """Cube indices of ``times``; every one must be a stored frame of one segment.
 
     Raises
     ------
-    ConfigError
+    FramesNotInCubeError
         Naming the times that the cube does not hold (outside it, or in a long gap between
         segments), or the segments a window would cross.
     """
@@ -427,13 +433,13 @@ def cube_time_indices(cube: xr.Dataset, times, what: str = "frames") -> np.ndarr
     if (indices < 0).any():
         missing = ", ".join(t.isoformat() for t in wanted[indices < 0][:5])
         source = cube.attrs.get("source", "cube")
-        raise ConfigError(
+        raise FramesNotInCubeError(
             f"{source}: {what} at {missing} are not in the cube (outside its time range or in a "
             "gap between segments)"
         )
     segments = np.unique(cube_segments(cube)[indices])
     if segments.size > 1:
-        raise ConfigError(
+        raise FramesNotInCubeError(
             f"{what} from {wanted[0].isoformat()} to {wanted[-1].isoformat()} cross segments "
             f"{segments.tolist()} of the cube: a window never spans a long gap"
         )

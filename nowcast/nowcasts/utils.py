@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 
 from nowcast.forecast import make_forecast
+from nowcast.windows import cube_time_indices, input_times
 
 
 def check_inputs(inputs: xr.DataArray, n_leadtimes: int, min_frames: int = 1) -> None:
@@ -132,14 +132,14 @@ def cube_inputs(
 
     Raises
     ------
-    KeyError
-        If a frame time is not on the cube's time axis.
+    nowcast.windows.FramesNotInCubeError
+        (a KeyError) If a frame time is not in the cube, or the frames cross a segment boundary.
     """
-    step = pd.Timedelta(minutes=timestep_minutes or int(cube.attrs["timestep_minutes"]))
-    reference = pd.Timestamp(reference_time)
-    times = [reference - k * step for k in range(n_input_frames - 1, -1, -1)]
+    step = timestep_minutes or int(cube.attrs["timestep_minutes"])
+    times = input_times(reference_time, n_input_frames, step)
+    indices = cube_time_indices(cube, times, "input frames")
     # Synchronous: a few chunks, and it may run inside a Dask task.
-    inputs = cube["rain_rate"].sel(time=times).compute(scheduler="synchronous")
+    inputs = cube["rain_rate"].isel(time=indices).compute(scheduler="synchronous")
     inputs.attrs = {
         **inputs.attrs,
         "crs_wkt": cube["crs"].attrs["crs_wkt"],
