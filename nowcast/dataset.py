@@ -1,50 +1,35 @@
 """PyTorch access to a patch store written by :mod:`nowcast.patches`.
 
-:class:`PatchDataset` reads one sample as one chunk of each array it needs (``inputs``,
-``targets``, ``target_mask``); the zarr store is opened lazily in each process that reads from
-it, so the dataset can be pickled to ``DataLoader`` workers (fork or spawn) without sharing file
-handles or zarr's I/O event loop across processes.
+:class:`PatchDataset` cuts its samples out of the store's frames at load time through
+:class:`nowcast.patch_store.PatchStore` (Lagrangian samples are warped there, a whole batch in
+one call: the dataset has ``__getitems__``, which ``DataLoader`` calls with a batch of indices).
+The zarr arrays are opened lazily in each process that reads from them, so the dataset can be
+pickled to ``DataLoader`` workers (fork or spawn) without sharing file handles or zarr's I/O
+event loop across processes.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import warnings
-
 import numpy as np
 import torch
-import zarr
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from . import transforms
-from .patches import SPLITS
-
-JSON_ATTRS = ("normalization", "splits", "cube_paths", "source_crs", "config", "counts")
-
-
-def _open_group(store_path: str):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        return zarr.open_group(str(store_path), mode="r")
+from .patch_store import PatchStore
+from .windows import SPLITS
 
 
 def store_info(store_path: str) -> dict:
-    """Store attributes, with the JSON-encoded ones decoded.
+    """Store attributes, with the JSON-encoded ones decoded (:attr:`PatchStore.attrs`).
 
     Returns
     -------
     dict
         Among others ``n_input_frames``, ``n_target_frames``, ``timestep_minutes``,
-        ``patch_size``, ``normalization`` (``{"method", "params", ...}``), ``splits``,
-        ``counts`` (``{"windows": {split: n}, "samples": {split: n}}``), ``cube_paths``,
-        ``source_crs``, ``config``.
+        ``patch_size``, ``frame``, ``normalization`` (``{"method", "params", ...}``),
+        ``splits``, ``counts`` (``{"windows": {split: n}, "samples": {split: n}}``),
+        ``cube_paths``, ``source_crs``, ``config``.
     """
-    info = dict(_open_group(store_path).attrs)
-    for key in JSON_ATTRS:
-        if isinstance(info.get(key), str):
-            info[key] = json.loads(info[key])
-    return info
+    return dict(PatchStore.open(store_path).attrs)
 
 
 def load_normalization(store_path: str):
@@ -56,8 +41,7 @@ def load_normalization(store_path: str):
         ``(transform, params)``: ``transform.inverse(values, params)`` turns network outputs
         (NumPy or torch) back into rain rate in mm/h.
     """
-    normalization = store_info(store_path)["normalization"]
-    return transforms.get_method(normalization["method"]), normalization["params"]
+    return PatchStore.open(store_path).transform()
 
 
 def dihedral(values: np.ndarray, n_rotations: int, flip: bool) -> np.ndarray:
@@ -112,22 +96,12 @@ class PatchDataset(Dataset):
         self.split = split
         self.augment = augment
         self.seed = seed
-        group = _open_group(self.store_path)
-        self.indices = np.flatnonzero(np.asarray(group["split"][:]) == split)
-        self.n_input_frames = int(group.attrs["n_input_frames"])
-        self.n_target_frames = int(group.attrs["n_target_frames"])
+        self.store = PatchStore.open(self.store_path)
+        self.indices = self.store.samples(split)["sample"].to_numpy()
+        self.n_input_frames = self.store.n_input_frames
+        self.n_target_frames = self.store.n_target_frames
         self.time_reversal = time_reversal
         self.epoch = 0
-        self._reset()
-
-    def _reset(self) -> None:
-        self._pid = None
-        self._arrays = None
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.update(_pid=None, _arrays=None)
-        return state
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch of the coming reads: augmentation is a function of (seed, epoch, sample)."""
@@ -136,31 +110,26 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _open(self) -> None:
-        """Open the arrays once per process (zarr handles are not shared across workers)."""
-        group = _open_group(self.store_path)
-        names = ("inputs", "targets", "input_mask", "target_mask")
-        self._arrays = {name: group[name] for name in names}
-        self._pid = os.getpid()
-
     def __getitem__(self, index: int):
-        if self._pid != os.getpid():
-            self._open()
-        sample = int(self.indices[index])
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple]:
+        """Samples of a batch: cut (and, Lagrangian, warped) together, then augmented one by
+        one; ``DataLoader`` calls this with a batch of indices."""
+        samples = self.indices[np.asarray(indices, dtype=np.int64)]
+        values, valid = self.store.cut(samples)
+        return [
+            self._augmented(int(sample), values[k], valid[k]) for k, sample in enumerate(samples)
+        ]
+
+    def _augmented(self, sample: int, values: np.ndarray, valid: np.ndarray) -> tuple:
         # A pure function of (seed, epoch, sample): identical in any worker, and a resumed run
         # redraws exactly the same augmentation.
         rng = np.random.default_rng([self.seed, self.epoch, sample])
+        n_input = self.n_input_frames
         if self.time_reversal and rng.random() < 0.5:
-            frames = np.concatenate(
-                [self._arrays["inputs"][sample], self._arrays["targets"][sample]]
-            )[::-1]
-            masks = np.concatenate(
-                [self._arrays["input_mask"][sample], self._arrays["target_mask"][sample]]
-            )[::-1]
-            n_input = self.n_input_frames
-            arrays = [frames[:n_input], frames[n_input:], masks[n_input:]]
-        else:
-            arrays = [self._arrays[name][sample] for name in ("inputs", "targets", "target_mask")]
+            values, valid = values[::-1], valid[::-1]
+        arrays = [values[:n_input], values[n_input:], valid[n_input:]]
         if self.augment:
             choice = int(rng.integers(8))
             arrays = [dihedral(array, choice % 4, choice >= 4) for array in arrays]

@@ -9,6 +9,8 @@ extrapolation nowcast, which a residual ConvLSTM reproduces before any training.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from pysteps import extrapolation
 from scipy.ndimage import map_coordinates
@@ -24,6 +26,9 @@ __all__ = [
     "inputs_to_lagrangian",
     "targets_to_lagrangian",
     "outputs_from_lagrangian",
+    "coarse_grid_shape",
+    "coarse_motion",
+    "trajectory_margin",
 ]
 
 
@@ -94,3 +99,36 @@ def targets_to_lagrangian(targets: np.ndarray, velocity: np.ndarray) -> np.ndarr
 def outputs_from_lagrangian(outputs: np.ndarray, velocity: np.ndarray) -> np.ndarray:
     """Advect Lagrangian outputs (lead, y, x) forward to their valid times."""
     return move_frames(outputs, displacements(velocity, outputs.shape[0]))
+
+
+def coarse_grid_shape(shape: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Nodes per axis of a coarse grid at most ``stride`` pixels apart, corners included."""
+    return tuple(max(2, math.ceil((n - 1) / stride) + 1) if n > 1 else 1 for n in shape)
+
+
+def coarse_motion(velocity: np.ndarray, stride: int) -> np.ndarray:
+    """A motion field (2, y, x) sampled on a coarse grid (2, yc, xc), float32.
+
+    The nodes are spread evenly from the first to the last pixel of each axis (at most
+    ``stride`` pixels apart) and take the field's bilinear value there, so that bilinear
+    upsampling with aligned corners (``nowcast.warp.upsample_motion``) restores the field
+    exactly where it is linear between nodes. LK motion is a smooth interpolation of sparse
+    vectors, so little is lost; the store keeps ``stride**2`` times fewer values.
+    """
+    velocity = np.asarray(velocity, dtype=np.float64)
+    shape = velocity.shape[1:]
+    nodes = coarse_grid_shape(shape, stride)
+    rows, cols = (np.linspace(0, n - 1, m) for n, m in zip(shape, nodes, strict=True))
+    coords = np.meshgrid(rows, cols, indexing="ij")
+    return np.stack(
+        [map_coordinates(component, coords, order=1, prefilter=False) for component in velocity]
+    ).astype(np.float32)
+
+
+def trajectory_margin(max_speed: float, n_input: int, n_target: int) -> int:
+    """Pixels a window's trajectories can reach from their end point, plus one.
+
+    Input frames move by up to ``n_input - 1`` steps and targets by up to ``n_target`` steps of
+    at most ``max_speed`` pixels (per axis); bilinear reads need one more pixel.
+    """
+    return int(math.ceil(float(max_speed) * max(n_input - 1, n_target, 0))) + 1

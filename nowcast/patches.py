@@ -1,22 +1,18 @@
-"""Patches stage: radar cubes -> normalized zarr store of patch sequences for training.
+"""Patches stage: radar cubes -> normalized zarr patch store (schema 2) for training.
 
-For each source of an experiment the cube's time axis (optionally subsampled to a common
-``resample_minutes``) is labelled train / val / test in contiguous time blocks, either by
-fractions of the source's time span or by explicit time ranges. A buffer is then carved out of
-the lower-priority side of each boundary (train gives way to val and test, val to test), so that
-windows of different splits are at least ``buffer_minutes`` apart.
+Windows (``n_input_frames + n_target_frames`` consecutive valid frames of one split and one
+segment), split labels and the buffer between splits come from :mod:`nowcast.windows`. Spatial
+patches of ``patch_size`` pixels every ``stride`` pixels are cut out of the windows; a patch is
+"wet" when the fraction of its pixels at or above ``rain_threshold`` over the target frames (or
+the whole window, ``wet_fraction_over``) reaches ``min_wet_fraction``. All wet patches are kept,
+plus a seeded random draw of dry ones making up ``dry_share`` of the kept patches.
 
-A window is ``n_input_frames + n_target_frames`` consecutive frames that are all valid (read from
-a file) and all carry the same split label, so no window crosses a gap or a split boundary. Every
-window is listed for full-domain evaluation (``window`` dimension). Spatial patches of
-``patch_size`` pixels every ``stride`` pixels are cut out of the windows; a patch is "wet" when
-the fraction of its pixels at or above ``rain_threshold`` over the target frames (or the whole
-window, ``wet_fraction_over``) reaches ``min_wet_fraction``. All wet patches are kept, plus a
-seeded random draw of dry ones making up ``dry_share`` of the kept patches.
-
-Values are normalized with :mod:`nowcast.transforms`, fitted on the train windows' frames only.
-No-data (NaN) is written as 0 and recorded in ``input_mask`` / ``target_mask``. The store layout
-is documented in ``docs/architecture.md`` ("Patch store").
+The store keeps each frame used by a sampled window once, normalized with
+:mod:`nowcast.transforms` (fitted on the train windows' frames only), NaN where there is no data;
+a sample is an index (source, first frame, patch origin) cut at load time by
+:class:`nowcast.patch_store.PatchStore`, the one reader of the layout (``docs/architecture.md``,
+"Patch store"). A Lagrangian store (``frame: lagrangian``) adds each sampled window's LK motion
+on a coarse grid; samples are advected at load time (:mod:`nowcast.warp`).
 """
 
 from __future__ import annotations
@@ -24,8 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
-from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -40,20 +35,24 @@ from pydantic import Field, field_validator, model_validator
 
 from . import __version__, storage
 from . import transforms as normalization_methods
+from . import windows as window_rules
 from .config import ConfigError, StrictModel, load_catalog
 from .experiment import ExperimentConfig, load_experiment, stage_config
 from .io.cube import cube_path, open_cube
+from .lagrangian import coarse_grid_shape, coarse_motion, trajectory_margin
 from .parallel import dask_client, show_progress
+from .patch_store import FRAMES_GROUP, SCHEMA_VERSION, PatchStore, open_root, quiet_zarr
+from .windows import SPLIT_PRIORITY, SPLITS
 
-SPLITS = ("train", "val", "test")
-# A buffer is carved from the split that comes later in this order.
-SPLIT_PRIORITY = ("test", "val", "train")
 SplitName = Literal["train", "val", "test"]
-PATCH_ARRAYS = ("inputs", "targets", "input_mask", "target_mask")
-# One chunk per sample keeps a sample read to one chunk per array; grouping chunks in zarr
-# shards of about this many bytes (of inputs) keeps the file count small, which matters for
-# deleting and copying stores and on object storage.
+#: Storage chunk of the frames: a 128-pixel patch sequence of 12 frames reads 2-3 chunks in
+#: time and 2-3 per axis (see benchmarks/bench_patches.py for the choice).
+FRAME_CHUNK = (6, 64, 64)
+#: Zarr shards group chunks into files of about this many bytes: few files to copy or delete,
+#: and one dask task (one shard) reads a bounded block of frames whatever the archive length.
 SHARD_BYTES = 16 * 2**20
+#: Motion windows per shard file (one chunk per window).
+MOTION_SHARD = 16
 
 
 class TimeRange(StrictModel):
@@ -128,8 +127,10 @@ class PatchesConfig(StrictModel):
     max_fit_values: int = Field(
         20_000_000, ge=1000, description="pixels used to fit the normalization (spatial subsample)"
     )
-    samples_per_shard: int | None = Field(
-        None, ge=1, description="samples per zarr shard file; default about 16 MiB of inputs"
+    motion_stride: int = Field(
+        4,
+        ge=1,
+        description="lagrangian: pixels between the nodes of the stored coarse motion grid",
     )
 
     @field_validator("normalization")
@@ -160,135 +161,6 @@ class PatchesConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------
-# time axis, splits and windows
-
-
-def default_frame_counts(timestep_minutes: int) -> tuple[int, int]:
-    """One hour of input and one hour of target frames (10 min -> 6/6, 5 min -> 12/12)."""
-    if 60 % timestep_minutes:
-        raise ConfigError(
-            f"no default n_input_frames/n_target_frames for a {timestep_minutes}-minute "
-            "timestep; set them in the patches section"
-        )
-    n = 60 // timestep_minutes
-    return n, n
-
-
-def resampled_frames(
-    times: np.ndarray, source_step: int, resample_minutes: int | None
-) -> tuple[int, int]:
-    """First cube index and index step of the frames kept at ``resample_minutes``.
-
-    Kept frames are aligned to the clock (minutes since midnight divisible by the step), so that
-    sources with different timesteps are resampled to the same times.
-    """
-    if resample_minutes is None or resample_minutes == source_step:
-        return 0, 1
-    if resample_minutes % source_step:
-        raise ConfigError(
-            f"resample_minutes={resample_minutes} is not a multiple of the source timestep "
-            f"({source_step} min)"
-        )
-    minutes = (times - times.astype("datetime64[D]")) // np.timedelta64(1, "m")
-    aligned = np.flatnonzero(minutes % resample_minutes == 0)
-    first = int(aligned[0]) if aligned.size else 0
-    return first, resample_minutes // source_step
-
-
-def labels_by_fraction(
-    n_frames: int, fractions: dict[str, float], pattern: list[str], n_cycles: int
-) -> np.ndarray:
-    """Split label of each frame: contiguous blocks following ``pattern``, ``n_cycles`` times.
-
-    A split that appears several times in the pattern shares its fraction between its blocks.
-    """
-    occurrences = Counter(pattern)
-    blocks = list(pattern) * n_cycles
-    weights = np.array([fractions[s] / occurrences[s] for s in blocks])
-    edges = np.rint(np.concatenate([[0.0], np.cumsum(weights)]) / weights.sum() * n_frames)
-    labels = np.full(n_frames, "", dtype=object)
-    for split, start, stop in zip(
-        blocks, edges[:-1].astype(int), edges[1:].astype(int), strict=True
-    ):
-        labels[start:stop] = split
-    return labels
-
-
-def labels_by_time(times: np.ndarray, split_times: dict[str, list[TimeRange]]) -> np.ndarray:
-    """Split label of each frame from explicit time ranges; a left-out split takes the rest."""
-    labels = np.full(times.shape, "", dtype=object)
-    for split, ranges in split_times.items():
-        for time_range in ranges:
-            inside = (times >= np.datetime64(time_range.start)) & (
-                times <= np.datetime64(time_range.end)
-            )
-            clash = sorted(set(labels[inside]) - {"", split})
-            if clash:
-                raise ConfigError(
-                    f"split_times: {split} range {time_range.start} - {time_range.end} overlaps "
-                    f"split {clash[0]}"
-                )
-            labels[inside] = split
-    rest = [s for s in SPLITS if s not in split_times]
-    if rest:
-        labels[labels == ""] = rest[0]
-    return labels
-
-
-def carve_buffer(times: np.ndarray, labels: np.ndarray, buffer_minutes: int) -> np.ndarray:
-    """Unlabel frames closer than ``buffer_minutes`` to a frame of a higher-priority split.
-
-    Test frames are never removed; val frames give way to test, train frames to val and test.
-    After this, any two frames of different splits are at least ``buffer_minutes`` apart.
-    """
-    labels = labels.copy()
-    if buffer_minutes <= 0:
-        return labels
-    buffer = np.timedelta64(buffer_minutes, "m")
-    for rank, split in enumerate(SPLIT_PRIORITY[1:], start=1):
-        higher = np.sort(times[np.isin(labels, SPLIT_PRIORITY[:rank])])
-        if higher.size == 0:
-            continue
-        own = np.flatnonzero(labels == split)
-        position = np.searchsorted(higher, times[own])
-        after = higher[np.minimum(position, higher.size - 1)]
-        before = higher[np.maximum(position - 1, 0)]
-        near = (np.abs(after - times[own]) < buffer) | (np.abs(times[own] - before) < buffer)
-        labels[own[near]] = ""
-    return labels
-
-
-def label_blocks(times: np.ndarray, labels: np.ndarray) -> list[dict]:
-    """Contiguous runs of one split label: ``{split, start, end}`` (ISO, ``end`` included)."""
-    blocks = []
-    start = 0
-    for index in range(1, len(labels) + 1):
-        if index == len(labels) or labels[index] != labels[start]:
-            if labels[start]:
-                blocks.append(
-                    {
-                        "split": str(labels[start]),
-                        "start": _iso(times[start]),
-                        "end": _iso(times[index - 1]),
-                    }
-                )
-            start = index
-    return blocks
-
-
-def valid_windows(frame_valid: np.ndarray, labels: np.ndarray, n_frames: int) -> np.ndarray:
-    """First-frame indices of windows whose frames are all valid and in the same split."""
-    n_windows = len(labels) - n_frames + 1
-    if n_windows <= 0:
-        return np.zeros(0, dtype=int)
-    frames = np.arange(n_windows)[:, None] + np.arange(n_frames)[None, :]
-    same_split = (labels[frames] == labels[frames[:, :1]]).all(axis=1)
-    labelled = labels[:n_windows] != ""
-    all_valid = frame_valid[frames].all(axis=1)
-    return np.flatnonzero(same_split & labelled & all_valid)
-
-
-# --------------------------------------------------------------------------------------------
 # patch statistics and selection
 
 
@@ -308,8 +180,8 @@ def _patch_counts_block(block: np.ndarray, patch_size: int, stride: int, thresho
     wet = (block >= threshold).astype(np.int32)
     valid = np.isfinite(block).astype(np.int32)
     counts = []
-    for field in (wet, valid):
-        windows = np.lib.stride_tricks.sliding_window_view(field, (patch_size, patch_size), (1, 2))
+    for values in (wet, valid):
+        windows = np.lib.stride_tricks.sliding_window_view(values, (patch_size, patch_size), (1, 2))
         counts.append(windows[:, ::stride, ::stride].sum(axis=(-2, -1), dtype=np.int32))
     return np.stack(counts, axis=1)
 
@@ -368,69 +240,75 @@ def select_patches(
 # per-source plan
 
 
+@dataclass
 class SourcePlan:
-    """Frames, windows and selected patches of one source (plain NumPy, small)."""
+    """Timeline, windows and selected patches of one source (plain NumPy, small)."""
 
-    def __init__(self, source: str, path: str, cube: xr.Dataset):
-        self.source = source
-        self.path = path
-        self.cube = cube
-        self.cube_step = int(cube.attrs.get("timestep_minutes", 0)) or _infer_step(cube)
+    timeline: window_rules.Timeline
+    cube: xr.Dataset
+    labels: np.ndarray = None
+    blocks: list = None
+    windows: pd.DataFrame = None
+    samples: pd.DataFrame = None
+    extra: dict = field(default_factory=dict)
 
-    def set_timeline(self, config: PatchesConfig) -> None:
-        """Frames at the (resampled) timestep: ``times``, ``frame_valid``, lazy ``rain_rate``."""
-        cube_times = self.cube["time"].values
-        self.first, self.step = resampled_frames(
-            cube_times, self.cube_step, config.resample_minutes
-        )
-        self.timestep = self.cube_step * self.step
-        self.times = cube_times[self.first :: self.step]
-        self.frame_valid = np.asarray(self.cube["frame_valid"].values, dtype=bool)[
-            self.first :: self.step
-        ]
-        self.rain_rate = self.cube["rain_rate"].data[self.first :: self.step]
+    @property
+    def source(self) -> str:
+        return self.timeline.source
+
+    @property
+    def path(self) -> str:
+        return self.timeline.cube_path
+
+    @property
+    def rain_rate(self) -> da.Array:
+        """Lazy rain rate of the timeline's frames (time, y, x)."""
+        index = self.timeline.cube_index
+        rain_rate = self.cube["rain_rate"].data
+        if index.size and np.array_equal(index, np.arange(index[0], index[0] + index.size)):
+            return rain_rate[index[0] : index[0] + index.size]
+        return rain_rate[index]
 
     def set_windows(self, config: PatchesConfig, n_input: int, n_target: int) -> None:
         """Split labels (buffer carved), their ``blocks``, and the valid windows of each split."""
         n_frames = n_input + n_target
-        if n_frames > len(self.times):
+        timeline = self.timeline
+        if n_frames > len(timeline):
             raise ConfigError(
                 f"n_input_frames + n_target_frames = {n_input} + {n_target} = {n_frames} frames, "
-                f"but the cube of source '{self.source}' has only {len(self.times)} frames at "
-                f"{self.timestep} min ({self.path})"
+                f"but the cube of source '{self.source}' has only {len(timeline)} frames at "
+                f"{timeline.timestep} min ({self.path})"
             )
-        if config.split_times is not None:
-            labels = labels_by_time(self.times, config.split_times)
-        else:
-            labels = labels_by_fraction(
-                len(self.times), config.split_fractions, config.block_pattern, config.n_cycles
-            )
-        self.labels = carve_buffer(self.times, labels, config.buffer_minutes)
-        self.blocks = label_blocks(self.times, self.labels)
-        self.window_starts = valid_windows(self.frame_valid, self.labels, n_frames)
-        self.window_splits = self.labels[self.window_starts].astype(str)
+        self.labels = window_rules.split_labels(timeline, config)
+        self.blocks = window_rules.label_blocks(timeline.times, self.labels, timeline.segment)
+        self.windows = window_rules.list_windows(timeline, self.labels, n_input, n_target)
 
     def select(self, counts: np.ndarray, config: PatchesConfig, n_input: int, n_target: int):
-        """Choose patches; sets ``samples``: a DataFrame of (window, y0, x0, split, wet)."""
+        """Choose patches; sets ``samples``: a DataFrame of (start, y0, x0, split, wet_fraction)
+        where ``start`` is the window's first frame on the timeline."""
         if config.wet_fraction_over == "target":
             first, n_frames = n_input, n_target
         else:
             first, n_frames = 0, n_input + n_target
         pixels = config.patch_size**2
-        wet_sum = window_sums(counts[:, 0], self.window_starts, first, n_frames)
-        valid_sum = window_sums(counts[:, 1], self.window_starts, 0, n_input + n_target)
+        starts = self.windows["start"].to_numpy()
+        splits = self.windows["split"].to_numpy()
+        wet_sum = window_sums(counts[:, 0], starts, first, n_frames)
+        valid_sum = window_sums(counts[:, 1], starts, 0, n_input + n_target)
         wet_fraction = wet_sum / (n_frames * pixels)
         valid_fraction = valid_sum / ((n_input + n_target) * pixels)
-        rows, cols = patch_origins(*self.rain_rate.shape[1:], config.patch_size, config.stride)
+        rows, cols = patch_origins(
+            *self.cube["rain_rate"].shape[1:], config.patch_size, config.stride
+        )
         tables = []
         for split in SPLITS:
-            in_split = np.flatnonzero(self.window_splits == split)
+            in_split = np.flatnonzero(splits == split)
             keep = select_patches(wet_fraction[in_split], valid_fraction[in_split], config, split)
             window, row, col = np.nonzero(keep)
             tables.append(
                 pd.DataFrame(
                     {
-                        "window": self.window_starts[in_split][window],
+                        "start": starts[in_split][window],
                         "y0": rows[row],
                         "x0": cols[col],
                         "split": split,
@@ -440,26 +318,15 @@ class SourcePlan:
             )
         self.samples = pd.concat(tables, ignore_index=True)
 
+    def n_windows(self, split: str) -> int:
+        return int((self.windows["split"] == split).sum())
 
-def _infer_step(cube: xr.Dataset) -> int:
-    times = cube["time"].values
-    if len(times) < 2:
-        raise ConfigError("cannot infer the timestep of a one-frame cube")
-    return int((times[1] - times[0]) // np.timedelta64(1, "m"))
-
-
-def _iso(time) -> str:
-    return pd.Timestamp(time).isoformat()
+    def n_samples(self, split: str) -> int:
+        return int((self.samples["split"] == split).sum())
 
 
 # --------------------------------------------------------------------------------------------
-# normalization fit and patch extraction
-
-
-def train_frame_indices(plan: SourcePlan, n_frames: int) -> np.ndarray:
-    """Indices (on the plan's time axis) of all frames used by the plan's train windows."""
-    starts = plan.window_starts[plan.window_splits == "train"]
-    return np.unique((starts[:, None] + np.arange(n_frames)[None, :]).ravel())
+# normalization
 
 
 def fit_normalization(
@@ -475,10 +342,12 @@ def fit_normalization(
     method = normalization_methods.get_method(config.normalization)
     samples, described = [], []
     for plan in plans:
-        frames = train_frame_indices(plan, n_frames)
-        n_pixels = frames.size * plan.rain_rate.shape[1] * plan.rain_rate.shape[2]
+        train = plan.windows["start"].to_numpy()[plan.windows["split"].to_numpy() == "train"]
+        frames = window_rules.window_frame_indices(train, n_frames)
+        rain_rate = plan.rain_rate
+        n_pixels = frames.size * rain_rate.shape[1] * rain_rate.shape[2]
         spatial_step = max(1, math.ceil(math.sqrt(n_pixels * len(plans) / config.max_fit_values)))
-        samples.append(plan.rain_rate[:, ::spatial_step, ::spatial_step][frames])
+        samples.append(rain_rate[:, ::spatial_step, ::spatial_step][frames])
         described.append(
             {"source": plan.source, "n_frames": int(frames.size), "spatial_step": spatial_step}
         )
@@ -495,78 +364,24 @@ def fit_normalization(
 
 
 def normalize_frames(rain_rate: np.ndarray, normalization: dict, dtype: str) -> np.ndarray:
-    """Normalized values of a block of frames, 0 where there is no data."""
+    """Normalized values of a block of frames as stored: NaN where there is no data."""
     method = normalization_methods.get_method(normalization["method"])
     values = method.forward(rain_rate, normalization["params"])
-    return np.where(np.isfinite(rain_rate), values, 0.0).astype(dtype)
+    return np.where(np.isfinite(rain_rate), values, np.nan).astype(dtype)
 
 
-def _cube_rain_rate(cube: str):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        return zarr.open_group(cube, mode="r")["rain_rate"]
-
-
-def read_patches(
-    part: dict, n_frames: int, patch_size: int, normalization: dict, dtype: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Normalized values and validity (sample, time, y, x) of patches of one cube.
-
-    Parameters
-    ----------
-    part : dict
-        ``cube`` (path), ``first`` and ``step`` (cube index of frame 0 and frame step, see
-        :func:`resampled_frames`), and per sample ``window`` (first frame, sorted), ``y0``, ``x0``.
-
-    Notes
-    -----
-    Windows that overlap in time are read from the cube and normalized once, as one block of
-    frames covering all their patches. With ``lagrangian_blocks`` (window -> full-domain values
-    and validity from :func:`lagrangian_block`) the patches are cut from those instead.
-    """
-    windows, rows, cols = part["window"], part["y0"], part["x0"]
-    n = len(windows)
-    values = np.empty((n, n_frames, patch_size, patch_size), dtype=dtype)
-    valid = np.empty((n, n_frames, patch_size, patch_size), dtype=bool)
-    if "lagrangian_blocks" in part:
-        for k, window in enumerate(windows):
-            block_values, block_valid = part["lagrangian_blocks"][int(window)]
-            region = (
-                slice(None),
-                slice(rows[k], rows[k] + patch_size),
-                slice(cols[k], cols[k] + patch_size),
-            )
-            values[k], valid[k] = block_values[region], block_valid[region]
-        return values, valid
-    rain_rate = _cube_rain_rate(part["cube"])
-    # A run is a stretch of non-decreasing, overlapping windows (a shard may hold the end of
-    # one split and the start of the next, which can be earlier in time).
-    gaps = np.diff(windows, prepend=windows[0] - n_frames)
-    run_starts = np.flatnonzero((gaps >= n_frames) | (gaps < 0))
-    for begin, stop in zip(run_starts, [*run_starts[1:], n], strict=True):
-        t0, t1 = windows[begin], windows[stop - 1] + n_frames
-        r0, c0 = rows[begin:stop].min(), cols[begin:stop].min()
-        r1, c1 = rows[begin:stop].max() + patch_size, cols[begin:stop].max() + patch_size
-        first, step = part["first"] + t0 * part["step"], part["step"]
-        block = rain_rate[first : first + (t1 - t0 - 1) * step + 1 : step, r0:r1, c0:c1]
-        block_values = normalize_frames(block, normalization, dtype)
-        block_valid = np.isfinite(block)
-        for k in range(begin, stop):
-            region = (
-                slice(windows[k] - t0, windows[k] - t0 + n_frames),
-                slice(rows[k] - r0, rows[k] - r0 + patch_size),
-                slice(cols[k] - c0, cols[k] - c0 + patch_size),
-            )
-            values[k], valid[k] = block_values[region], block_valid[region]
-    return values, valid
+# --------------------------------------------------------------------------------------------
+# Lagrangian frame
 
 
 def lagrangian_window(frames: np.ndarray, n_input: int) -> tuple[np.ndarray, np.ndarray]:
     """One full-domain window moved into the Lagrangian frame of its inputs.
 
-    The motion comes from the input frames only (as at forecast time). Rain rate and the
-    validity mask are advected along the same trajectories; a pixel is valid where its advected
-    validity is ~1, so pixels that came from outside the radar range are no-data, not dry.
+    The reference computation of what a Lagrangian store's samples are (the store warps them at
+    load time, :mod:`nowcast.warp`). The motion comes from the input frames only (as at forecast
+    time). Rain rate and the validity mask are advected along the same trajectories; a pixel is
+    valid where its advected validity is ~1, so pixels that came from outside the radar range
+    are no-data, not dry.
 
     Returns
     -------
@@ -583,259 +398,229 @@ def lagrangian_window(frames: np.ndarray, n_input: int) -> tuple[np.ndarray, np.
     return np.where(valid, moved, np.nan).astype(np.float32), valid
 
 
-def lagrangian_block(
-    cube: str,
-    first: int,
-    step: int,
-    n_frames: int,
-    n_input: int,
-    normalization: dict,
-    dtype: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Normalized values and validity of one full-domain window in its Lagrangian frame."""
-    rain_rate = _cube_rain_rate(cube)
-    frames = rain_rate[first : first + (n_frames - 1) * step + 1 : step]
-    frames, frames_valid = lagrangian_window(frames, n_input)
-    return normalize_frames(frames, normalization, dtype), frames_valid
+def window_motions(
+    cube: str, cube_starts: list[int], step: int, n_input: int, stride: int
+) -> np.ndarray:
+    """Coarse LK motion (window, 2, yc, xc) of the input frames of windows of one cube.
 
-
-def extract_shard(
-    parts: list[dict], n_input: int, n_frames: int, patch_size: int, normalization: dict, dtype
-):
-    """The four patch arrays of one shard: inputs, targets, input_mask, target_mask.
-
-    ``parts`` are the shard's consecutive samples grouped by source (see :func:`read_patches`).
+    One window's full-domain frames and motion are in memory at a time.
     """
-    read = [read_patches(part, n_frames, patch_size, normalization, dtype) for part in parts]
-    values = np.concatenate([r[0] for r in read])
-    valid = np.concatenate([r[1] for r in read])
-    return values[:, :n_input], values[:, n_input:], valid[:, :n_input], valid[:, n_input:]
+    from .lagrangian import motion_field
 
-
-def lazy_patch_arrays(
-    table: pd.DataFrame,
-    plans: list[SourcePlan],
-    config: PatchesConfig,
-    n_input: int,
-    n_target: int,
-    normalization: dict,
-) -> list[da.Array]:
-    """Dask arrays of the four patch arrays, one dask chunk (and one task) per zarr shard.
-
-    Each task reads the cube frames its samples need straight from the cube store; reading a
-    few cube chunks twice is far cheaper than moving shared frames between Dask workers.
-    """
-    plan_of = {plan.source: plan for plan in plans}
-    shard = shard_size(config, n_input, len(table))
-    size = config.patch_size
-    n_frames = n_input + n_target
-    shapes = [(n_input, size, size), (n_target, size, size)] * 2
-    dtypes = [config.dtype] * 2 + [bool] * 2
-    # A Lagrangian window needs LK motion and advection of the whole domain: one task per
-    # window, shared by every shard that holds its patches (a window's patches span several
-    # shards on large grids).
-    blocks = {}
-    if config.frame == "lagrangian":
-        for source, window in table[["source", "window"]].drop_duplicates().itertuples(False):
-            plan = plan_of[source]
-            blocks[source, int(window)] = dask.delayed(lagrangian_block, nout=2, pure=True)(
-                plan.path,
-                plan.first + int(window) * plan.step,
-                plan.step,
-                n_frames,
-                n_input,
-                normalization,
-                config.dtype,
-            )
-    pieces = []
-    for begin in range(0, len(table), shard):
-        rows = table.iloc[begin : begin + shard]
-        source_runs = (rows["source"] != rows["source"].shift()).cumsum()
-        parts = []
-        for _, run in rows.groupby(source_runs, sort=False):
-            source = run["source"].iloc[0]
-            plan = plan_of[source]
-            part = {
-                "cube": plan.path,
-                "first": plan.first,
-                "step": plan.step,
-                "window": run["window"].to_numpy(),
-                "y0": run["y0"].to_numpy(),
-                "x0": run["x0"].to_numpy(),
-            }
-            if blocks:
-                part["lagrangian_blocks"] = {
-                    int(w): blocks[source, int(w)] for w in np.unique(part["window"])
-                }
-            parts.append(part)
-        outputs = dask.delayed(extract_shard, nout=4, pure=True)(
-            parts, n_input, n_frames, size, normalization, config.dtype
-        )
-        pieces.append(
-            [
-                da.from_delayed(out, shape=(len(rows), *shape), dtype=dtype)
-                for out, shape, dtype in zip(outputs, shapes, dtypes, strict=True)
-            ]
-        )
-    return [da.concatenate([piece[k] for piece in pieces]) for k in range(4)]
+    with quiet_zarr():
+        rain_rate = zarr.open_group(cube, mode="r")["rain_rate"]
+    fields = []
+    for first in cube_starts:
+        inputs = rain_rate[first : first + (n_input - 1) * step + 1 : step]
+        fields.append(coarse_motion(motion_field(np.asarray(inputs, dtype=np.float64)), stride))
+    return np.stack(fields)
 
 
 # --------------------------------------------------------------------------------------------
 # the store
 
 
-def build_dataset(
-    plans: list[SourcePlan],
-    config: PatchesConfig,
-    n_input: int,
-    n_target: int,
-    normalization: dict,
-    attrs: dict,
+@dataclass
+class StoreContent:
+    """What :func:`write_store` writes: the root tables and, per source, the frames group."""
+
+    root: xr.Dataset
+    groups: dict[str, xr.Dataset]
+    n_input: int
+    n_target: int
+
+
+def frames_group(
+    plan: SourcePlan, config: PatchesConfig, n_input: int, n_frames: int, normalization: dict
 ) -> xr.Dataset:
-    """Assemble the (lazy) patch-store Dataset; samples are ordered by split, source, time."""
-    timestep = plans[0].timestep
-    step = np.timedelta64(timestep, "m")
+    """Lazy frames group of one source; sets ``frame_start`` (and ``motion_index``) on its
+    samples.
+
+    The frames are those of the windows with samples, each once; one dask chunk is one shard.
+    """
+    starts = np.unique(plan.samples["start"].to_numpy())
+    frame_ids = window_rules.window_frame_indices(starts, n_frames)
+    plan.samples["frame_start"] = np.searchsorted(frame_ids, plan.samples["start"].to_numpy())
+    n_rows, n_cols = plan.cube["rain_rate"].shape[1:]
+    padded = math.ceil(n_rows / FRAME_CHUNK[1]) * math.ceil(n_cols / FRAME_CHUNK[2]) * 64 * 64
+    frame_bytes = padded * np.dtype(config.dtype).itemsize
+    per_shard = max(1, SHARD_BYTES // frame_bytes // FRAME_CHUNK[0]) * FRAME_CHUNK[0]
+    timeline_frames = plan.rain_rate
+    rain_rate = timeline_frames[frame_ids].rechunk({0: per_shard, 1: -1, 2: -1})
+    frames = rain_rate.map_blocks(
+        normalize_frames, normalization, config.dtype, dtype=np.dtype(config.dtype)
+    )
+    timeline = plan.timeline
+    data = {
+        "frames": (
+            ("frame", "y", "x"),
+            frames,
+            {"long_name": f"normalized rain rate ({normalization['method']}); NaN = no data"},
+        ),
+        "time": ("frame", timeline.times[frame_ids]),
+        "cube_index": ("frame", timeline.cube_index[frame_ids].astype(np.int64)),
+    }
+    if config.frame == "lagrangian":
+        plan.samples["motion_index"] = np.searchsorted(starts, plan.samples["start"].to_numpy())
+        data["motion"] = (
+            ("motion_window", "component", "yc", "xc"),
+            _lazy_motion(plan, starts, config, n_input),
+        )
+    group = xr.Dataset(data, attrs={"source": plan.source, "cube_path": plan.path})
+    group.attrs["shards"] = json.dumps({"frames": [per_shard, *_padded(n_rows, n_cols)]})
+    return group
+
+
+def _padded(n_rows: int, n_cols: int) -> list[int]:
+    return [
+        math.ceil(n_rows / FRAME_CHUNK[1]) * FRAME_CHUNK[1],
+        math.ceil(n_cols / FRAME_CHUNK[2]) * FRAME_CHUNK[2],
+    ]
+
+
+def _lazy_motion(
+    plan: SourcePlan, starts: np.ndarray, config: PatchesConfig, n_input: int
+) -> da.Array:
+    """Coarse motion of the windows starting at ``starts``: one task per shard of windows."""
+    shape = coarse_grid_shape(plan.cube["rain_rate"].shape[1:], config.motion_stride)
+    cube_starts = plan.timeline.cube_index[starts]
+    pieces = []
+    for begin in range(0, len(starts), MOTION_SHARD):
+        chunk = [int(s) for s in cube_starts[begin : begin + MOTION_SHARD]]
+        task = dask.delayed(window_motions, pure=True)(
+            plan.path, chunk, plan.timeline.step, n_input, config.motion_stride
+        )
+        pieces.append(da.from_delayed(task, shape=(len(chunk), 2, *shape), dtype=np.float32))
+    return da.concatenate(pieces)
+
+
+def sample_table(plans: list[SourcePlan], n_input: int, step: int) -> pd.DataFrame:
+    """Samples ordered by split, source, time, then patch origin."""
     tables = []
     for split in SPLITS:
         for plan in plans:
             samples = plan.samples[plan.samples["split"] == split].sort_values(
-                ["window", "y0", "x0"]
+                ["start", "y0", "x0"]
             )
-            if samples.empty:
-                continue
-            start_time = plan.times[samples["window"].to_numpy()]
+            start_time = plan.timeline.times[samples["start"].to_numpy()]
             tables.append(
                 samples.assign(
                     source=plan.source,
                     start_time=start_time,
-                    reference_time=start_time + (n_input - 1) * step,
+                    reference_time=window_rules.reference_times(start_time, n_input, step),
                 )
             )
-    table = pd.concat(tables, ignore_index=True)
-    # Dask chunks are the zarr shards: two tasks never write to the same shard file.
-    arrays = lazy_patch_arrays(table, plans, config, n_input, n_target, normalization)
+    return pd.concat(tables, ignore_index=True)
 
-    window_tables = []
-    for split in SPLITS:
-        for plan in plans:
-            starts = plan.window_starts[plan.window_splits == split]
-            window_tables.append(
-                pd.DataFrame(
-                    {
-                        "window_source": plan.source,
-                        "window_start_time": plan.times[starts],
-                        "window_reference_time": plan.times[starts] + (n_input - 1) * step,
-                        "window_split": split,
-                    }
-                )
-            )
-    windows = pd.concat(window_tables, ignore_index=True)
 
-    dims_in = ("sample", "input_time", "y", "x")
-    dims_out = ("sample", "target_time", "y", "x")
-    value_attrs = {
-        "long_name": f"normalized rain rate ({normalization['method']}); 0 where no data",
-        "normalization": "see the store attribute 'normalization'",
+def window_table(plans: list[SourcePlan]) -> pd.DataFrame:
+    """Every valid full-domain window, ordered by split, source, time."""
+    tables = [plan.windows[plan.windows["split"] == split] for split in SPLITS for plan in plans]
+    return pd.concat(tables, ignore_index=True)
+
+
+def root_dataset(
+    plans: list[SourcePlan], config: PatchesConfig, n_input: int, n_target: int, attrs: dict
+) -> xr.Dataset:
+    """The root group: sample table, window table, time offsets and attributes."""
+    step = plans[0].timeline.timestep
+    table = sample_table(plans, n_input, step)
+    windows = window_table(plans)
+    row_of = {key: k for k, key in enumerate(zip(windows["source"], windows["start"], strict=True))}
+    table["window"] = [row_of[key] for key in zip(table["source"], table["start"], strict=True)]
+    sample_vars = {
+        "source": table["source"].to_numpy(dtype=object),
+        "split": table["split"].to_numpy(dtype=object),
+        "start_time": _ns(table["start_time"]),
+        "reference_time": _ns(table["reference_time"]),
+        "y0": table["y0"].to_numpy(np.int32),
+        "x0": table["x0"].to_numpy(np.int32),
+        "wet_fraction": table["wet_fraction"].to_numpy(np.float32),
+        "frame_start": table["frame_start"].to_numpy(np.int64),
+        "window": table["window"].to_numpy(np.int64),
     }
-    mask_attrs = {"long_name": "True where the rain rate is valid data"}
+    if "motion_index" in table:
+        sample_vars["motion_index"] = table["motion_index"].to_numpy(np.int64)
+    data = {name: ("sample", values) for name, values in sample_vars.items()}
+    data.update(
+        window_source=("window", windows["source"].to_numpy(dtype=object)),
+        window_start_time=("window", _ns(windows["start_time"])),
+        window_reference_time=("window", _ns(windows["reference_time"])),
+        window_split=("window", windows["split"].to_numpy(dtype=object)),
+    )
     coords = {
         "input_time": (
             "input_time",
-            (np.arange(n_input) - (n_input - 1)) * step.astype("timedelta64[ns]"),
+            window_rules.input_offsets(n_input, step),
             {"long_name": "input frame time minus reference_time"},
         ),
         "target_time": (
             "target_time",
-            np.arange(1, n_target + 1) * step.astype("timedelta64[ns]"),
+            window_rules.lead_offsets(n_target, step),
             {"long_name": "lead time of the target frame after reference_time"},
         ),
-        "source": ("sample", table["source"].to_numpy(dtype=object)),
-        "start_time": ("sample", _ns(table["start_time"]), {"long_name": "first input frame"}),
-        "reference_time": (
-            "sample",
-            _ns(table["reference_time"]),
-            {"long_name": "last input frame (forecast reference time)"},
-        ),
-        "y0": ("sample", table["y0"].to_numpy(np.int32), {"long_name": "first row in the cube"}),
-        "x0": ("sample", table["x0"].to_numpy(np.int32), {"long_name": "first column in the cube"}),
-        "split": ("sample", table["split"].to_numpy(dtype=object)),
-        "wet_fraction": (
-            "sample",
-            table["wet_fraction"].to_numpy(np.float32),
-            {"long_name": f"share of pixels >= rain_threshold over the {config.wet_fraction_over}"},
-        ),
-        "window_source": ("window", windows["window_source"].to_numpy(dtype=object)),
-        "window_start_time": ("window", _ns(windows["window_start_time"])),
-        "window_reference_time": ("window", _ns(windows["window_reference_time"])),
-        "window_split": ("window", windows["window_split"].to_numpy(dtype=object)),
     }
-    return xr.Dataset(
-        {
-            "inputs": (dims_in, arrays[0], value_attrs),
-            "targets": (dims_out, arrays[1], value_attrs),
-            "input_mask": (dims_in, arrays[2], mask_attrs),
-            "target_mask": (dims_out, arrays[3], mask_attrs),
-        },
-        coords=coords,
-        attrs=attrs,
-    )
-
-
-def shard_size(config: PatchesConfig, n_input: int, n_samples: int) -> int:
-    """Samples per zarr shard."""
-    if config.samples_per_shard is not None:
-        return min(config.samples_per_shard, n_samples)
-    sample_bytes = n_input * config.patch_size**2 * np.dtype(config.dtype).itemsize
-    return int(np.clip(SHARD_BYTES // sample_bytes, 1, n_samples))
+    return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
 def _ns(values) -> np.ndarray:
     return np.asarray(values, dtype="datetime64[ns]")
 
 
-def write_store(ds: xr.Dataset, path: str, client, progress: bool) -> None:
-    """Write the store (zarr format 3, consolidated, one sample per chunk) on the cluster.
-
-    The patch arrays' dask chunks along ``sample`` become the shards.
-    """
-    encoding = {
-        name: {"chunks": (1, *ds[name].shape[1:]), "shards": ds[name].data.chunksize}
-        for name in PATCH_ARRAYS
-    }
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        delayed_write = ds.to_zarr(
-            path, mode="w", consolidated=True, zarr_format=3, encoding=encoding, compute=False
-        )
-    future = client.compute(delayed_write)
-    if progress:
-        show_progress(future)
-    future.result()
+def write_store(content: StoreContent, path: str, client, progress: bool) -> None:
+    """Write the store (zarr format 3, consolidated): root tables, then the frame groups on the
+    cluster (one task per shard), then the Lagrangian ``margin`` from the motion written."""
+    with quiet_zarr():
+        content.root.to_zarr(path, mode="w", consolidated=False, zarr_format=3)
+        writes, speeds = [], []
+        for source, group in content.groups.items():
+            shards = json.loads(group.attrs.pop("shards"))
+            encoding = {
+                "frames": {
+                    "chunks": tuple(
+                        min(c, n) for c, n in zip(FRAME_CHUNK, group["frames"].shape, strict=True)
+                    ),
+                    "shards": tuple(shards["frames"]),
+                }
+            }
+            if "motion" in group:
+                shape = group["motion"].shape
+                encoding["motion"] = {
+                    "chunks": (1, *shape[1:]),
+                    "shards": (min(MOTION_SHARD, shape[0]), *shape[1:]),
+                }
+                speeds.append(abs(group["motion"].data).max())
+            writes.append(
+                group.to_zarr(
+                    path,
+                    group=f"{FRAMES_GROUP}/{source}",
+                    mode="w",
+                    consolidated=False,
+                    zarr_format=3,
+                    encoding=encoding,
+                    compute=False,
+                )
+            )
+        futures = client.compute([*writes, *speeds])
+        if progress:
+            show_progress(futures)
+        results = client.gather(futures)
+        root = zarr.open_group(path, mode="r+")
+        if speeds:
+            max_speed = max(float(value) for value in results[len(writes) :])
+            root.attrs["margin"] = trajectory_margin(max_speed, content.n_input, content.n_target)
+            root.attrs["max_motion_speed"] = max_speed
+        zarr.consolidate_metadata(path)
 
 
 def open_patch_store(path: str) -> xr.Dataset:
-    """Open a patch store lazily with xarray."""
-    if not storage.exists(path):
-        raise ConfigError(f"no patch store at {path}: run `nowcast patches CONFIG` first")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        return xr.open_zarr(path, consolidated=True, chunks={})
+    """The store's root group with xarray: sample and window tables, attributes (lazy)."""
+    return open_root(path)
 
 
 def evaluation_windows(path: str, split: str | None = None) -> pd.DataFrame:
-    """Full-domain windows of a store: source, start_time, reference_time, split."""
-    ds = open_patch_store(path)
-    table = pd.DataFrame(
-        {
-            "source": ds["window_source"].values.astype(object),
-            "start_time": ds["window_start_time"].values,
-            "reference_time": ds["window_reference_time"].values,
-            "split": ds["window_split"].values.astype(object),
-        }
-    )
-    if split is not None:
-        table = table[table["split"] == split].reset_index(drop=True)
-    return table
+    """Full-domain windows of a store: source, cube_path, start_time, reference_time, split."""
+    return PatchStore.open(path).windows(split)
 
 
 # --------------------------------------------------------------------------------------------
@@ -848,7 +633,7 @@ def _experiment(config: str | Path | ExperimentConfig) -> ExperimentConfig:
     return load_experiment(config)
 
 
-def _open_sources(experiment: ExperimentConfig) -> list[SourcePlan]:
+def _open_sources(experiment: ExperimentConfig, config: PatchesConfig) -> list[SourcePlan]:
     plans = []
     for source in experiment.sources:
         path = cube_path(experiment.cube_root, source)
@@ -864,24 +649,17 @@ def _open_sources(experiment: ExperimentConfig) -> list[SourcePlan]:
                 f"experiment '{experiment.name}': no cube for source '{source}' at {path}; "
                 f"run `nowcast ingest {source}` (cube_dir: {experiment.cube_dir})"
             )
-        plans.append(SourcePlan(source, path, open_cube(path)))
+        cube = open_cube(path)
+        timeline = window_rules.Timeline.from_cube(source, path, cube, config.resample_minutes)
+        plans.append(SourcePlan(timeline, cube))
     return plans
 
 
-def _frame_counts(plans: list[SourcePlan], config: PatchesConfig) -> tuple[int, int]:
-    steps = {plan.source: plan.timestep for plan in plans}
-    if len(set(steps.values())) > 1:
-        raise ConfigError(
-            f"sources have different timesteps {steps} (minutes); set patches.resample_minutes "
-            "to a common multiple"
-        )
-    default_in, default_out = default_frame_counts(plans[0].timestep)
-    return config.n_input_frames or default_in, config.n_target_frames or default_out
-
-
 def build_digest(config: PatchesConfig, plans: list[SourcePlan]) -> str:
-    """Digest of the patches config and of the cubes it reads (their ingest digest and history)."""
-    h = hashlib.sha256(config.model_dump_json().encode())
+    """Digest of the store layout, the patches config and the cubes it reads (their ingest
+    digest and history)."""
+    h = hashlib.sha256(f"schema {SCHEMA_VERSION} {FRAME_CHUNK}".encode())
+    h.update(config.model_dump_json().encode())
     h.update(__version__.encode())
     for plan in plans:
         h.update(plan.path.encode())
@@ -891,8 +669,8 @@ def build_digest(config: PatchesConfig, plans: list[SourcePlan]) -> str:
 
 
 def _check_counts(plans: list[SourcePlan], config: PatchesConfig, n_input: int, n_target: int):
-    windows = {s: sum(int((p.window_splits == s).sum()) for p in plans) for s in SPLITS}
-    samples = {s: sum(int((p.samples["split"] == s).sum()) for p in plans) for s in SPLITS}
+    windows = {s: sum(p.n_windows(s) for p in plans) for s in SPLITS}
+    samples = {s: sum(p.n_samples(s) for p in plans) for s in SPLITS}
     detail = (
         f"windows per split: {_counts(windows)}; patches per split: {_counts(samples)} "
         f"(n_input_frames={n_input}, n_target_frames={n_target}, "
@@ -937,7 +715,7 @@ def _scheduler(scheduler: str | None) -> str | None:
 
 def _existing_digest(path: str) -> str | None:
     try:
-        return open_patch_store(path).attrs.get("build_digest")
+        return open_root(path).attrs.get("build_digest")
     except Exception:  # an unreadable store is rebuilt
         return None
 
@@ -976,10 +754,12 @@ def build_patches(
     experiment = _experiment(config)
     patches_config = stage_config(experiment, "patches", PatchesConfig)
     path = experiment.patch_store
-    plans = _open_sources(experiment)
-    for plan in plans:
-        plan.set_timeline(patches_config)
-    n_input, n_target = _frame_counts(plans, patches_config)
+    plans = _open_sources(experiment, patches_config)
+    n_input, n_target = window_rules.frame_counts(
+        [plan.timeline for plan in plans],
+        patches_config.n_input_frames,
+        patches_config.n_target_frames,
+    )
     digest = build_digest(patches_config, plans)
     if not force and storage.exists(path) and _existing_digest(path) == digest:
         for stale in storage.stale_temporaries(path):
@@ -988,7 +768,7 @@ def build_patches(
 
     for plan in plans:
         plan.set_windows(patches_config, n_input, n_target)
-
+    n_frames = n_input + n_target
     with dask_client(_scheduler(scheduler)) as client:
         counts = client.compute(
             [
@@ -1004,20 +784,24 @@ def build_patches(
         for plan, future in zip(plans, counts, strict=True):
             plan.select(future.result(), patches_config, n_input, n_target)
         window_counts, sample_counts = _check_counts(plans, patches_config, n_input, n_target)
-        normalization = fit_normalization(plans, patches_config, n_input + n_target, client)
+        normalization = fit_normalization(plans, patches_config, n_frames, client)
+        groups = {
+            plan.source: frames_group(plan, patches_config, n_input, n_frames, normalization)
+            for plan in plans
+        }
         attrs = _store_attrs(
             experiment,
             patches_config,
             plans,
-            n_input,
-            n_target,
+            (n_input, n_target),
             normalization,
             digest,
             {"windows": window_counts, "samples": sample_counts},
         )
-        ds = build_dataset(plans, patches_config, n_input, n_target, normalization, attrs)
+        root = root_dataset(plans, patches_config, n_input, n_target, attrs)
+        content = StoreContent(root, groups, n_input, n_target)
         with storage.atomic_path(path) as tmp:
-            write_store(ds, tmp, client, progress)
+            write_store(content, tmp, client, progress)
     return path
 
 
@@ -1025,8 +809,7 @@ def _store_attrs(
     experiment: ExperimentConfig,
     config: PatchesConfig,
     plans: list[SourcePlan],
-    n_input: int,
-    n_target: int,
+    frame_counts: tuple[int, int],
     normalization: dict,
     digest: str,
     counts: dict,
@@ -1044,19 +827,21 @@ def _store_attrs(
             block_pattern=config.block_pattern,
             n_cycles=config.n_cycles,
         )
-    return {
+    attrs = {
         "Conventions": "CF-1.8",
         "title": f"Normalized radar patch sequences for experiment '{experiment.name}'",
         "experiment": experiment.name,
         "nowcast_version": __version__,
         "history": f"{now}Z nowcast patches {experiment.name}",
+        "store_schema_version": SCHEMA_VERSION,
         "normalization": json.dumps(normalization),
         "frame": config.frame,
-        "n_input_frames": int(n_input),
-        "n_target_frames": int(n_target),
-        "timestep_minutes": int(plans[0].timestep),
+        "n_input_frames": int(frame_counts[0]),
+        "n_target_frames": int(frame_counts[1]),
+        "timestep_minutes": int(plans[0].timeline.timestep),
         "patch_size": int(config.patch_size),
         "stride": int(config.stride),
+        "margin": 0,
         "splits": json.dumps(splits),
         "cube_paths": json.dumps({plan.source: plan.path for plan in plans}),
         "source_crs": json.dumps(
@@ -1066,3 +851,6 @@ def _store_attrs(
         "counts": json.dumps(counts),
         "build_digest": digest,
     }
+    if config.frame == "lagrangian":
+        attrs["motion_stride"] = int(config.motion_stride)
+    return attrs

@@ -22,6 +22,7 @@ from nowcast.dataset import (
 )
 from nowcast.experiment import ExperimentConfig
 from nowcast.ingest import ingest
+from nowcast.patch_store import PatchStore
 from nowcast.patches import build_patches
 
 
@@ -67,7 +68,7 @@ def uneven_store(tmp_path_factory) -> str:
 def test_loaders_yield_float32_batches_without_nan(store):
     loaders = make_dataloaders(store, batch_size=8, augment=False)
     counts = store_info(store)["counts"]["samples"]
-    group = zarr.open_group(store, mode="r")
+    patch_store = PatchStore.open(store)
     for split, loader in loaders.items():
         n_seen = 0
         for inputs, targets, mask in loader:
@@ -81,10 +82,11 @@ def test_loaders_yield_float32_batches_without_nan(store):
             n_seen += n
         assert n_seen == counts[split] > 0, split
     # val is read in store order: the first batch is the store's first val samples.
-    first_val = int(np.flatnonzero(group["split"][:] == "val")[0])
+    first_val = int(patch_store.samples("val")["sample"].iloc[0])
     inputs, targets, mask = next(iter(loaders["val"]))
-    np.testing.assert_array_equal(inputs[0, :, 0].numpy(), group["inputs"][first_val])
-    np.testing.assert_array_equal(mask[0, :, 0].numpy(), group["target_mask"][first_val])
+    expected = patch_store.sample(first_val)
+    np.testing.assert_array_equal(inputs[0, :, 0].numpy(), expected["inputs"].values)
+    np.testing.assert_array_equal(mask[0, :, 0].numpy(), expected["target_mask"].values)
     assert (mask == 0).any()  # the synthetic radar range leaves no-data corners
 
 
@@ -120,19 +122,26 @@ def test_distributed_sampler(store, tmp_path):
 
 
 def _patterned_store(store: str, tmp_path) -> tuple[str, dict[str, np.ndarray]]:
-    """Copy of the store whose first train sample holds asymmetric random patterns."""
+    """Copy of the store whose first train sample's frames hold asymmetric random patterns."""
     copy = str(tmp_path / "patterned.zarr")
     shutil.copytree(store, copy)
-    group = zarr.open_group(copy, mode="r+")
-    sample = int(np.flatnonzero(group["split"][:] == "train")[0])
+    patch_store = PatchStore.open(copy)
+    row = patch_store._table.iloc[int(patch_store.samples("train")["sample"].iloc[0])]
     rng = np.random.default_rng(0)
+    values = rng.random((6, 32, 32)).astype(np.float16)
+    valid = rng.random((6, 32, 32)) > 0.5
+    frames = zarr.open_group(copy, mode="r+")["frames/synthetic/frames"]
+    region = (
+        slice(row.frame_start, row.frame_start + 6),
+        slice(row.y0, row.y0 + 32),
+        slice(row.x0, row.x0 + 32),
+    )
+    frames[region] = np.where(valid, values, np.nan).astype(np.float16)
     patterns = {
-        "inputs": rng.random((3, 32, 32)).astype(np.float16),
-        "targets": rng.random((3, 32, 32)).astype(np.float16),
-        "target_mask": rng.random((3, 32, 32)) > 0.5,
+        "inputs": np.where(valid, values, 0)[:3],
+        "targets": np.where(valid, values, 0)[3:],
+        "target_mask": valid[3:],
     }
-    for name, pattern in patterns.items():
-        group[name][sample] = pattern
     return copy, patterns
 
 
@@ -190,7 +199,8 @@ def test_normalization_and_store_info(store):
 def test_dataset_pickles_without_open_handles(store):
     dataset = PatchDataset(store, "val")
     expected = dataset[1]
-    state = dataset.__getstate__()
+    state = dataset.store.__getstate__()
+    assert dataset.store._arrays is not None  # opened by the read above
     assert state["_arrays"] is None and state["_pid"] is None
     clone = pickle.loads(pickle.dumps(dataset))
     for a, b in zip(clone[1], expected, strict=True):
@@ -217,10 +227,9 @@ def test_augmentation_is_a_function_of_seed_epoch_and_sample(store):
 @pytest.mark.parametrize("name", ["store", "uneven_store"])
 def test_time_reversal_plays_the_window_backwards(name, request):
     from nowcast.dataset import PatchDataset
-    from nowcast.patches import open_patch_store
 
     store = request.getfixturevalue(name)
-    ds = open_patch_store(store)
+    patch_store = PatchStore.open(store)
     plain = PatchDataset(store, "train")
     reversing = PatchDataset(store, "train", time_reversal=True, seed=2)
     n_input = plain.n_input_frames
@@ -231,7 +240,7 @@ def test_time_reversal_plays_the_window_backwards(name, request):
         if torch.equal(inputs, plain[index][0]):
             continue
         flipped += 1
-        window = ds.isel(sample=sample)
+        window = patch_store.sample(sample)
         frames = np.concatenate([window["inputs"].values, window["targets"].values])[::-1]
         masks = np.concatenate([window["input_mask"].values, window["target_mask"].values])[::-1]
         assert inputs.shape[0] == n_input and targets.shape[0] == plain.n_target_frames

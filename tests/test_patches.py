@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from nowcast import patches, storage, transforms
+from nowcast import windows as window_rules
 from nowcast.config import Catalog, ConfigError, SourceConfig
 from nowcast.experiment import ExperimentConfig
 from nowcast.ingest import ingest
 from nowcast.io.cube import open_cube, write_cube
+from nowcast.patch_store import PatchStore
 from nowcast.patches import build_patches, open_patch_store
 
 GAP_TIME = "2000-01-01T02:00"
@@ -80,6 +82,14 @@ def _cube_index(ds, cube) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     times = {t: i for i, t in enumerate(cube["time"].values)}
     first = np.array([times[t] for t in ds["start_time"].values])
     return first, ds["y0"].values, ds["x0"].values
+
+
+def _cut(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """inputs, targets, input_mask, target_mask of every sample, cut from the store."""
+    store = PatchStore.open(path)
+    values, valid = store.cut(np.arange(len(store)))
+    n = store.n_input_frames
+    return values[:, :n], values[:, n:], valid[:, :n], valid[:, n:]
 
 
 def _blocks(ds) -> list[tuple[str, np.datetime64, np.datetime64]]:
@@ -144,7 +154,7 @@ def test_reference_time_is_the_last_input_frame(store):
 
 
 def test_split_labels_from_fractions_and_pattern():
-    labels = patches.labels_by_fraction(
+    labels = window_rules.labels_by_fraction(
         40, {"train": 0.5, "val": 0.25, "test": 0.25}, ["train", "val", "train", "test"], 2
     )
     runs = [labels[0]] + [labels[i] for i in range(1, 40) if labels[i] != labels[i - 1]]
@@ -158,16 +168,16 @@ def test_split_labels_from_fractions_and_pattern():
 
 
 def test_default_frame_counts_are_one_hour_each():
-    assert patches.default_frame_counts(10) == (6, 6)
-    assert patches.default_frame_counts(5) == (12, 12)
+    assert window_rules.default_frame_counts(10) == (6, 6)
+    assert window_rules.default_frame_counts(5) == (12, 12)
     with pytest.raises(ConfigError, match="7-minute"):
-        patches.default_frame_counts(7)
+        window_rules.default_frame_counts(7)
 
 
 def test_buffer_is_taken_from_the_lower_priority_split():
     times = np.datetime64("2020-01-01T00:00") + np.arange(12) * STEP
     labels = np.array(["train"] * 4 + ["test"] * 4 + ["val"] * 4, dtype=object)
-    carved = patches.carve_buffer(times, labels, 20)
+    carved = window_rules.carve_buffer(times, labels, 20)
     # test keeps all its frames; train and val lose the frames within < 20 min of it.
     assert list(carved) == ["train"] * 3 + [""] + ["test"] * 4 + [""] + ["val"] * 3
 
@@ -223,13 +233,12 @@ def test_resampling_to_a_common_step(cube_dir, tmp_path):
 
 def test_store_schema_masks_and_no_nan(store, cube_dir):
     ds = open_patch_store(store)
-    assert ds["inputs"].dims == ("sample", "input_time", "y", "x")
-    assert ds["targets"].dims == ("sample", "target_time", "y", "x")
-    assert ds["inputs"].shape[1:] == (3, 32, 32) and ds["targets"].shape[1:] == (3, 32, 32)
-    assert ds["inputs"].dtype == np.float16 and ds["input_mask"].dtype == bool
+    assert ds.attrs["store_schema_version"] == 2
+    assert ds["input_time"].shape == (3,) and ds["target_time"].shape == (3,)
     group = zarr.open_group(store, mode="r")
-    for name in patches.PATCH_ARRAYS:
-        assert group[name].chunks[0] == 1, name
+    frames = group["frames/synthetic/frames"]
+    assert frames.dtype == np.float16 and frames.shape[1:] == (64, 64)
+    assert group["frames/synthetic/time"].shape == frames.shape[:1]
     for key in ("normalization", "splits", "cube_paths", "source_crs", "config"):
         json.loads(ds.attrs[key])
     assert json.loads(ds.attrs["cube_paths"]) == {"synthetic": f"{cube_dir}/synthetic.zarr"}
@@ -237,12 +246,12 @@ def test_store_schema_masks_and_no_nan(store, cube_dir):
     assert ds.attrs["Conventions"] == "CF-1.8"
 
     cube = open_cube(f"{cube_dir}/synthetic.zarr")
-    inputs, targets = ds["inputs"].values, ds["targets"].values
+    inputs, targets, input_mask, target_mask = _cut(store)
+    assert inputs.shape[1:] == (3, 32, 32) and targets.shape[1:] == (3, 32, 32)
     assert np.isfinite(inputs).all() and np.isfinite(targets).all()
     # Masks mark exactly the cube's no-data pixels (outside the synthetic radar range), and
     # the values there are 0.
     rain = cube["rain_rate"].values
-    input_mask, target_mask = ds["input_mask"].values, ds["target_mask"].values
     for k, (t0, y0, x0) in enumerate(zip(*_cube_index(ds, cube), strict=True)):
         window = rain[t0 : t0 + 6, y0 : y0 + 32, x0 : x0 + 32]
         mask = np.concatenate([input_mask[k], target_mask[k]])
@@ -319,22 +328,24 @@ def test_normalization_is_fitted_on_train_only(store, cube_dir, tmp_path):
     in_test = np.isin(wetter["time"].values, test_times)
     wetter["rain_rate"][in_test] = wetter["rain_rate"][in_test] * 20 + 5
     write_cube(wetter, f"{wet_dir}/synthetic.zarr")
-    wet_store = open_patch_store(
-        build_patches(_experiment(wet_dir, tmp_path / "p"), scheduler="threads", progress=False)
+    wet_store_path = build_patches(
+        _experiment(wet_dir, tmp_path / "p"), scheduler="threads", progress=False
     )
+    wet_store = open_patch_store(wet_store_path)
     assert json.loads(wet_store.attrs["normalization"])["params"] == recorded["params"]
     test = wet_store["split"].values == "test"
-    assert wet_store["targets"].values[test].max() > ds["targets"].values.max()
+    assert _cut(wet_store_path)[1][test].max() > _cut(store)[1].max()
 
 
 @pytest.mark.parametrize("method", ["log1p", "dbz", "none"])
 def test_store_values_invert_to_the_cube(method, cube_dir, tmp_path):
     experiment = _experiment(cube_dir, tmp_path, normalization=method, dtype="float32")
-    ds = open_patch_store(build_patches(experiment, scheduler="threads", progress=False))
+    path = build_patches(experiment, scheduler="threads", progress=False)
+    ds = open_patch_store(path)
     transform, params = patches_normalization(ds)
     cube = open_cube(f"{cube_dir}/synthetic.zarr")
     rain = cube["rain_rate"].values
-    targets = ds["targets"].values.astype(np.float64)
+    targets = _cut(path)[1].astype(np.float64)
     for k, (t0, y0, x0) in enumerate(zip(*_cube_index(ds, cube), strict=True)):
         truth = rain[t0 + 3 : t0 + 6, y0 : y0 + 32, x0 : x0 + 32]
         restored = transform.inverse(targets[k], params)
@@ -479,6 +490,7 @@ def test_rerun_after_a_killed_write(cube_dir, tmp_path, monkeypatch):
 # real data
 
 
+@pytest.mark.realdata
 def test_bom_store(bom_cube, tmp_path):
     experiment = ExperimentConfig(
         name="bom",
@@ -496,7 +508,8 @@ def test_bom_store(bom_cube, tmp_path):
             "max_samples_per_split": 30,
         },
     )
-    ds = open_patch_store(build_patches(experiment, scheduler="threads", progress=False))
+    path = build_patches(experiment, scheduler="threads", progress=False)
+    ds = open_patch_store(path)
     assert ds.attrs["timestep_minutes"] == 10
     assert (ds.attrs["n_input_frames"], ds.attrs["n_target_frames"]) == (6, 6)
     windows = pd.DataFrame(
@@ -521,11 +534,12 @@ def test_bom_store(bom_cube, tmp_path):
     transform, params = patches_normalization(ds)
     rain = cube["rain_rate"].values
     ds = ds.load()
+    inputs, targets, input_mask, target_mask = _cut(path)
     wettest = 0.0
     for k, (t0, y0, x0) in enumerate(zip(*_cube_index(ds, cube), strict=True)):
         truth = rain[t0 : t0 + 12, y0 : y0 + 128, x0 : x0 + 128]
-        stored = np.concatenate([ds["inputs"].values[k], ds["targets"].values[k]])
-        mask = np.concatenate([ds["input_mask"].values[k], ds["target_mask"].values[k]])
+        stored = np.concatenate([inputs[k], targets[k]])
+        mask = np.concatenate([input_mask[k], target_mask[k]])
         np.testing.assert_array_equal(mask, np.isfinite(truth))
         restored = transform.inverse(stored.astype(np.float64), params)
         # float16 keeps 11 significant bits of the normalized value x; R = expm1(x * scale)
@@ -537,58 +551,31 @@ def test_bom_store(bom_cube, tmp_path):
 
 
 def test_lagrangian_store_moves_targets_onto_the_reference_frame(cube_dir, tmp_path):
-    eulerian = open_patch_store(
-        build_patches(_experiment(cube_dir, tmp_path / "e"), scheduler="threads", progress=False)
+    eulerian_path = build_patches(
+        _experiment(cube_dir, tmp_path / "e"), scheduler="threads", progress=False
     )
-    lagrangian = open_patch_store(
-        build_patches(
-            _experiment(cube_dir, tmp_path / "l", frame="lagrangian"),
-            scheduler="threads",
-            progress=False,
-        )
+    lagrangian_path = build_patches(
+        _experiment(cube_dir, tmp_path / "l", frame="lagrangian"),
+        scheduler="threads",
+        progress=False,
     )
+    eulerian, lagrangian = open_patch_store(eulerian_path), open_patch_store(lagrangian_path)
     assert lagrangian.attrs["frame"] == "lagrangian" and eulerian.attrs["frame"] == "eulerian"
     assert lagrangian.sizes == eulerian.sizes
     np.testing.assert_array_equal(lagrangian["y0"].values, eulerian["y0"].values)
-    # The reference (last input) frame is not moved.
-    np.testing.assert_array_equal(
-        lagrangian["inputs"].isel(input_time=-1).values,
-        eulerian["inputs"].isel(input_time=-1).values,
-    )
+    assert lagrangian.attrs["margin"] >= 2 and eulerian.attrs["margin"] == 0
+    e_inputs, e_targets, e_input_mask, e_target_mask = _cut(eulerian_path)
+    l_inputs, l_targets, l_input_mask, l_target_mask = _cut(lagrangian_path)
+    # The reference (last input) frame is not moved (only re-normalized in float32).
+    np.testing.assert_array_equal(l_input_mask[:, -1], e_input_mask[:, -1])
+    np.testing.assert_allclose(l_inputs[:, -1], e_inputs[:, -1], rtol=1e-6, atol=1e-7)
 
-    def spread(ds):
-        last = ds["inputs"].isel(input_time=-1).astype("float32")
-        both = ds["target_mask"].isel(target_time=-1) & ds["input_mask"].isel(input_time=-1)
-        diff = (ds["targets"].isel(target_time=-1).astype("float32") - last) ** 2
-        return float(diff.where(both).mean())
+    def spread(inputs, targets, input_mask, target_mask):
+        both = target_mask[:, -1] & input_mask[:, -1]
+        return float(((targets[:, -1] - inputs[:, -1]) ** 2)[both].mean())
 
     # In the Lagrangian frame the last target differs from the reference by growth/decay only.
-    assert spread(lagrangian) < 0.6 * spread(eulerian)
-    assert not np.isnan(lagrangian["targets"].values).any()
-
-
-def test_lagrangian_patches_equal_one_window_moved_directly(cube_dir, tmp_path):
-    """Each window is moved into its Lagrangian frame once and shared by every shard that holds
-    its patches (4 samples per shard: a window's patches span several shards)."""
-    from nowcast.patches import lagrangian_window, normalize_frames
-
-    experiment = _experiment(cube_dir, tmp_path, frame="lagrangian", samples_per_shard=4)
-    ds = open_patch_store(build_patches(experiment, scheduler="threads", progress=False))
-    normalization = json.loads(ds.attrs["normalization"])
-    cube = open_cube(str(cube_dir / "synthetic.zarr"))
-    times = cube["time"].values
-    n_input, size = ds.sizes["input_time"], ds.attrs["patch_size"]
-    starts = pd.Series(ds["start_time"].values)
-    assert starts.value_counts().max() > 4  # some window's patches do span shards
-    for start, rows in starts.groupby(starts).groups.items():
-        first = int(np.flatnonzero(times == np.datetime64(start))[0])
-        frames = cube["rain_rate"].values[first : first + n_input + ds.sizes["target_time"]]
-        moved, moved_valid = lagrangian_window(frames, n_input)
-        expected = normalize_frames(moved, normalization, ds["inputs"].dtype)
-        for sample in rows:
-            y0, x0 = int(ds["y0"][sample]), int(ds["x0"][sample])
-            region = (slice(None), slice(y0, y0 + size), slice(x0, x0 + size))
-            stored = np.concatenate([ds["inputs"][sample].values, ds["targets"][sample].values])
-            np.testing.assert_array_equal(stored, expected[region])
-            mask = np.concatenate([ds["input_mask"][sample], ds["target_mask"][sample]])
-            np.testing.assert_array_equal(mask, moved_valid[region])
+    assert spread(l_inputs, l_targets, l_input_mask, l_target_mask) < 0.6 * spread(
+        e_inputs, e_targets, e_input_mask, e_target_mask
+    )
+    assert np.isfinite(l_targets).all()
