@@ -21,7 +21,8 @@ from sklearn.isotonic import IsotonicRegression
 from .checkpoint import load_checkpoint, save_checkpoint
 from .experiment import ExperimentConfig
 from .nowcasts.utils import window_inputs
-from .patches import evaluation_windows
+from .patch_store import PatchStore
+from .windows import cube_time_indices, valid_times
 
 #: (forecast, observation) pairs kept per lead time and window, to bound memory and fit time.
 MAX_PAIRS_PER_WINDOW = 50_000
@@ -83,7 +84,7 @@ def calibrate(
     remove_calibration(checkpoint)  # calibrate the raw model, never a calibrated one
     state = load_checkpoint(checkpoint)
     method = ModelNowcast(checkpoint=checkpoint)
-    windows = evaluation_windows(experiment.patch_store, "val")
+    windows = PatchStore.open(experiment.patch_store).windows("val")
     rng = np.random.default_rng(seed)
     step = int(method.timestep_minutes)
     n_leads = method.n_target_frames
@@ -91,11 +92,8 @@ def calibrate(
     batches = window_inputs(experiment.cube_root, windows, method.n_input_frames, step)
     for window, cube, inputs in batches:
         forecast = method(inputs, n_leads).values
-        valid_times = [
-            np.datetime64(window.reference_time) + np.timedelta64(step * (k + 1), "m")
-            for k in range(n_leads)
-        ]
-        observed = cube["rain_rate"].sel(time=valid_times).values
+        leads = cube_time_indices(cube, valid_times(window.reference_time, n_leads, step))
+        observed = cube["rain_rate"].isel(time=leads).values
         for lead in range(n_leads):
             fc, obs = forecast[lead].ravel(), observed[lead].ravel()
             ok = np.flatnonzero(np.isfinite(fc) & np.isfinite(obs))

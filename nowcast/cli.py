@@ -83,15 +83,16 @@ def patches(
     force: bool = typer.Option(False, help="rebuild even if the store is up to date"),
 ) -> None:
     """Cut the experiment's cubes into a normalized zarr patch-sequence store."""
-    from .patches import build_patches, evaluation_windows, open_patch_store
+    from .patch_store import PatchStore
+    from .patches import build_patches
 
     try:
         path = build_patches(config, scheduler=scheduler, force=force)
     except ConfigError as err:
         _fail(err)
-    store = open_patch_store(path)
-    splits = store["split"].to_series().value_counts().to_dict()
-    windows = evaluation_windows(path)["split"].value_counts().to_dict()
+    store = PatchStore.open(path)
+    splits = store.samples()["split"].value_counts().to_dict()
+    windows = store.windows()["split"].value_counts().to_dict()
     typer.echo(f"patch store: {path}")
     typer.echo(f"samples per split: {splits}; full-domain windows per split: {windows}")
 

@@ -37,6 +37,7 @@ from pydantic import Field, field_validator, model_validator
 
 from nowcast import __version__, storage
 from nowcast import nowcasts as forecast_methods
+from nowcast import windows as window_rules
 from nowcast.config import ConfigError, StrictModel
 from nowcast.experiment import ExperimentConfig, load_experiment, stage_config
 from nowcast.forecast import make_forecast
@@ -52,6 +53,7 @@ from nowcast.verification import (
     sum_starts,
 )
 from nowcast.verification import get_method as score_family
+from nowcast.windows import select_windows  # noqa: F401  (public: evaluate's thinning rule)
 
 #: Scores reported per family (pysteps names).
 FAMILY_SCORES = {
@@ -226,30 +228,6 @@ class WindowScores:
 # windows
 
 
-def select_windows(reference_times: np.ndarray, stride: int, max_windows: int | None) -> np.ndarray:
-    """Indices of the windows kept: every ``stride``-th, then at most ``max_windows`` evenly.
-
-    Parameters
-    ----------
-    reference_times : numpy.ndarray
-        Sorted reference times of one source's windows.
-    stride : int
-        Keep every ``stride``-th window (consecutive windows overlap almost entirely, so their
-        scores are strongly correlated; a stride bounds the cost without losing much).
-    max_windows : int, optional
-        Then keep at most this many, spread evenly over the kept ones.
-
-    Returns
-    -------
-    numpy.ndarray
-        Indices into ``reference_times``.
-    """
-    kept = np.arange(0, len(reference_times), stride)
-    if max_windows is not None and kept.size > max_windows:
-        kept = kept[np.unique(np.linspace(0, kept.size - 1, max_windows).round().astype(int))]
-    return kept
-
-
 def store_windows(path: str, split: str) -> tuple[pd.DataFrame, dict]:
     """Windows of a split from the patch store, and the store's frame settings.
 
@@ -259,19 +237,17 @@ def store_windows(path: str, split: str) -> tuple[pd.DataFrame, dict]:
         A table (source, cube_path, reference_time) and ``{"n_input_frames", "n_target_frames",
         "timestep_minutes", "normalization"}``.
     """
-    from nowcast.patches import evaluation_windows, open_patch_store
+    from nowcast.patch_store import PatchStore
 
-    attrs = open_patch_store(path).attrs
-    cube_paths = json.loads(attrs["cube_paths"])
-    table = evaluation_windows(path, split)
+    store = PatchStore.open(path)
+    table = store.windows(split)
     table["source"] = table["source"].astype(str)
-    table["cube_path"] = table["source"].map(cube_paths)
     table["reference_time"] = table["reference_time"].astype("datetime64[ns]")
     info = {
-        "n_input_frames": int(attrs["n_input_frames"]),
-        "n_target_frames": int(attrs["n_target_frames"]),
-        "timestep_minutes": int(attrs["timestep_minutes"]),
-        "normalization": json.loads(attrs["normalization"]),
+        "n_input_frames": store.n_input_frames,
+        "n_target_frames": store.n_target_frames,
+        "timestep_minutes": store.timestep_minutes,
+        "normalization": store.normalization,
     }
     return table[["source", "cube_path", "reference_time"]], info
 
@@ -280,45 +256,36 @@ def cube_windows(experiment: ExperimentConfig, split: str) -> tuple[pd.DataFrame
     """Windows of a split derived from the cubes, as ``nowcast patches`` would list them.
 
     Uses the experiment's ``patches`` section (frame counts, resampling, split blocks, buffer)
-    and the patch builder's own functions, so the windows are those the store would hold.
+    and :mod:`nowcast.windows`, which the patch builder uses too, so the windows are those the
+    store would hold.
     """
-    from nowcast.patches import PatchesConfig, SourcePlan, default_frame_counts
+    from nowcast.patches import PatchesConfig
 
     patches_config = stage_config(experiment, "patches", PatchesConfig)
-    plans = []
+    timelines = []
     for source in experiment.sources:
         path = cube_path(experiment.cube_root, source)
-        plan = SourcePlan(source, path, open_cube(path))
-        plan.set_timeline(patches_config)
-        plans.append(plan)
-    steps = {plan.source: plan.timestep for plan in plans}
-    if len(set(steps.values())) > 1:
-        raise ConfigError(
-            f"sources have different timesteps {steps} (minutes); set patches.resample_minutes"
-        )
-    default_in, default_out = default_frame_counts(plans[0].timestep)
-    n_input = patches_config.n_input_frames or default_in
-    n_target = patches_config.n_target_frames or default_out
-    tables = []
-    for plan in plans:
-        plan.set_windows(patches_config, n_input, n_target)
-        starts = plan.window_starts[plan.window_splits == split]
-        tables.append(
-            pd.DataFrame(
-                {
-                    "source": plan.source,
-                    "cube_path": plan.path,
-                    "reference_time": plan.times[starts + n_input - 1],
-                }
+        timelines.append(
+            window_rules.Timeline.from_cube(
+                source, path, open_cube(path), patches_config.resample_minutes
             )
         )
+    n_input, n_target = window_rules.frame_counts(
+        timelines, patches_config.n_input_frames, patches_config.n_target_frames
+    )
+    tables = []
+    for timeline in timelines:
+        labels = window_rules.split_labels(timeline, patches_config)
+        listed = window_rules.list_windows(timeline, labels, n_input, n_target)
+        tables.append(listed[listed["split"] == split])
     info = {
         "n_input_frames": n_input,
         "n_target_frames": n_target,
-        "timestep_minutes": int(plans[0].timestep),
+        "timestep_minutes": int(timelines[0].timestep),
         "normalization": None,
     }
-    return pd.concat(tables, ignore_index=True), info
+    table = pd.concat(tables, ignore_index=True)
+    return table[["source", "cube_path", "reference_time"]], info
 
 
 def plan_windows(table: pd.DataFrame, stride: int, max_windows: int | None) -> list[Window]:
@@ -327,7 +294,7 @@ def plan_windows(table: pd.DataFrame, stride: int, max_windows: int | None) -> l
     for source, group in table.groupby("source", sort=False):
         group = group.sort_values("reference_time")
         times = group["reference_time"].to_numpy(dtype="datetime64[ns]")
-        for index in select_windows(times, stride, max_windows):
+        for index in window_rules.select_windows(times, stride, max_windows):
             windows.append(Window(source, group["cube_path"].iloc[index], times[index]))
     return windows
 
@@ -389,11 +356,12 @@ def observed_frames(
     xarray.DataArray
         Rain rate (lead_time, y, x) with the method attribute ``observed``.
     """
-    step = pd.Timedelta(minutes=timestep_minutes)
-    reference = pd.Timestamp(reference_time)
-    times = [reference + k * step for k in range(1, n_leadtimes + 1)]
-    values = cube["rain_rate"].sel(time=times).compute(scheduler="synchronous")
-    return make_forecast(values.values, reference, timestep_minutes, cube, method="observed")
+    times = window_rules.valid_times(reference_time, n_leadtimes, timestep_minutes)
+    indices = window_rules.cube_time_indices(cube, times, "observations")
+    values = cube["rain_rate"].isel(time=indices).compute(scheduler="synchronous")
+    return make_forecast(
+        values.values, pd.Timestamp(reference_time), timestep_minutes, cube, method="observed"
+    )
 
 
 def accumulate_scores(
@@ -778,29 +746,26 @@ def score_store_patches(
     on the patch alone, as the network saw it in training; each patch counts as one start. At
     most ``max_patches``, evenly spread over the split's patches.
     """
-    from nowcast import transforms
-    from nowcast.patches import open_patch_store
+    from nowcast.patch_store import PatchStore
 
-    ds = open_patch_store(store)
-    normalization = json.loads(ds.attrs["normalization"])
-    transform = transforms.get_method(normalization["method"])
+    store = PatchStore.open(store)
+    transform, params = store.transform()
 
     def rain_rate(values, mask) -> np.ndarray:
-        values = transform.inverse(np.asarray(values, dtype=np.float32), normalization["params"])
+        values = transform.inverse(np.asarray(values, dtype=np.float32), params)
         return np.where(np.asarray(mask), values, np.nan).astype(np.float32)
 
-    in_split = np.flatnonzero(np.array([str(s) for s in ds["split"].values]) == config.split)
+    in_split = store.samples(config.split)["sample"].to_numpy()
     if in_split.size == 0:
         raise ConfigError(f"the patch store has no patches in split '{config.split}'")
     chosen = in_split[
         np.unique(np.linspace(0, in_split.size - 1, config.max_patches).round().astype(int))
     ]
-    cubes = {source: open_cube(path) for source, path in json.loads(ds.attrs["cube_paths"]).items()}
-    step = np.timedelta64(setup.timestep_minutes, "m")
+    cubes = {source: open_cube(path) for source, path in store.cube_paths.items()}
     n_input = setup.n_input_frames
     results = []
     for index in chosen:
-        sample = ds.isel(sample=int(index)).compute(scheduler="synchronous")
+        sample = store.sample(int(index))
         cube = cubes[str(sample["source"].values)]
         size = sample.sizes["y"]
         y0, x0 = int(sample["y0"]), int(sample["x0"])
@@ -811,7 +776,7 @@ def score_store_patches(
             rain_rate(sample["inputs"].values, sample["input_mask"].values),
             dims=("time", "y", "x"),
             coords={
-                "time": reference + (np.arange(n_input) - (n_input - 1)) * step,
+                "time": window_rules.input_times(reference, n_input, setup.timestep_minutes),
                 "y": crop["y"],
                 "x": crop["x"],
             },

@@ -27,6 +27,7 @@ from .experiment import ExperimentConfig, load_experiment, stage_config
 from .forecast import FORECAST_ATTRS, forecast_crs
 from .io.cube import crs_variable, latlon_grid
 from .storage import atomic_write_file
+from .windows import on_time_grid
 
 VARIABLE = "rain_rate"
 FILL_VALUE = np.float32(-9999.0)
@@ -336,23 +337,18 @@ def experiment_forecasts(
     provenance : dict
         ``checkpoint_sha256`` when a model made forecasts.
     """
-    import pandas as pd
-
-    from .dataset import store_info
     from .nowcasts import get_method
     from .nowcasts.utils import window_inputs
-    from .patches import evaluation_windows
+    from .patch_store import PatchStore
     from .predict import file_sha256
 
-    windows = evaluation_windows(experiment.patch_store, settings.split)
+    store = PatchStore.open(experiment.patch_store)
+    windows = store.windows(settings.split)
     if windows.empty:
         raise ConfigError(f"{experiment.patch_store}: no '{settings.split}' windows to forecast")
-    store = store_info(experiment.patch_store)
-    n_input, n_target = int(store["n_input_frames"]), int(store["n_target_frames"])
-    step = int(store["timestep_minutes"])
-    reference = pd.to_datetime(windows["reference_time"])
-    offset = (reference - reference.min()) / pd.Timedelta(minutes=settings.window_stride_minutes)
-    windows = windows[offset == offset.round()]
+    n_input, n_target = store.n_input_frames, store.n_target_frames
+    step = store.timestep_minutes
+    windows = windows[on_time_grid(windows["reference_time"], settings.window_stride_minutes)]
     if settings.max_forecasts:
         windows = windows.iloc[: settings.max_forecasts]
 

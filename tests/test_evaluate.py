@@ -244,8 +244,7 @@ def _per_start_with_copy(evaluated):
 
 
 def test_patch_scores_equal_a_direct_computation(evaluated, tmp_path):
-    from nowcast import transforms
-    from nowcast.patches import open_patch_store
+    from nowcast.patch_store import PatchStore
 
     experiment, _, _ = evaluated
     update = {
@@ -262,21 +261,20 @@ def test_patch_scores_equal_a_direct_computation(evaluated, tmp_path):
     table = pd.read_csv(outputs["patch_metrics_csv"])
     assert tuple(table.columns) == METRIC_COLUMNS
 
-    store = open_patch_store(experiment.patch_store)
-    test = np.array([str(s) for s in store["split"].values]) == "test"
-    normalization = json.loads(store.attrs["normalization"])
-    inverse = transforms.get_method(normalization["method"]).inverse
-    params = normalization["params"]
-    last = inverse(store["inputs"].values[test, -1].astype(np.float32), params)
-    last = np.where(store["input_mask"].values[test, -1], last, np.nan)
-    target = inverse(store["targets"].values[test, 0].astype(np.float32), params)
-    target = np.where(store["target_mask"].values[test, 0], target, np.nan)
+    store = PatchStore.open(experiment.patch_store)
+    test = store.samples("test")["sample"].to_numpy()
+    transform, params = store.transform()
+    samples = [store.sample(int(index)) for index in test]
+    last = np.stack([transform.inverse(s["inputs"].values[-1], params) for s in samples])
+    last = np.where(np.stack([s["input_mask"].values[-1] for s in samples]), last, np.nan)
+    target = np.stack([transform.inverse(s["targets"].values[0], params) for s in samples])
+    target = np.where(np.stack([s["target_mask"].values[0] for s in samples]), target, np.nan)
     valid = np.isfinite(last) & np.isfinite(target)
     expected = np.mean((last[valid] - target[valid]) ** 2, dtype=np.float64)
 
     mse = table[(table["score"] == "MSE") & (table["lead_time"] == 10.0)]
     assert set(mse["source"]) == {"synthetic"}
-    assert mse["n_starts"].iloc[0] == test.sum()
+    assert mse["n_starts"].iloc[0] == test.size
     np.testing.assert_allclose(mse["value"].iloc[0], expected, rtol=1e-5)
 
 
