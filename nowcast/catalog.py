@@ -1,15 +1,19 @@
-"""File discovery for catalog sources.
+"""File discovery for catalog sources, and the segmented time axis of a cube.
 
 The catalog uses pysteps' own data-source vocabulary (``root_path``, ``path_fmt``,
 ``fn_pattern``, ``fn_ext``, ``importer``, ``importer_kwargs``, ``timestep``), so an entry of a
-``pystepsrc`` file can be pasted into ``data_catalog.yaml``.
+``pystepsrc`` file can be pasted into ``data_catalog.yaml``. As in
+:func:`pysteps.io.archive.find_by_date`, the patterns are strftime patterns that may also hold
+the wildcards ``?`` (one character) and ``*`` (any characters), matched with :mod:`fnmatch`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -27,31 +31,162 @@ class FrameRef:
     path: str | None  # None for the synthetic source
 
 
-def frame_path(source: SourceConfig, time: datetime) -> str:
-    """Expected file of a source at a time (the catalog patterns applied with strftime)."""
-    directory = os.path.join(source.resolved_root, time.strftime(source.path_fmt))
-    return os.path.join(directory, time.strftime(source.fn_pattern) + "." + source.fn_ext)
+@dataclass
+class FramePlan:
+    """The frames a cube is built from: regular segments separated by long gaps.
+
+    Attributes
+    ----------
+    frames : list of FrameRef
+        Every time of every segment, in time order; times without a file are gaps.
+    segment : numpy.ndarray
+        Segment number (int32, 0, 1, ... in time order) of each frame.
+    present : numpy.ndarray
+        True where a file (or, for the synthetic source, a frame) exists at planning time.
+    """
+
+    frames: list[FrameRef]
+    segment: np.ndarray
+    present: np.ndarray
+
+    @property
+    def n_segments(self) -> int:
+        return int(self.segment.max()) + 1 if self.segment.size else 0
+
+    @property
+    def times(self) -> list[datetime]:
+        return [f.time for f in self.frames]
+
+
+_DIRECTIVES = {
+    "Y": r"(\d{4})",
+    "y": r"(\d{2})",
+    "m": r"(\d{2})",
+    "d": r"(\d{2})",
+    "j": r"(\d{3})",
+    "H": r"(\d{2})",
+    "M": r"(\d{2})",
+    "S": r"(\d{2})",
+}
+
+
+def _pattern_regex(pattern: str, source: str) -> tuple[str, list[str]]:
+    """Regex of a strftime pattern with fnmatch wildcards, and the directive of each group.
+
+    strptime cannot parse a name that holds wildcards, so discovery matches names with this
+    regex and takes the time from its groups.
+    """
+    parts, fields, i = [], [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "%" and i + 1 < len(pattern):
+            code = pattern[i + 1]
+            if code == "%":
+                parts.append("%")
+            elif code in _DIRECTIVES:
+                parts.append(_DIRECTIVES[code])
+                fields.append(code)
+            else:
+                raise ConfigError(
+                    f"source '{source}': unsupported strftime directive %{code} in {pattern!r} "
+                    f"(supported: %{', %'.join(_DIRECTIVES)})"
+                )
+            i += 2
+            continue
+        parts.append({"?": "[^/]", "*": "[^/]*?"}.get(char, re.escape(char)))
+        i += 1
+    return "".join(parts), fields
+
+
+def _time_from_fields(fields: list[str], values: tuple[str, ...]) -> datetime | None:
+    found: dict[str, int] = {}
+    for code, value in zip(fields, values, strict=True):
+        found.setdefault(code, int(value))
+    if "Y" in found:
+        year = found["Y"]
+    elif "y" in found:
+        year = found["y"] + (1900 if found["y"] >= 69 else 2000)  # as strptime's %y
+    else:
+        return None
+    try:
+        if "j" in found:
+            day = datetime(year, 1, 1) + timedelta(days=found["j"] - 1)
+        else:
+            day = datetime(year, found.get("m", 1), found.get("d", 1))
+        return day.replace(
+            hour=found.get("H", 0), minute=found.get("M", 0), second=found.get("S", 0)
+        )
+    except ValueError:
+        return None
+
+
+def _relative_pattern(source: SourceConfig) -> str:
+    name = source.fn_pattern + "." + source.fn_ext
+    return f"{source.path_fmt.strip('/')}/{name}" if source.path_fmt.strip("/") else name
+
+
+def _matches(source: SourceConfig, relative: str, time: datetime) -> bool:
+    """Whether a file (path relative to the root) is the file of ``time`` (pysteps' fnmatch)."""
+    return fnmatch.fnmatchcase(relative, time.strftime(_relative_pattern(source)))
 
 
 def _pattern_to_glob(pattern: str) -> str:
     return re.sub(r"%[a-zA-Z]", "*", pattern)
 
 
-def _discover_times(source: SourceConfig) -> list[datetime]:
-    """Times of all files on disk that match the source's path and name patterns."""
-    path_glob = os.path.join(
-        source.resolved_root,
-        _pattern_to_glob(source.path_fmt),
-        _pattern_to_glob(source.fn_pattern) + "." + source.fn_ext,
-    )
-    times = []
-    for path in glob.glob(path_glob):
-        name = os.path.basename(path)[: -(len(source.fn_ext) + 1)]
-        try:
-            times.append(datetime.strptime(name, source.fn_pattern))
-        except ValueError:
-            continue  # a file that only looks like the pattern
-    return sorted(set(times))
+def _choose(source: SourceConfig, time: datetime, paths: list[str]) -> str:
+    paths = sorted(paths)
+    if len(paths) > 1:
+        warnings.warn(
+            f"source '{source.name}': {len(paths)} files match {time.isoformat()}: "
+            f"{', '.join(paths)}; using {paths[0]}",
+            stacklevel=3,
+        )
+    return paths[0]
+
+
+def discover_files(
+    source: SourceConfig, start: datetime | None = None, end: datetime | None = None
+) -> dict[datetime, str]:
+    """Files on disk that match the source's patterns, by time.
+
+    With ``start`` and ``end`` only the directories of that range are listed; otherwise the
+    whole tree under ``root_path`` that matches ``path_fmt``. When several files match one time
+    (wildcards), the first in sorted order is taken and a warning names them all.
+    """
+    root = source.resolved_root
+    regex, fields = _pattern_regex(_relative_pattern(source), source.name)
+    matcher = re.compile(regex)
+    if start is not None and end is not None:
+        day_axis = time_axis(start, end, source.timestep)
+        dir_globs = sorted({t.strftime(source.path_fmt) for t in day_axis})
+    else:
+        dir_globs = [_pattern_to_glob(source.path_fmt)]
+    name_glob = _pattern_to_glob(source.fn_pattern) + "." + _pattern_to_glob(source.fn_ext)
+    candidates: dict[datetime, list[str]] = {}
+    for dir_glob in dir_globs:
+        for path in glob.glob(os.path.join(root, dir_glob, name_glob)):
+            relative = os.path.relpath(path, root)
+            match = matcher.fullmatch(relative)
+            time = _time_from_fields(fields, match.groups()) if match else None
+            if time is None or not _matches(source, relative, time):
+                continue  # a file that only looks like the pattern
+            if (start is None or time >= start) and (end is None or time <= end):
+                candidates.setdefault(time, []).append(path)
+    return {time: _choose(source, time, paths) for time, paths in sorted(candidates.items())}
+
+
+def frame_path(source: SourceConfig, time: datetime) -> str:
+    """File of a source at a time: the catalog patterns applied with strftime.
+
+    Wildcards (``?``, ``*``) are resolved against the directory listing as in pysteps'
+    ``find_by_date``; when nothing matches, the pattern itself is returned (a missing file).
+    """
+    expected = _missing_path(source, time)
+    if not glob.has_magic(expected):
+        return expected
+    found = glob.glob(expected)
+    return _choose(source, time, found) if found else expected
 
 
 def time_axis(start: datetime, end: datetime, timestep_minutes: int) -> pd.DatetimeIndex:
@@ -59,10 +194,48 @@ def time_axis(start: datetime, end: datetime, timestep_minutes: int) -> pd.Datet
     return pd.date_range(start, end, freq=timedelta(minutes=timestep_minutes))
 
 
+def _range(source: SourceConfig, start: datetime | None, end: datetime | None):
+    start = start or (pd.Timestamp(source.start).to_pydatetime() if source.start else None)
+    end = end or (pd.Timestamp(source.end).to_pydatetime() if source.end else None)
+    if source.importer == "synthetic":
+        kwargs = source.importer_kwargs
+        start = start or pd.Timestamp(kwargs.get("start", "2000-01-01T00:00")).to_pydatetime()
+        n_frames = int(kwargs.get("n_frames", 48))
+        end = end or start + timedelta(minutes=source.timestep * (n_frames - 1))
+    if start is not None and end is not None:
+        if end < start:
+            raise ConfigError(f"source '{source.name}': end {end} is before start {start}")
+        step = np.timedelta64(source.timestep, "m")
+        if (np.datetime64(end) - np.datetime64(start)) % step:
+            raise ConfigError(
+                f"source '{source.name}': end {end} is not on the "
+                f"{source.timestep}-min axis from {start}"
+            )
+    return start, end
+
+
+def _present(source: SourceConfig, start, end) -> dict[datetime, str | None]:
+    """Times that exist (files on disk; synthetic: all but ``drop_times``) in the range."""
+    if source.importer == "synthetic":
+        dropped = {pd.Timestamp(t) for t in source.importer_kwargs.get("drop_times", ())}
+        return {
+            t.to_pydatetime(): None
+            for t in time_axis(start, end, source.timestep)
+            if t not in dropped
+        }
+    found = discover_files(source, start, end)
+    if not found and (start is None or end is None):
+        raise ConfigError(
+            f"source '{source.name}': no files match "
+            f"{source.resolved_root}/{source.path_fmt}/{source.fn_pattern}.{source.fn_ext}"
+        )
+    return found
+
+
 def list_frames(
     source: SourceConfig, start: datetime | None = None, end: datetime | None = None
 ) -> list[FrameRef]:
-    """List the expected frames of a source on its regular time axis.
+    """List the expected frames of a source on one regular time axis (no gap splitting).
 
     Parameters
     ----------
@@ -74,36 +247,128 @@ def list_frames(
     Returns
     -------
     list of FrameRef
-        One per time step, including times whose file is missing (a gap), so that the cube
-        records gaps explicitly.
+        One per time step from start to end, including times whose file is missing. Ingest
+        uses :func:`plan_frames` instead, which leaves long gaps out.
     """
-    start = start or (pd.Timestamp(source.start).to_pydatetime() if source.start else None)
-    end = end or (pd.Timestamp(source.end).to_pydatetime() if source.end else None)
+    start, end = _range(source, start, end)
     if source.importer == "synthetic":
-        kwargs = source.importer_kwargs
-        start = start or pd.Timestamp(kwargs.get("start", "2000-01-01T00:00")).to_pydatetime()
-        n_frames = int(kwargs.get("n_frames", 48))
-        end = end or start + timedelta(minutes=source.timestep * (n_frames - 1))
         return [FrameRef(t.to_pydatetime(), None) for t in time_axis(start, end, source.timestep)]
-
     if start is None or end is None:
-        found = _discover_times(source)
-        if not found:
-            raise ConfigError(
-                f"source '{source.name}': no files match "
-                f"{source.resolved_root}/{source.path_fmt}/{source.fn_pattern}.{source.fn_ext}"
-            )
-        start = start or found[0]
-        end = end or found[-1]
-    if end < start:
-        raise ConfigError(f"source '{source.name}': end {end} is before start {start}")
-    step = np.timedelta64(source.timestep, "m")
-    if (np.datetime64(end) - np.datetime64(start)) % step:
-        raise ConfigError(
-            f"source '{source.name}': end {end} is not on the "
-            f"{source.timestep}-min axis from {start}"
-        )
+        found = _present(source, start, end)
+        start, end = _range(source, start or min(found), end or max(found))
+    else:
+        found = discover_files(source, start, end)
     return [
-        FrameRef(t.to_pydatetime(), frame_path(source, t.to_pydatetime()))
-        for t in time_axis(start, end, source.timestep)
+        FrameRef(t, found.get(t) or frame_path(source, t))
+        for t in (ts.to_pydatetime() for ts in time_axis(start, end, source.timestep))
     ]
+
+
+def plan_frames(
+    source: SourceConfig,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    *,
+    after: datetime | None = None,
+) -> FramePlan:
+    """Frames of a cube: segments of a regular axis, split where a gap exceeds the maximum.
+
+    A run of missing times longer than ``source.max_gap_minutes`` (``n_missing * timestep >
+    max_gap_minutes``) is not stored: the axis is cut there into segments, each regular at the
+    source's timestep and anchored at its first time. Shorter runs are kept as frames without a
+    file. This holds for times discovered on disk and inside an explicit ``start``/``end``
+    range, including the runs before the first and after the last file.
+
+    Parameters
+    ----------
+    source : SourceConfig
+        Catalog entry.
+    start, end : datetime, optional
+        Time range (default: the entry's, else the files on disk).
+    after : datetime, optional
+        Last time of an existing cube (``--append``): only later times are planned. The plan
+        then starts at ``after + timestep`` exactly when the gap since ``after`` is at most
+        ``max_gap_minutes``, i.e. when it continues the cube's last segment.
+
+    Returns
+    -------
+    FramePlan
+    """
+    if after is not None:
+        start, end = _append_range(source, after, end)
+        if end is None:
+            return FramePlan([], np.zeros(0, np.int32), np.zeros(0, bool))
+    else:
+        start, end = _range(source, start, end)
+    present = _present(source, start, end)
+    if not present:
+        # Nothing on disk in an explicit range: one segment of gaps, so that the caller can
+        # name the expected files (ingest then stops: no readable file in the time range).
+        times = [t.to_pydatetime() for t in time_axis(start, end, source.timestep)]
+        frames = [FrameRef(t, _missing_path(source, t)) for t in times]
+        return FramePlan(frames, np.zeros(len(frames), np.int32), np.zeros(len(frames), bool))
+    return _split(source, present, start, end)
+
+
+def _append_range(source: SourceConfig, after: datetime, end: datetime | None):
+    """Range of an append: from the step after ``after`` to ``end``, the entry's or the newest
+    file (None when there is nothing newer)."""
+    step = timedelta(minutes=source.timestep)
+    start = after + step
+    end = end or (pd.Timestamp(source.end).to_pydatetime() if source.end else None)
+    if end is None and source.importer == "synthetic":
+        _, end = _range(source, None, None)
+    if end is None:
+        newer = [t for t in discover_files(source) if t >= start]
+        end = max(newer) if newer else None
+    if end is None or end < start:
+        return start, None
+    return start, start + step * ((end - start) // step)  # on the axis from ``start``
+
+
+def _missing_path(source: SourceConfig, time: datetime) -> str | None:
+    """Path of a time that discovery found no file for (patterns applied, wildcards kept)."""
+    if source.importer == "synthetic":
+        return None
+    directory = os.path.join(source.resolved_root, time.strftime(source.path_fmt))
+    return os.path.join(directory, time.strftime(source.fn_pattern) + "." + source.fn_ext)
+
+
+def _split(source: SourceConfig, present: dict, start, end) -> FramePlan:
+    """Cut the axis at every run of missing times longer than ``max_gap_minutes``."""
+    step = timedelta(minutes=source.timestep)
+    limit = timedelta(minutes=source.max_gap_minutes)
+    times = sorted(present)
+    # The run before the first file is kept as gaps when short and on the axis from start.
+    lead = times[0] - start if start is not None else None
+    first = start if lead is not None and lead <= limit and not lead % step else times[0]
+    segments: list[list[datetime]] = [[first]]
+    skipped: list[datetime] = []
+    for t in times:
+        last = segments[-1][-1]
+        if t <= last:
+            continue
+        if t - last - step > limit:
+            segments.append([t])  # a new segment, anchored at its first file
+        elif (t - segments[-1][0]) % step:
+            skipped.append(t)  # off the segment's regular axis
+        else:
+            segments[-1].append(t)
+    if end is not None and end > segments[-1][-1]:
+        trail = end - segments[-1][-1]
+        if trail <= limit and not (end - segments[-1][0]) % step:
+            segments[-1].append(end)  # the run after the last file is short: keep it as gaps
+    if skipped:
+        warnings.warn(
+            f"source '{source.name}': {len(skipped)} file(s) off the {source.timestep}-min axis "
+            f"ignored, first at {skipped[0].isoformat()}",
+            stacklevel=3,
+        )
+    frames, segment = [], []
+    for index, seg in enumerate(segments):
+        for ts in time_axis(seg[0], seg[-1], source.timestep):
+            t = ts.to_pydatetime()
+            frames.append(FrameRef(t, present.get(t) or _missing_path(source, t)))
+            segment.append(index)
+    flags = np.array([f.time in present for f in frames], bool)
+    return FramePlan(frames, np.asarray(segment, np.int32), flags)

@@ -103,6 +103,12 @@ class SourceConfig(StrictModel):
     conversion: Conversion = Field(default_factory=Conversion)
     start: str | None = Field(None, description="first time, ISO 8601 (UTC)")
     end: str | None = Field(None, description="last time, ISO 8601 (UTC)")
+    max_gap_minutes: int = Field(
+        360,
+        gt=0,
+        description="a run of missing times longer than this splits the cube's time axis into "
+        "segments and is not stored; shorter runs are kept as NaN frames",
+    )
     institution: str = ""
 
     @field_validator("importer")

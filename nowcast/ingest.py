@@ -1,32 +1,56 @@
-"""Ingest stage: catalog source -> CF zarr cube of rain rate (mm/h).
+"""Ingest stage: catalog source -> CF zarr cube of rain rate (mm/h), streamed block by block.
 
-Files are decoded in parallel on a Dask cluster, one task per file, and stay on the workers
-until they are written: only a small status record per file comes back to the client, so the
-decision to skip corrupt files (or to stop under ``strict``) is taken before anything is
-written, and memory on the client does not grow with the archive.
+Memory does not grow with the archive: the store is created empty (metadata and coordinates),
+then each Dask task decodes one time chunk of frames and writes it into its region of the store
+itself. Only a small status record per frame comes back to the client, a bounded number of
+tasks is in flight, and every finished future is released at once.
+
+The store is built at ``<cube>.zarr.partial/cube.zarr`` and renamed to ``<cube>.zarr`` only
+when complete. Each finished block leaves ``<cube>.zarr.partial/blocks/<n>.json`` (its status
+records, written after its data), and ``build.json`` records the digest the partial store is
+built for: a rerun with the same digest writes only the missing blocks, one with another digest
+starts over. ``<cube>.zarr.lock`` keeps two ingests of one cube apart.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from . import storage
-from .catalog import FrameRef, list_frames
+from .catalog import FramePlan, FrameRef, plan_frames
 from .config import Catalog, ConfigError, SourceConfig, load_catalog
-from .io.cube import CUBE_CHUNKS, build_cube, cube_path, open_cube, write_cube
+from .io.cube import (
+    CUBE_CHUNKS,
+    CUBE_SCHEMA_VERSION,
+    build_cube,
+    create_cube_store,
+    cube_path,
+    cube_segments,
+    estimate_frame_bytes,
+    finalize_cube,
+    open_cube,
+    read_frames,
+    segments_json,
+    stored_time_chunks,
+    write_frames,
+)
 from .io.radar import FrameReadError, Grid, GridMismatchError, read_frame, read_grid
 from .io.synthetic import SyntheticParams, synthetic_frame, synthetic_grid
-from .parallel import dask_client, show_progress
+from .parallel import dask_client
+
+# Free space must exceed the estimate by this factor: compression varies with the weather.
+DISK_SAFETY_FACTOR = 1.5
+N_ESTIMATE_SAMPLES = 3
 
 
 @dataclass
@@ -39,20 +63,31 @@ class IngestResult:
     skipped: list[dict] = field(default_factory=list)
     missing_times: list[str] = field(default_factory=list)
     up_to_date: bool = False
+    n_segments: int = 1
+    blocks_total: int = 0
+    blocks_resumed: int = 0
+    estimated_bytes: int = 0
 
     def summary(self) -> str:
         lines = [
             f"cube: {self.path}",
-            f"times: {self.n_times}, read: {self.n_read}, missing: {len(self.missing_times)}, "
-            f"skipped: {len(self.skipped)}" + (" (already up to date)" if self.up_to_date else ""),
+            f"times: {self.n_times} in {self.n_segments} segment(s), read: {self.n_read}, "
+            f"missing: {len(self.missing_times)}, skipped: {len(self.skipped)}"
+            + (" (already up to date)" if self.up_to_date else ""),
         ]
+        if self.blocks_resumed:
+            lines.append(f"resumed: {self.blocks_resumed} of {self.blocks_total} blocks")
         lines += [f"  skipped {s['file']}: {s['reason']}" for s in self.skipped]
         return "\n".join(lines)
 
 
-def source_digest(source: SourceConfig, frames: list[FrameRef]) -> str:
-    """Digest of the source entry and its files (path, size, mtime) that a cube was built from."""
-    h = hashlib.sha256(source.model_dump_json().encode())
+def source_digest(source: SourceConfig, frames: list[FrameRef], latlon: bool = False) -> str:
+    """Digest of what a cube is built from: schema version, source entry, options and files.
+
+    Files enter by path, size and mtime, so a changed or newly arrived file changes it.
+    """
+    h = hashlib.sha256(f"cube-schema-{CUBE_SCHEMA_VERSION}|latlon={latlon}|".encode())
+    h.update(source.model_dump_json().encode())
     for frame in frames:
         h.update(frame.time.isoformat().encode())
         if frame.path is not None:
@@ -73,6 +108,8 @@ def source_grid(source: SourceConfig, frames: list[FrameRef]) -> Grid:
         if frame.path and os.path.exists(frame.path):
             try:
                 return read_grid(source, frame.path)
+            except GridMismatchError:
+                raise
             except FrameReadError as err:
                 errors.append(str(err))
     detail = f" ({errors[0]})" if errors else ""
@@ -104,28 +141,45 @@ def read_frame_status(frame: FrameRef, source: SourceConfig, grid: Grid):
     return None, status
 
 
-def _read_block(frames: list[FrameRef], source: SourceConfig, grid: Grid):
-    """Worker task: decode the frames of one time chunk of the cube.
+@dataclass(frozen=True)
+class Block:
+    """One time chunk of the cube: where it starts, and per frame the file to decode (a
+    FrameRef) or, when appending, the index of the frame in the old cube (an int)."""
+
+    index: int
+    start: int
+    items: tuple
+
+
+def _write_block(block: Block, source: SourceConfig, grid: Grid, store: str, old_store: str | None):
+    """Worker task: decode one time chunk, write it into its region, then record it as done.
 
     One task per storage chunk (rather than per file) means a chunk is decoded and written by
-    the same worker: no frame is shipped between processes before it is written.
+    the same worker, and no two tasks write the same chunk. Returns the status records only.
     """
-    block = np.full((len(frames), *grid.shape), np.nan, dtype=np.float32)
+    data = np.full((len(block.items), *grid.shape), np.nan, dtype=np.float32)
     statuses = []
-    for index, frame in enumerate(frames):
-        data, status = read_frame_status(frame, source, grid)
-        if data is not None:
-            block[index] = data
+    for k, item in enumerate(block.items):
+        if isinstance(item, int):  # a frame of the cube being appended to
+            data[k] = read_frames(old_store, item, item + 1)[0]
+            continue
+        frame, status = read_frame_status(item, source, grid)
+        if frame is not None:
+            data[k] = frame
         statuses.append(status)
-    return block, statuses
+    write_frames(store, block.start, data)
+    # Written after the data: a block with a record is complete even if it is all NaN (zarr
+    # stores no chunk for those, so chunk existence cannot tell).
+    storage.write_text(_block_record(store, block.index), json.dumps({"statuses": statuses}))
+    return statuses
 
 
-def _statuses_of(result) -> list[dict]:
-    return result[1]
+def _block_record(store: str, index: int) -> str:
+    return f"{_partial_dir(store)}/blocks/{index:08d}.json"
 
 
-def _block_of(result) -> np.ndarray:
-    return result[0]
+def _partial_dir(store: str) -> str:
+    return store.rsplit("/", 1)[0]
 
 
 def ingest(
@@ -159,90 +213,326 @@ def ingest(
     strict : bool
         Make unreadable files fatal instead of skipping them.
     append : bool
-        Add times after the end of an existing cube.
+        Add times after the end of an existing cube. A gap longer than the source's
+        ``max_gap_minutes`` starts a new segment, a shorter one is filled with NaN frames.
+        The old chunks are hard-linked (object storage: copied server-side) into a new partial
+        store that gets the new region, and that store replaces the cube: the old cube is never
+        read into memory nor modified, and stays complete until the swap.
     latlon : bool
         Store 2-D ``lat``/``lon`` coordinates.
     force : bool
         Rebuild even if the cube is up to date.
     progress : bool
-        Show a progress bar.
+        Print block progress.
 
     Returns
     -------
     IngestResult
+
+    Raises
+    ------
+    StoreLockedError
+        If another ingest of the same cube is running.
+    ConfigError
+        Bad catalog entry, no readable file, or not enough free disk space for the estimate.
     """
     catalog = catalog or load_catalog()
     source = catalog[source_name]
     path = cube_path(cube_dir, source.name)
-    frames = list_frames(source, start, end)
-    digest = source_digest(source, frames)
+    with storage.exclusive_lock(path + ".lock"):
+        return _ingest_locked(
+            source, path, start, end, scheduler, strict, append, latlon, force, progress
+        )
 
-    existing = None
-    if storage.exists(path) and not force:
-        existing = open_cube(path)
-        if existing.attrs.get("source_files_digest") == digest and not append:
+
+def _ingest_locked(source, path, start, end, scheduler, strict, append, latlon, force, progress):
+    full = plan_frames(source, start, end)
+    digest = source_digest(source, full.frames, latlon)
+    partial = path + ".partial"
+    for stale in storage.stale_temporaries(path):  # left by killed runs of older versions
+        storage.remove(stale)
+    if force:
+        storage.remove(partial)
+    existing = open_cube(path) if storage.exists(path) and not force else None
+    if existing is not None and append:
+        if existing.attrs.get("cube_schema_version") != CUBE_SCHEMA_VERSION:
+            print(f"{path}: written by an older ingest (schema != {CUBE_SCHEMA_VERSION}): rebuild")
+            existing, append = None, False
+    elif existing is not None:
+        if existing.attrs.get("source_files_digest") == digest:
+            storage.remove(partial)  # left by a run killed after its rename
             return _result_from_cube(path, existing, up_to_date=True)
-        if append:
-            last = pd.Timestamp(existing["time"].values[-1]).to_pydatetime()
-            frames = [f for f in frames if f.time > last]
-            if not frames:
-                return _result_from_cube(path, existing, up_to_date=True)
-            # Fill the interval between the old end and the new data on the regular axis.
-            frames = list_frames(source, last + timedelta(minutes=source.timestep), frames[-1].time)
-        else:
-            existing = None
+        existing = None
 
-    grid = source_grid(source, frames)
-    with dask_client(scheduler) as client:
-        step = CUBE_CHUNKS["time"]
-        blocks = [frames[i : i + step] for i in range(0, len(frames), step)]
-        results = client.map(_read_block, blocks, source=source, grid=grid, pure=False)
-        statuses = [s for part in client.gather(client.map(_statuses_of, results)) for s in part]
-        bad_grid = [s for s in statuses if s["state"] == "grid_mismatch"]
-        if bad_grid:
-            raise GridMismatchError(bad_grid[0]["reason"])
-        skipped = [
+    if existing is not None:
+        last = pd.Timestamp(existing["time"].values[-1]).to_pydatetime()
+        plan = plan_frames(source, end=end, after=last)
+        if not plan.frames:
+            return _result_from_cube(path, existing, up_to_date=True)
+        build_id = hashlib.sha256(
+            f"{digest}|append|{existing.attrs.get('source_files_digest')}|"
+            f"{existing.sizes['time']}".encode()
+        ).hexdigest()
+    else:
+        plan, build_id = full, digest
+
+    grid = source_grid(source, plan.frames)
+    if existing is not None:
+        _check_same_grid(existing, grid, path)
+    layout = _layout(plan, existing, source)
+    estimate = _announce(source, plan, grid, path, layout)
+    store = f"{partial}/cube.zarr"
+    if not _resumable(partial, build_id):
+        storage.remove(partial)
+        _create_partial(partial, store, build_id, layout, grid, source, latlon, existing, path)
+    blocks = _blocks(plan, layout)
+    done = _finished_blocks(store, blocks)
+    if done:
+        print(f"{path}: resuming: {len(done)} of {len(blocks)} blocks already written, skipped")
+    statuses = _run_blocks(
+        [b for b in blocks if b.index not in done],
+        done,
+        source,
+        grid,
+        store,
+        path if existing is not None else None,
+        scheduler,
+        strict,
+        progress,
+    )
+    report = _report(statuses, len(plan.frames))
+    frame_valid = np.array([s["state"] == "ok" for s in statuses], bool)
+    attrs = _cube_attrs(source, grid, report, digest)
+    attrs["segments"] = segments_json(layout["times"], layout["segment"])
+    if existing is not None:
+        frame_valid = np.concatenate([existing["frame_valid"].values, frame_valid])
+        attrs = _appended_attrs(existing, attrs, report)
+    finalize_cube(store, frame_valid, attrs)
+    storage.replace(store, path)
+    storage.remove(partial)
+    result = _result_from_cube(path, open_cube(path))
+    result.blocks_total, result.blocks_resumed = len(blocks), len(done)
+    result.estimated_bytes = estimate
+    return result
+
+
+def _check_same_grid(existing: xr.Dataset, grid: Grid, path: str) -> None:
+    for name, ours in (("x", grid.x), ("y", grid.y)):
+        theirs = existing[name].values
+        if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=0, atol=1e-6):
+            raise GridMismatchError(
+                f"{path}: the new files' {name} grid ({ours.size} values from {ours[0]:g} m) "
+                f"differs from the cube's ({theirs.size} from {theirs[0]:g} m); "
+                "rebuild with --force"
+            )
+
+
+def _layout(plan: FramePlan, existing: xr.Dataset | None, source: SourceConfig) -> dict:
+    """The whole time axis of the cube being written (old frames first when appending)."""
+    if existing is None:
+        return {
+            "times": np.asarray(plan.times, "datetime64[ns]"),
+            "segment": plan.segment,
+            "n_old": 0,
+        }
+    old_segment = cube_segments(existing)
+    last = pd.Timestamp(existing["time"].values[-1]).to_pydatetime()
+    continues = plan.frames[0].time == last + timedelta(minutes=source.timestep)
+    offset = int(old_segment[-1]) + (0 if continues else 1)
+    return {
+        "times": np.concatenate(
+            [existing["time"].values, np.asarray(plan.times, "datetime64[ns]")]
+        ),
+        "segment": np.concatenate([old_segment, plan.segment + offset]).astype(np.int32),
+        "n_old": int(existing.sizes["time"]),
+    }
+
+
+def _time_chunk(n_times: int) -> int:
+    return min(CUBE_CHUNKS["time"], n_times)
+
+
+def _blocks(plan: FramePlan, layout: dict) -> list[Block]:
+    """Chunk-aligned blocks of the region to write (when appending, from the old cube's last,
+    possibly partial, time chunk on)."""
+    n_old, n_total = layout["n_old"], layout["times"].size
+    step = _time_chunk(n_total)
+    first = (n_old // step) * step
+    items = [*range(first, n_old), *plan.frames]
+    return [
+        Block(index=(first + i) // step, start=first + i, items=tuple(items[i : i + step]))
+        for i in range(0, len(items), step)
+    ]
+
+
+def _announce(source, plan: FramePlan, grid: Grid, path: str, layout: dict) -> int:
+    """Print frames, segments, gap share and estimated size; stop if the disk is too small."""
+    n = len(plan.frames)
+    missing = int(n - plan.present.sum())
+    estimate = int(_frame_bytes(source, plan, grid) * plan.present.sum())
+    n_segments = len(np.unique(layout["segment"][layout["n_old"] :]))
+    print(
+        f"ingest {source.name}: {n} frames in {n_segments} segment(s), gap share "
+        f"{missing / max(n, 1):.1%} ({missing} of {n} frames missing), "
+        f"estimated {_human(estimate)} on disk -> {path}",
+        flush=True,
+    )
+    free = storage.free_bytes(path)
+    if free is not None and estimate * DISK_SAFETY_FACTOR > free:
+        raise ConfigError(
+            f"{path}: not enough free disk space: estimated {_human(estimate)} "
+            f"(x{DISK_SAFETY_FACTOR} safety margin: {_human(estimate * DISK_SAFETY_FACTOR)}), "
+            f"{_human(free)} free"
+        )
+    return estimate
+
+
+def _frame_bytes(source: SourceConfig, plan: FramePlan, grid: Grid) -> float:
+    """Stored size of one frame, measured on a few decoded frames spread over the plan."""
+    present = np.flatnonzero(plan.present)
+    if not present.size:
+        return 0.0
+    picks = np.linspace(0, present.size - 1, min(N_ESTIMATE_SAMPLES, present.size)).astype(int)
+    samples = []
+    for index in np.unique(present[picks]):
+        frame, _ = read_frame_status(plan.frames[index], source, grid)
+        if frame is not None:
+            samples.append(frame)
+    return estimate_frame_bytes(samples)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _resumable(partial: str, build_id: str) -> bool:
+    record = storage.read_text(f"{partial}/build.json")
+    try:
+        return record is not None and json.loads(record).get("build_id") == build_id
+    except ValueError:
+        return False
+
+
+def _create_partial(partial, store, build_id, layout, grid, source, latlon, existing, path):
+    """Create the empty store (and, when appending, link the old complete time chunks), then
+    ``build.json``: a partial store without it is incomplete and is redone."""
+    n_total = layout["times"].size
+    chunks = (_time_chunk(n_total), min(CUBE_CHUNKS["y"], grid.shape[0]))
+    chunks += (min(CUBE_CHUNKS["x"], grid.shape[1]),)
+    lazy = da.full((n_total, *grid.shape), np.nan, dtype=np.float32, chunks=chunks)
+    frame_valid = np.zeros(n_total, bool)
+    if existing is not None:
+        frame_valid[: layout["n_old"]] = existing["frame_valid"].values
+    ds = build_cube(
+        lazy,
+        layout["times"],
+        frame_valid,
+        grid,
+        {"source": source.name},
+        latlon=latlon or "lat" in (existing.variables if existing is not None else ()),
+        segment=layout["segment"],
+        max_gap_minutes=source.max_gap_minutes,
+    )
+    create_cube_store(ds, store)
+    if existing is not None:
+        n_complete = layout["n_old"] // chunks[0]
+        for key in stored_time_chunks(path, n_complete):
+            storage.link_or_copy(f"{path}/{key}", f"{store}/{key}")
+    storage.write_text(f"{partial}/build.json", json.dumps({"build_id": build_id}))
+
+
+def _finished_blocks(store: str, blocks: list[Block]) -> dict[int, list[dict]]:
+    """Status records of the blocks a killed run finished (unreadable records are redone)."""
+    wanted = {b.index for b in blocks}
+    done = {}
+    for name in storage.list_names(f"{_partial_dir(store)}/blocks"):
+        if not name.endswith(".json") or not name[:-5].isdigit():
+            continue
+        index = int(name[:-5])
+        try:
+            record = json.loads(storage.read_text(_block_record(store, index)) or "")
+        except ValueError:
+            continue
+        if index in wanted:
+            done[index] = record["statuses"]
+    return done
+
+
+def _run_blocks(todo, done, source, grid, store, old_store, scheduler, strict, progress):
+    """Write the missing blocks on the cluster; return every frame's status in time order.
+
+    At most a few tasks per worker thread are in flight, and each finished future is released
+    at once, so neither the workers nor the scheduler hold more than a few blocks.
+    """
+    from distributed import as_completed
+
+    results = dict(done)
+    for statuses in done.values():
+        _check_statuses(statuses, strict)
+    if todo:
+        with dask_client(scheduler) as client:
+            limit = max(2, 2 * sum(client.nthreads().values()))
+            grid_future = client.scatter(grid, broadcast=True)
+            queue = iter(todo)
+
+            index_of: dict[str, int] = {}
+
+            def submit(block: Block):
+                future = client.submit(
+                    _write_block, block, source, grid_future, store, old_store, pure=False
+                )
+                index_of[future.key] = block.index
+                return future
+
+            pending = as_completed([submit(b) for b in itertools.islice(queue, limit)])
+            finished = 0
+            for future in pending:
+                statuses = future.result()
+                results[index_of.pop(future.key)] = statuses
+                future.release()
+                del future
+                _check_statuses(statuses, strict)
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending.add(submit(nxt))
+                finished += 1
+                if progress:
+                    _show_progress(finished, len(todo))
+    order = sorted(results)
+    return [s for index in order for s in results[index]]
+
+
+def _show_progress(finished: int, total: int) -> None:
+    step = max(1, total // 20)
+    if finished == total or finished % step == 0:
+        print(f"  blocks written: {finished}/{total}", flush=True)
+
+
+def _check_statuses(statuses: list[dict], strict: bool) -> None:
+    bad_grid = [s for s in statuses if s["state"] == "grid_mismatch"]
+    if bad_grid:
+        raise GridMismatchError(bad_grid[0]["reason"])
+    corrupt = [s for s in statuses if s["state"] == "corrupt"]
+    if corrupt and strict:
+        listing = "; ".join(f"{s['file']}: {s['reason']}" for s in corrupt)
+        raise FrameReadError(f"{len(corrupt)} unreadable file(s) (--strict): {listing}")
+
+
+def _report(statuses: list[dict], n_files: int) -> dict:
+    return {
+        "n_files": n_files,
+        "n_read": sum(s["state"] == "ok" for s in statuses),
+        "skipped": [
             {"file": s["file"], "time": s["time"], "reason": s["reason"]}
             for s in statuses
             if s["state"] == "corrupt"
-        ]
-        if skipped and strict:
-            listing = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped)
-            raise FrameReadError(f"{len(skipped)} unreadable file(s) (--strict): {listing}")
-        missing = [s["time"] for s in statuses if s["state"] == "missing"]
-
-        rain_rate = da.concatenate(
-            [
-                da.from_delayed(
-                    dask.delayed(_block_of)(result),
-                    shape=(len(block), *grid.shape),
-                    dtype=np.float32,
-                )
-                for result, block in zip(results, blocks, strict=True)
-            ]
-        )
-        frame_valid = np.array([s["state"] == "ok" for s in statuses])
-        times = [f.time for f in frames]
-
-        report = {
-            "n_files": len(frames),
-            "n_read": int(frame_valid.sum()),
-            "skipped": skipped,
-            "missing_times": missing,
-        }
-        attrs = _cube_attrs(source, grid, report, digest)
-        new = build_cube(rain_rate, times, frame_valid, grid, attrs, latlon=latlon)
-        if existing is not None:
-            new = _appended(existing, new, report, digest)
-
-        with storage.atomic_path(path) as tmp:
-            delayed_write = write_cube(new, tmp, compute=False)
-            future = client.compute(delayed_write)
-            if progress:
-                show_progress(future)
-            future.result()
-        del results
-    return _result_from_cube(path, open_cube(path))
+        ],
+        "missing_times": [s["time"] for s in statuses if s["state"] == "missing"],
+    }
 
 
 def _cube_attrs(source: SourceConfig, grid: Grid, report: dict, digest: str) -> dict:
@@ -254,6 +544,8 @@ def _cube_attrs(source: SourceConfig, grid: Grid, report: dict, digest: str) -> 
         "importer": source.importer,
         "importer_kwargs": json.dumps(source.importer_kwargs, sort_keys=True),
         "timestep_minutes": int(source.timestep),
+        "max_gap_minutes": int(source.max_gap_minutes),
+        "cube_schema_version": CUBE_SCHEMA_VERSION,
         "history": f"{now}Z nowcast ingest {source.name}",
         "ingest_report": json.dumps(report),
         "source_files_digest": digest,
@@ -261,23 +553,19 @@ def _cube_attrs(source: SourceConfig, grid: Grid, report: dict, digest: str) -> 
     }
 
 
-def _appended(existing: xr.Dataset, new: xr.Dataset, report: dict, digest: str) -> xr.Dataset:
-    """Existing cube followed by new times, with merged ingest reports."""
-    old_report = json.loads(existing.attrs.get("ingest_report", "{}"))
-    merged_report = {
-        "n_files": old_report.get("n_files", 0) + report["n_files"],
-        "n_read": old_report.get("n_read", 0) + report["n_read"],
-        "skipped": old_report.get("skipped", []) + report["skipped"],
-        "missing_times": old_report.get("missing_times", []) + report["missing_times"],
+def _appended_attrs(existing: xr.Dataset, attrs: dict, report: dict) -> dict:
+    """Attributes after an append: the old and new ingest reports merged, history extended."""
+    old = json.loads(existing.attrs.get("ingest_report", "{}"))
+    merged = {
+        "n_files": old.get("n_files", 0) + report["n_files"],
+        "n_read": old.get("n_read", 0) + report["n_read"],
+        "skipped": old.get("skipped", []) + report["skipped"],
+        "missing_times": old.get("missing_times", []) + report["missing_times"],
     }
-    existing = existing.drop_encoding()
-    combined = xr.concat([existing, new.drop_vars("crs")], dim="time", data_vars="minimal")
-    combined["crs"] = existing["crs"]
-    combined.attrs = dict(new.attrs)
-    combined.attrs["ingest_report"] = json.dumps(merged_report)
-    combined.attrs["history"] = existing.attrs.get("history", "") + "\n" + new.attrs["history"]
-    combined.attrs["source_files_digest"] = digest
-    return combined
+    attrs = dict(attrs)
+    attrs["ingest_report"] = json.dumps(merged)
+    attrs["history"] = existing.attrs.get("history", "") + "\n" + attrs["history"]
+    return attrs
 
 
 def _result_from_cube(path: str, ds: xr.Dataset, up_to_date: bool = False) -> IngestResult:
@@ -289,4 +577,5 @@ def _result_from_cube(path: str, ds: xr.Dataset, up_to_date: bool = False) -> In
         skipped=report.get("skipped", []),
         missing_times=report.get("missing_times", []),
         up_to_date=up_to_date,
+        n_segments=int(np.unique(cube_segments(ds)).size),
     )

@@ -8,14 +8,18 @@ which is the best those systems offer, and the temporary name still marks unfini
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
+
+from .config import ConfigError
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -103,3 +107,162 @@ def atomic_write_file(final: str | os.PathLike, write: Callable[[str], None]) ->
     """Call ``write(tmp_path)`` then rename to ``final`` (for checkpoints, NetCDF, JSON)."""
     with atomic_path(final) as tmp:
         write(tmp)
+
+
+class StoreLockedError(ConfigError):
+    """Another process holds the lock of a store."""
+
+
+def _lock_holder(text: str) -> dict:
+    try:
+        holder = json.loads(text)
+        return holder if isinstance(holder, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _alive_here(holder: dict) -> bool:
+    """Whether the lock holder may still run: True unless it is a dead pid of this host."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return True  # another host's process cannot be checked from here
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _create_exclusive(path: str, text: str) -> bool:
+    """Create ``path`` holding ``text`` only if it does not exist; False if it does."""
+    if not is_url(path):
+        try:
+            fd = os.open(_local(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    fs, inner = filesystem(path)
+    try:
+        # Exclusive create where the filesystem has it (local, memory, GCS, recent S3); object
+        # stores without conditional writes fall back to check-then-write, which leaves a short
+        # race between two starts - the best such a store allows.
+        with fs.open(inner, "xb") as f:
+            f.write(text.encode())
+        return True
+    except FileExistsError:
+        return False
+    except (ValueError, NotImplementedError):
+        if fs.exists(inner):
+            return False
+        fs.pipe(inner, text.encode())
+        return True
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike):
+    """Hold a lock file (``O_CREAT | O_EXCL``, host and pid inside) for the block.
+
+    A lock whose holder is a pid of this host that no longer exists is stale and is taken over.
+
+    Raises
+    ------
+    StoreLockedError
+        If another live process holds the lock (one line naming the file and the holder).
+    """
+    path = str(path)
+    if not is_url(path):
+        Path(_local(path)).parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
+    text = json.dumps(me)
+    for _ in range(3):
+        if _create_exclusive(path, text):
+            break
+        holder = _lock_holder(read_text(path) or "")
+        if holder and not _alive_here(holder):
+            remove(path)  # stale: its process is gone; retry the exclusive create
+            continue
+        raise StoreLockedError(
+            f"{path} is held by host {holder.get('host', '?')} pid {holder.get('pid', '?')} "
+            f"since {holder.get('since', '?')}: another ingest of this store is running "
+            "(remove the lock file if that process is gone)"
+        )
+    else:
+        raise StoreLockedError(f"{path}: could not take the lock (it keeps reappearing)")
+    try:
+        yield path
+    finally:
+        if _lock_holder(read_text(path) or "").get("pid") == os.getpid():
+            remove(path)
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small file so that it is either absent or complete (tmp + rename; on object
+    storage one PUT, which is atomic there)."""
+    path = str(path)
+    if is_url(path):
+        fs, inner = filesystem(path)
+        fs.pipe(inner, text.encode())
+        return
+    local = _local(path)
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, local)
+
+
+def read_text(path: str | os.PathLike) -> str | None:
+    """Contents of a small text file, or None if it does not exist."""
+    fs, inner = filesystem(str(path))
+    try:
+        return fs.cat(inner).decode(errors="replace")
+    except FileNotFoundError:
+        return None
+
+
+def list_names(path: str | os.PathLike) -> list[str]:
+    """Base names of the entries of a directory (empty if it does not exist)."""
+    fs, inner = filesystem(str(path))
+    if not fs.exists(inner):
+        return []
+    return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(inner, detail=False))
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """Make ``dst`` hold the bytes of ``src`` without copying them where possible.
+
+    On local disk a hard link shares the file (zarr's local store replaces files rather than
+    writing into them, so later writes to either path never reach the other); on object
+    storage a server-side copy is the nearest thing.
+    """
+    if not is_url(dst):
+        Path(_local(dst)).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(_local(src), _local(dst))
+        except FileExistsError:
+            pass
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copyfile(_local(src), _local(dst))
+        return
+    fs, src_inner = filesystem(src)
+    _, dst_inner = filesystem(dst)
+    fs.copy(src_inner, dst_inner)
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free space on the disk that would hold ``path`` (None for fsspec URLs)."""
+    if is_url(path):
+        return None
+    probe = Path(_local(str(path))).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free

@@ -75,15 +75,16 @@ def test_real_source_matches_pysteps_importer(name, catalog, tmp_path):
 
     # Coordinates and CRS: pixel centres map to the same lon/lat as pysteps' own georeference.
     # pyproj.Proj inverts on the projection's own ellipsoid, which also works for KNMI's
-    # km-sized one that a Transformer to EPSG:4326 refuses.
+    # km-sized one that a Transformer to EPSG:4326 refuses. The importer's pixel size is the
+    # spacing; x1/x2 are domain edges for most importers, the outer pixel centres for bom_rf3.
     native = pyproj.Proj(metadata["projection"])
     ours = pyproj.Transformer.from_crs(cube_crs(ds), "EPSG:4326", always_xy=True)
     ny, nx = expected.shape
-    dx = (metadata["x2"] - metadata["x1"]) / nx
-    dy = (metadata["y2"] - metadata["y1"]) / ny
+    dx, dy = metadata["xpixelsize"], metadata["ypixelsize"]
+    half = 0.0 if source.importer == "bom_rf3" else 0.5
     for row, col in [(0, 0), (ny - 1, nx - 1), (ny // 3, nx // 2)]:
-        x_native = metadata["x1"] + dx * (col + 0.5)
-        y_native = metadata["y2"] - dy * (row + 0.5)  # yorigin upper
+        x_native = metadata["x1"] + dx * (col + half)
+        y_native = metadata["y2"] - dy * (row + half)  # yorigin upper
         lon_ref, lat_ref = native(x_native, y_native, inverse=True)
         lon, lat = ours.transform(ds.x.values[col], ds.y.values[row])
         assert abs(lon - lon_ref) < 1e-6 and abs(lat - lat_ref) < 1e-6
@@ -265,16 +266,20 @@ def test_rerun_is_a_noop_and_force_rebuilds(tmp_path, small_synthetic_catalog):
 
 
 def test_failed_write_leaves_no_store(tmp_path, small_synthetic_catalog, monkeypatch):
+    """A run that dies mid-write leaves only the resumable partial store, never a cube."""
     import nowcast.ingest as ingest_module
 
-    real_write = ingest_module.write_cube
+    real_write = ingest_module.write_frames
+    calls = []
 
-    def write_then_die(ds, path, compute=True):
-        real_write(ds.isel(time=slice(0, 3)), path, compute=True)  # partially written
-        raise KeyboardInterrupt("killed")
+    def write_then_die(path, start, frames):
+        calls.append(start)
+        if len(calls) > 2:
+            raise RuntimeError("killed")
+        real_write(path, start, frames)
 
-    monkeypatch.setattr(ingest_module, "write_cube", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(ingest_module, "write_frames", write_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
         ingest(
             "synthetic",
             str(tmp_path),
@@ -282,10 +287,10 @@ def test_failed_write_leaves_no_store(tmp_path, small_synthetic_catalog, monkeyp
             scheduler="threads",
             progress=False,
         )
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic.zarr.partial"]
 
 
-def test_killed_process_leaves_no_store_and_rerun_completes(tmp_path):
+def test_killed_process_leaves_no_store_and_rerun_resumes(tmp_path):
     catalog_file = tmp_path / "catalog.yaml"
     catalog_file.write_text(
         json.dumps(
@@ -315,19 +320,21 @@ def test_killed_process_leaves_no_store_and_rerun_completes(tmp_path):
         "threads",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    blocks = out / "synthetic.zarr.partial" / "blocks"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("synthetic.zarr.tmp-*")):
+    while time.time() < deadline and len(list(blocks.glob("*.json"))) < 2:
         time.sleep(0.05)
-    assert list(out.glob("synthetic.zarr.tmp-*")), "ingest never started writing"
-    time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert len(list(blocks.glob("*.json"))) >= 2, "ingest never finished a block"
     assert not (out / "synthetic.zarr").exists()  # nothing that looks complete
+    assert (out / "synthetic.zarr.lock").exists()  # the dead process's lock is stale
 
     cat = load_catalog(catalog_file)
     result = ingest("synthetic", str(out), catalog=cat, scheduler="threads", progress=False)
     assert result.n_read == 400
-    assert not list(out.glob("*.tmp-*"))  # the stale temporary was cleaned up
+    assert 2 <= result.blocks_resumed < result.blocks_total == 67
+    assert sorted(p.name for p in out.iterdir()) == ["synthetic.zarr"]  # partial and lock gone
     assert bool(open_cube(result.path).frame_valid.all())
 
 

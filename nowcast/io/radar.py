@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyproj
 
-from ..config import SourceConfig
+from ..config import ConfigError, SourceConfig
 
 # netCDF4 and HDF5 are not thread-safe (concurrent opens segfault). Decoding is serialised
 # within a process; the default Dask cluster uses one process per core for real parallelism.
@@ -73,15 +73,65 @@ def _crs_in_metres(proj4: str, cartesian_unit: str) -> pyproj.CRS:
     return crs
 
 
-def grid_from_metadata(metadata: dict, shape: tuple[int, int]) -> Grid:
-    """Build a :class:`Grid` from pysteps importer metadata and the data shape."""
+class GeoreferenceError(ConfigError):
+    """The importer's georeference disagrees with itself or with the file's coordinates."""
+
+
+def _centres(
+    low: float, high: float, n: int, pixel: float | None, axis: str, where: str
+) -> np.ndarray:
+    """Pixel centres along one axis from the importer's extent ``low``..``high``.
+
+    pysteps importers disagree on what x1/x2 mean: most report the domain edges, ``bom_rf3``
+    the first and last pixel centres. The importer's pixel size tells which: the spacing of
+    ``n`` cells between edges is ``(high - low) / n``, between centres ``(high - low) /
+    (n - 1)``. The tolerance is far below the 1/n relative difference of the two readings.
+    """
+    if pixel is None or n < 2:  # nothing to check against: pysteps' usual reading (edges)
+        return low + (high - low) / n * (np.arange(n) + 0.5)
+    tolerance = min(1e-4, 0.1 / n) * abs(pixel)
+    if abs((high - low) / n - pixel) <= tolerance:
+        return low + (high - low) / n * (np.arange(n) + 0.5)
+    if abs((high - low) / (n - 1) - pixel) <= tolerance:
+        return np.linspace(low, high, n)
+    raise GeoreferenceError(
+        f"{where}: {axis}1={low:g}, {axis}2={high:g} over {n} pixels give a spacing of "
+        f"{(high - low) / n:g} (edges) or {(high - low) / (n - 1):g} (centres), neither is the "
+        f"importer's {axis}pixelsize {pixel:g}"
+    )
+
+
+def grid_from_metadata(metadata: dict, shape: tuple[int, int], where: str = "importer") -> Grid:
+    """Build a :class:`Grid` from pysteps importer metadata and the data shape.
+
+    Parameters
+    ----------
+    metadata : dict
+        pysteps importer metadata (``x1``, ``x2``, ``y1``, ``y2``, ``xpixelsize``,
+        ``ypixelsize``, ``projection``, ``cartesian_unit``, ``yorigin``).
+    shape : tuple of int
+        (ny, nx) of the data.
+    where : str
+        Source and file, for error messages.
+
+    Raises
+    ------
+    GeoreferenceError
+        If the extent fits the pixel size neither as edges nor as pixel centres.
+    """
     scale = 1000.0 if metadata.get("cartesian_unit", "m") == "km" else 1.0
     ny, nx = shape
-    x1, x2 = metadata["x1"] * scale, metadata["x2"] * scale
-    y1, y2 = metadata["y1"] * scale, metadata["y2"] * scale
-    dx, dy = (x2 - x1) / nx, (y2 - y1) / ny
-    x = x1 + dx * (np.arange(nx) + 0.5)
-    y = y1 + dy * (np.arange(ny) + 0.5)
+
+    def pixel(key: str) -> float | None:
+        value = metadata.get(key)
+        return None if value is None else float(value) * scale
+
+    x = _centres(
+        metadata["x1"] * scale, metadata["x2"] * scale, nx, pixel("xpixelsize"), "x", where
+    )
+    y = _centres(
+        metadata["y1"] * scale, metadata["y2"] * scale, ny, pixel("ypixelsize"), "y", where
+    )
     if metadata.get("yorigin", "upper") == "upper":
         y = y[::-1]
     crs = _crs_in_metres(metadata["projection"], metadata.get("cartesian_unit", "m"))
@@ -96,9 +146,58 @@ def _plain(value):
 
 
 def read_grid(source: SourceConfig, path: str) -> Grid:
-    """Read the grid and projection of a source from one of its files."""
+    """Read the grid and projection of a source from one of its files.
+
+    For ``decoder: xarray`` sources the grid is also checked against the file's own ``x``/``y``
+    coordinate variables, since those are what the decoded values are laid out on.
+
+    Raises
+    ------
+    GeoreferenceError
+        If the importer's georeference is inconsistent or disagrees with the file.
+    """
     data, _, metadata = _call_importer(source, path)
-    return grid_from_metadata(metadata, data.shape)
+    grid = grid_from_metadata(metadata, data.shape, where=f"source '{source.name}' ({path})")
+    if source.decoder == "xarray":
+        _check_file_coordinates(source, path, grid)
+    return grid
+
+
+def _file_axis(ds, name: str) -> np.ndarray | None:
+    """A CF coordinate variable in metres (None when the file has none of that name)."""
+    if name not in ds.variables:
+        return None
+    values = np.asarray(ds[name].values, dtype=float)
+    units = str(ds[name].attrs.get("units", "m")).strip().lower()
+    factors = {"m": 1.0, "metre": 1.0, "meter": 1.0, "metres": 1.0, "meters": 1.0, "km": 1e3}
+    if units not in factors:
+        raise GeoreferenceError(f"{name!r} has units {units!r}, expected m or km")
+    return values * factors[units]
+
+
+def _check_file_coordinates(source: SourceConfig, path: str, grid: Grid) -> None:
+    import xarray as xr
+
+    try:
+        with _DECODE_LOCK, xr.open_dataset(path, engine="netcdf4", cache=False) as ds:
+            axes = {"x": _file_axis(ds, "x"), "y": _file_axis(ds, "y")}
+    except GeoreferenceError as err:
+        raise GeoreferenceError(f"source '{source.name}' ({path}): {err}") from None
+    except Exception as err:  # netCDF4 raises OSError/RuntimeError/KeyError on bad files
+        raise FrameReadError(f"{path}: {type(err).__name__}: {err}") from err
+    for name, ours in (("x", grid.x), ("y", grid.y)):
+        theirs = axes[name]
+        if theirs is None:
+            continue
+        if name == "y" and theirs.size > 1 and theirs[0] < theirs[-1]:
+            theirs = theirs[::-1]  # _decode_xarray flips south-up files to north-up
+        spacing = abs(ours[1] - ours[0]) if ours.size > 1 else 1.0
+        if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=0, atol=1e-3 * spacing):
+            raise GeoreferenceError(
+                f"source '{source.name}' ({path}): the file's {name} runs {theirs[0]:g} .. "
+                f"{theirs[-1]:g} m ({theirs.size} values), the importer's georeference gives "
+                f"{ours[0]:g} .. {ours[-1]:g} m ({ours.size} values)"
+            )
 
 
 def _call_importer(source: SourceConfig, path: str):
