@@ -334,17 +334,25 @@ def _layout(plan: FramePlan, existing: xr.Dataset | None, source: SourceConfig) 
             "times": np.asarray(plan.times, "datetime64[ns]"),
             "segment": plan.segment,
             "n_old": 0,
+            "n_linked": 0,
         }
     old_segment = cube_segments(existing)
     last = pd.Timestamp(existing["time"].values[-1]).to_pydatetime()
     continues = plan.frames[0].time == last + timedelta(minutes=source.timestep)
     offset = int(old_segment[-1]) + (0 if continues else 1)
+    n_old = int(existing.sizes["time"])
+    n_total = n_old + len(plan.frames)
+    step = _time_chunk(n_total)
+    new_chunks = (step, *(min(CUBE_CHUNKS[d], existing.sizes[d]) for d in ("y", "x")))
+    # Whole old time chunks are reused as they are when the chunking is the same.
+    same = tuple(existing["rain_rate"].encoding.get("chunks", ())) == new_chunks
     return {
         "times": np.concatenate(
             [existing["time"].values, np.asarray(plan.times, "datetime64[ns]")]
         ),
         "segment": np.concatenate([old_segment, plan.segment + offset]).astype(np.int32),
-        "n_old": int(existing.sizes["time"]),
+        "n_old": n_old,
+        "n_linked": (n_old // step) * step if same else 0,
     }
 
 
@@ -353,11 +361,10 @@ def _time_chunk(n_times: int) -> int:
 
 
 def _blocks(plan: FramePlan, layout: dict) -> list[Block]:
-    """Chunk-aligned blocks of the region to write (when appending, from the old cube's last,
-    possibly partial, time chunk on)."""
-    n_old, n_total = layout["n_old"], layout["times"].size
+    """Chunk-aligned blocks of the region to write (when appending, from the first old time
+    chunk that is not reused on: old frames in it are copied)."""
+    n_old, n_total, first = layout["n_old"], layout["times"].size, layout["n_linked"]
     step = _time_chunk(n_total)
-    first = (n_old // step) * step
     items = [*range(first, n_old), *plan.frames]
     return [
         Block(index=(first + i) // step, start=first + i, items=tuple(items[i : i + step]))
@@ -439,8 +446,7 @@ def _create_partial(partial, store, build_id, layout, grid, source, latlon, exis
     )
     create_cube_store(ds, store)
     if existing is not None:
-        n_complete = layout["n_old"] // chunks[0]
-        for key in stored_time_chunks(path, n_complete):
+        for key in stored_time_chunks(path, layout["n_linked"] // chunks[0]):
             storage.link_or_copy(f"{path}/{key}", f"{store}/{key}")
     storage.write_text(f"{partial}/build.json", json.dumps({"build_id": build_id}))
 

@@ -354,6 +354,73 @@ def test_append_adds_new_times(tmp_path):
     assert ingest("synthetic", str(tmp_path / "a"), append=True, **kwargs).up_to_date
 
 
+def _gappy_catalog(n_frames: int = 40, max_gap: int = 60) -> Catalog:
+    """Synthetic source, 10-min step: 00:30 missing (short gap), 02:00-03:50 missing (120 min,
+    longer than ``max_gap``)."""
+    long_gap = [f"2000-01-01T{h:02d}:{m:02d}" for h in (2, 3) for m in range(0, 60, 10)]
+    cat = synthetic_catalog(n_frames=n_frames, drop_times=["2000-01-01T00:30", *long_gap])
+    source = cat["synthetic"].model_copy(update={"max_gap_minutes": max_gap})
+    return Catalog(sources={"synthetic": source})
+
+
+def test_long_gap_splits_the_cube_into_segments(tmp_path):
+    kwargs = dict(catalog=_gappy_catalog(), scheduler="threads", progress=False)
+    result = ingest("synthetic", str(tmp_path), **kwargs)
+    ds = open_cube(result.path)
+    assert ds.sizes["time"] == 28 and result.n_segments == 2  # the 12 missing frames are gone
+    assert ds["segment"].dtype == np.int32 and "long_name" in ds["segment"].attrs
+    assert ds["segment"].values.tolist() == [0] * 12 + [1] * 16
+    assert json.loads(ds.attrs["segments"]) == [
+        {"start": "2000-01-01T00:00:00", "end": "2000-01-01T01:50:00", "n_frames": 12},
+        {"start": "2000-01-01T04:00:00", "end": "2000-01-01T06:30:00", "n_frames": 16},
+    ]
+    assert ds.attrs["max_gap_minutes"] == 60
+    steps = np.diff(ds.time.values)
+    assert set(steps[ds.segment.values[1:] == ds.segment.values[:-1]]) == {np.timedelta64(10, "m")}
+    assert steps[11] > np.timedelta64(60, "m")
+    # the short gap stays a NaN frame inside its segment
+    assert ds.frame_valid.values.tolist() == [True] * 3 + [False] + [True] * 24
+    assert np.isnan(ds.rain_rate.isel(time=3).values).all()
+    # with a larger max_gap the same data is one segment with 12 NaN frames
+    one = ingest(
+        "synthetic", str(tmp_path / "one"), **{**kwargs, "catalog": _gappy_catalog(max_gap=120)}
+    )
+    assert open_cube(one.path).sizes["time"] == 40 and one.n_segments == 1
+
+
+def test_append_across_a_long_gap_starts_a_new_segment(tmp_path):
+    cat = _gappy_catalog()
+    frames = list_frames(cat["synthetic"])
+    kwargs = dict(catalog=cat, scheduler="threads", progress=False)
+    ingest("synthetic", str(tmp_path / "a"), end=frames[11].time, **kwargs)  # up to 01:50
+    appended = ingest("synthetic", str(tmp_path / "a"), append=True, **kwargs)
+    reference = ingest("synthetic", str(tmp_path / "b"), **kwargs)
+    a, b = open_cube(appended.path), open_cube(reference.path)
+    np.testing.assert_array_equal(a.time.values, b.time.values)
+    np.testing.assert_array_equal(a.segment.values, b.segment.values)
+    np.testing.assert_array_equal(a.frame_valid.values, b.frame_valid.values)
+    np.testing.assert_array_equal(a.rain_rate.values, b.rain_rate.values)
+    assert a.attrs["segments"] == b.attrs["segments"]
+    assert len(ingest_report(a)["missing_times"]) == 1
+
+
+def test_append_across_a_short_gap_fills_nan_frames(tmp_path):
+    cat = _gappy_catalog(max_gap=120)
+    frames = list_frames(cat["synthetic"])
+    kwargs = dict(catalog=cat, scheduler="threads", progress=False)
+    first = ingest("synthetic", str(tmp_path), end=frames[8].time, **kwargs)  # 9 frames
+    old_chunk = Path(first.path) / "rain_rate" / "c" / "0" / "0" / "0"
+    old_inode = old_chunk.stat().st_ino
+    appended = ingest("synthetic", str(tmp_path), append=True, **kwargs)
+    ds = open_cube(appended.path)
+    assert ds.sizes["time"] == 40 and appended.n_segments == 1
+    assert not ds.frame_valid.values[12:24].any() and ds.frame_valid.values[24:].all()
+    # the old cube's complete time chunk was linked, not rewritten
+    assert (Path(appended.path) / "rain_rate" / "c" / "0" / "0" / "0").stat().st_ino == old_inode
+    reference = ingest("synthetic", str(tmp_path / "ref"), **kwargs)
+    np.testing.assert_array_equal(ds.rain_rate.values, open_cube(reference.path).rain_rate.values)
+
+
 def test_fsspec_url_store(small_synthetic_catalog):
     url = "memory://nowcast-test/cubes"
     result = ingest(

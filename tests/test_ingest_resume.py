@@ -1,0 +1,180 @@
+"""Ingest at archive scale: resume after a crash, the lock, the schema version, disk space."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import synthetic_catalog
+
+import nowcast.ingest as ingest_module
+from nowcast.config import Catalog, ConfigError
+from nowcast.ingest import ingest
+from nowcast.io.cube import CUBE_SCHEMA_VERSION, open_cube
+from nowcast.storage import StoreLockedError
+
+# Frames 12..17 are one whole time chunk of gaps: no rain_rate chunk is stored for it, so only
+# the block records can tell a resumed run that it is done.
+GAP_BLOCK = [f"2000-01-01T02:{m:02d}" for m in range(0, 60, 10)]
+KW = dict(scheduler="threads", progress=False)
+
+
+def _catalog(**kwargs) -> Catalog:
+    return synthetic_catalog(n_frames=40, drop_times=GAP_BLOCK, **kwargs)
+
+
+def _chunk_files(cube: str) -> dict[str, bytes]:
+    """Every stored chunk of every array, by key: the cube's bytes."""
+    root = Path(cube)
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "/c/" in f"/{p.relative_to(root)}"
+    }
+
+
+def _crash_after(monkeypatch, n_writes: int) -> None:
+    real = ingest_module.write_frames
+    calls = []
+
+    def write_then_crash(path, start, frames):
+        calls.append(start)
+        if len(calls) > n_writes:
+            raise RuntimeError("simulated crash")
+        real(path, start, frames)
+
+    monkeypatch.setattr(ingest_module, "write_frames", write_then_crash)
+
+
+def test_resume_after_crash_equals_clean_ingest(tmp_path, monkeypatch, capsys):
+    cat = _catalog()
+    clean = ingest("synthetic", str(tmp_path / "clean"), catalog=cat, **KW)
+
+    _crash_after(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ingest("synthetic", str(tmp_path / "out"), catalog=cat, **KW)
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    assert not (out / "synthetic.zarr").exists()  # no cube that looks complete
+    assert not (out / "synthetic.zarr.lock").exists()  # released on the error
+    records = list((out / "synthetic.zarr.partial" / "blocks").glob("*.json"))
+    assert 1 <= len(records) <= 3
+
+    capsys.readouterr()
+    resumed = ingest("synthetic", str(out), catalog=cat, **KW)
+    assert resumed.blocks_total == 7
+    assert resumed.blocks_resumed == len(records)
+    assert f"{len(records)} of 7 blocks already written" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["synthetic.zarr"]
+
+    a, b = open_cube(resumed.path), open_cube(clean.path)
+    np.testing.assert_array_equal(a.rain_rate.values, b.rain_rate.values)
+    np.testing.assert_array_equal(a.frame_valid.values, b.frame_valid.values)
+    assert not a.frame_valid.values[12:18].any() and np.isnan(a.rain_rate.values[12:18]).all()
+    assert _chunk_files(resumed.path) == _chunk_files(clean.path)  # bit for bit
+
+
+def test_partial_store_of_another_digest_is_redone(tmp_path, monkeypatch):
+    _crash_after(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        ingest("synthetic", str(tmp_path), catalog=_catalog(seed=1), **KW)
+    monkeypatch.undo()
+    other = _catalog(seed=2)
+    result = ingest("synthetic", str(tmp_path), catalog=other, **KW)
+    assert result.blocks_resumed == 0
+    clean = ingest("synthetic", str(tmp_path / "clean"), catalog=other, **KW)
+    assert _chunk_files(result.path) == _chunk_files(clean.path)
+
+
+def test_second_ingest_while_locked_fails_with_the_holder(tmp_path):
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        lock = tmp_path / "synthetic.zarr.lock"
+        lock.write_text(f'{{"host": "{socket.gethostname()}", "pid": {holder.pid}}}')
+        with pytest.raises(StoreLockedError) as err:
+            ingest("synthetic", str(tmp_path), catalog=_catalog(), **KW)
+        message = str(err.value)
+        assert str(lock) in message and f"pid {holder.pid}" in message and "\n" not in message
+        assert lock.exists()  # not ours to remove
+        assert not (tmp_path / "synthetic.zarr").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock = tmp_path / "synthetic.zarr.lock"
+    lock.write_text(f'{{"host": "{socket.gethostname()}", "pid": {dead.pid}}}')
+    result = ingest("synthetic", str(tmp_path), catalog=_catalog(), **KW)
+    assert result.n_times == 40 and not lock.exists()
+
+
+def test_schema_version_is_part_of_the_digest(tmp_path, monkeypatch):
+    cat = _catalog()
+    monkeypatch.setattr(ingest_module, "CUBE_SCHEMA_VERSION", CUBE_SCHEMA_VERSION - 1)
+    old = ingest("synthetic", str(tmp_path), catalog=cat, **KW)
+    assert open_cube(old.path).attrs["cube_schema_version"] == CUBE_SCHEMA_VERSION - 1
+    monkeypatch.undo()
+    again = ingest("synthetic", str(tmp_path), catalog=cat, **KW)
+    assert not again.up_to_date  # an older ingest's cube is rebuilt
+    assert open_cube(again.path).attrs["cube_schema_version"] == CUBE_SCHEMA_VERSION
+    assert ingest("synthetic", str(tmp_path), catalog=cat, **KW).up_to_date
+
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_free_space_guard_stops_before_writing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("shutil.disk_usage", lambda path: Usage(10**6, 10**6 - 4096, 4096))
+    with pytest.raises(ConfigError) as err:
+        ingest("synthetic", str(tmp_path), catalog=_catalog(), **KW)
+    message = str(err.value)
+    assert "not enough free disk space" in message and "estimated" in message
+    assert "4.0 KiB free" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []  # nothing written, lock released
+
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "40 frames in 1 segment(s)" in line and "gap share 15.0%" in line
+    assert "estimated" in line
+
+
+def test_estimate_is_close_to_the_written_size(tmp_path, monkeypatch):
+    result = ingest("synthetic", str(tmp_path), catalog=_catalog(), **KW)
+    stored = sum(len(v) for k, v in _chunk_files(result.path).items() if "rain_rate" in k)
+    assert 0.5 * stored < result.estimated_bytes < 2 * stored
+
+
+def test_fsspec_destination_only_prints_the_estimate(monkeypatch, capsys):
+    monkeypatch.setattr("shutil.disk_usage", lambda path: Usage(1, 1, 0))
+    url = "memory://nowcast-resume-test/cubes"
+    result = ingest("synthetic", url, catalog=_catalog(), **KW)
+    assert open_cube(result.path).sizes["time"] == 40
+    assert "estimated" in capsys.readouterr().out
+
+
+def test_local_cluster_does_not_spill_and_cleans_its_scratch(tmp_path, monkeypatch):
+    import tempfile
+
+    from nowcast.parallel import dask_client, scratch_root
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    leftover = scratch_root() / "run-999999999-deadbeef"  # a killed run's (no such pid)
+    leftover.mkdir(parents=True)
+
+    def memory_settings(dask_worker):
+        manager = dask_worker.memory_manager
+        return manager.memory_target_fraction, manager.memory_spill_fraction
+
+    with dask_client("threads", n_workers=1) as client:
+        assert set(client.run(memory_settings).values()) == {(False, False)}
+        assert not leftover.exists()
+        (run_dir,) = scratch_root().iterdir()
+        assert run_dir.name.startswith(f"run-{os.getpid()}-")
+    assert list(scratch_root().iterdir()) == []
