@@ -28,6 +28,7 @@ import pandas as pd
 import xarray as xr
 
 from .config import ConfigError
+from .io.cube import cube_segments
 
 SPLITS = ("train", "val", "test")
 # A buffer is carved from the split that comes later in this order.
@@ -94,13 +95,6 @@ def cube_timestep(cube: xr.Dataset) -> int:
     if len(times) < 2:
         raise ConfigError("cannot infer the timestep of a one-frame cube")
     return int(np.min(np.diff(times)) // np.timedelta64(1, "m"))
-
-
-def cube_segments(cube: xr.Dataset) -> np.ndarray:
-    """Segment number of each cube frame; one segment for cubes written before segments."""
-    if "segment" in cube.variables:
-        return np.asarray(cube["segment"].values, dtype=np.int32)
-    return np.zeros(cube.sizes["time"], dtype=np.int32)
 
 
 def aligned_frames(times: np.ndarray, source_step: int, resample_minutes: int | None) -> np.ndarray:
