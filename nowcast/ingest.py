@@ -50,7 +50,9 @@ from .parallel import dask_client
 
 # Free space must exceed the estimate by this factor: compression varies with the weather.
 DISK_SAFETY_FACTOR = 1.5
-N_ESTIMATE_SAMPLES = 3
+# Frames decoded to estimate the size: on the BoM day 3 evenly spread frames gave 26 % of the
+# stored size (dry morning), 8 gave 88 %, 16 gave 93 %.
+N_ESTIMATE_SAMPLES = 8
 
 
 @dataclass
