@@ -29,6 +29,7 @@ __all__ = [
     "coarse_grid_shape",
     "coarse_motion",
     "trajectory_margin",
+    "lagrangian_window",
 ]
 
 
@@ -132,3 +133,25 @@ def trajectory_margin(max_speed: float, n_input: int, n_target: int) -> int:
     at most ``max_speed`` pixels (per axis); bilinear reads need one more pixel.
     """
     return int(math.ceil(float(max_speed) * max(n_input - 1, n_target, 0))) + 1
+
+
+def lagrangian_window(frames: np.ndarray, n_input: int) -> tuple[np.ndarray, np.ndarray]:
+    """One full-domain window moved into the Lagrangian frame of its inputs.
+
+    The reference for a Lagrangian patch store's samples (the store warps each patch at load
+    time, :mod:`nowcast.warp`, and must match this with the patch cut out). The motion comes
+    from the input frames only (as at forecast time). Rain rate and the validity mask are
+    advected along the same trajectories; a pixel is valid where its advected validity is ~1,
+    so pixels that came from outside the radar range are no-data, not dry.
+
+    Returns
+    -------
+    rain_rate, valid : numpy.ndarray
+        (n_frames, y, x), NaN where not valid.
+    """
+    frames = np.asarray(frames, dtype=np.float64)
+    moves = window_moves(motion_field(frames[:n_input]), n_input, frames.shape[0] - n_input)
+    moved = move_frames(frames, moves)
+    moved_valid = move_frames(np.isfinite(frames).astype(np.float64), moves)
+    valid = (moved_valid > 0.99) & np.isfinite(frames[n_input - 1])[None]
+    return np.where(valid, moved, np.nan).astype(np.float32), valid

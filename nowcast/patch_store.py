@@ -19,9 +19,11 @@ samples are moved into the frame of their window's motion by :mod:`nowcast.warp`
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -29,8 +31,9 @@ import xarray as xr
 import zarr
 
 from . import storage, transforms
+from . import windows as window_rules
 from .config import ConfigError
-from .windows import input_offsets, lead_offsets
+from .windows import SPLITS, input_offsets, lead_offsets
 
 #: Version of the layout; a store of another version is rebuilt by ``nowcast patches``.
 SCHEMA_VERSION = 2
@@ -221,40 +224,49 @@ class PatchStore:
         return values, valid
 
     def _warped(self, source: str, part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """Lagrangian samples of one source: regions read, then warped in one batch."""
+        """Lagrangian samples of one source, warped in one batch (:mod:`nowcast.warp`).
+
+        The trajectories of the patch pixels come first (they need only the coarse motion);
+        then each sample reads the box of frames its displaced points fall in, which is the
+        patch plus the reach of its own window's motion (at most ``margin`` pixels).
+        """
         # torch only here: the store's tables and Eulerian samples do not need it.
         import torch
 
-        from .warp import warp_regions
+        from .warp import patch_points, warp_frames, window_displacements
 
         group = self._group(source)
         frames, motion = group["frames"], group["motion"]
-        n_frames = self.n_input_frames + self.n_target_frames
-        margin, size = self.margin, self.patch_size + 2 * self.margin
-        n_rows, n_cols = frames.shape[1:]
-        regions = np.full((len(part), n_frames, size, size), np.nan, dtype=np.float32)
-        fields = {}
-        for k, row in enumerate(part.itertuples(index=False)):
-            y0, x0 = row.y0 - margin, row.x0 - margin
-            r0, r1 = max(y0, 0), min(y0 + size, n_rows)
-            c0, c1 = max(x0, 0), min(x0 + size, n_cols)
-            regions[k, :, r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] = frames[
-                row.frame_start : row.frame_start + n_frames, r0:r1, c0:c1
-            ]
-            if row.motion_index not in fields:
-                fields[row.motion_index] = motion[row.motion_index]
-        transform, params = self.transform()
-        stored = torch.from_numpy(regions)
-        finite = torch.isfinite(stored)
-        rain_rate = torch.where(finite, transform.inverse(torch.nan_to_num(stored), params), np.nan)
+        n_input, n_frames = self.n_input_frames, self.n_input_frames + self.n_target_frames
+        domain = frames.shape[1:]
+        fields = {i: motion[i] for i in np.unique(part["motion_index"])}
         coarse = torch.from_numpy(np.stack([fields[i] for i in part["motion_index"]]))
-        origins = torch.from_numpy(part[["y0", "x0"]].to_numpy(np.int64) - margin)
+        origins = torch.from_numpy(part[["y0", "x0"]].to_numpy(np.int64).copy())
+        points = patch_points(origins, self.patch_size, torch.float32)
         with torch.no_grad():
-            moved, valid = warp_regions(
-                rain_rate, coarse, origins, (n_rows, n_cols), self.n_input_frames, margin
+            moves = window_displacements(coarse, domain, points, n_input, n_frames - n_input)
+            where = points[:, None] + moves
+            # Box of each sample's displaced points (x, y), clipped to the domain.
+            limits = torch.tensor([domain[1], domain[0]])
+            low = torch.clamp(where.flatten(1, 3).amin(1).floor().long(), min=0)
+            high = torch.minimum(where.flatten(1, 3).amax(1).floor().long() + 2, limits)
+            low, high = torch.minimum(low, high - 1).numpy(), high.numpy()
+            size = (high - low).max(axis=0)
+            boxes = np.full((len(part), n_frames, size[1], size[0]), np.nan, dtype=np.float32)
+            for k, start in enumerate(part["frame_start"].to_numpy()):
+                (c0, r0), (c1, r1) = low[k], high[k]
+                boxes[k, :, : r1 - r0, : c1 - c0] = frames[start : start + n_frames, r0:r1, c0:c1]
+            transform, params = self.transform()
+            stored = torch.from_numpy(boxes)
+            finite = torch.isfinite(stored)
+            rain_rate = torch.where(
+                finite, transform.inverse(torch.nan_to_num(stored), params), torch.nan
             )
-            values = transform.forward(torch.where(valid, moved, 0.0), params)
-            values = torch.where(valid, values, 0.0)
+            box_origins = torch.from_numpy(low[:, ::-1].copy())
+            moved, valid = warp_frames(rain_rate, box_origins, where, domain, n_input)
+            values = torch.where(
+                valid, transform.forward(torch.where(valid, moved, 0.0), params), 0.0
+            )
         return values.numpy().astype(np.float32, copy=False), valid.numpy()
 
     def sample(self, index: int) -> xr.Dataset:
@@ -321,3 +333,235 @@ def _window_table(root: xr.Dataset, cube_paths: dict) -> pd.DataFrame:
 def _strings(values) -> np.ndarray:
     """Plain Python strings (zarr v3 gives NumPy's variable-width StringDType)."""
     return np.asarray(values).astype(object).astype(str).astype(object)
+
+
+# --------------------------------------------------------------------------------------------
+# writing (nowcast.patches.build_patches decides what goes in; this is how it is laid out)
+
+#: Storage chunk of the frames: a 128-pixel patch sequence of 12 frames reads 2-3 chunks in
+#: time and 2-3 per axis (see benchmarks/bench_patches.py for the choice).
+FRAME_CHUNK = (6, 64, 64)
+#: Zarr shards group chunks into files of about this many bytes: few files to copy or delete,
+#: and one dask task (one shard) holds a bounded block of frames whatever the archive length.
+SHARD_BYTES = 16 * 2**20
+#: Motion windows per shard file (one chunk per window) and per dask task.
+MOTION_SHARD = 16
+
+
+def normalize_frames(rain_rate: np.ndarray, normalization: dict, dtype: str) -> np.ndarray:
+    """Normalized values of a block of frames as stored: NaN where there is no data."""
+    method = transforms.get_method(normalization["method"])
+    values = method.forward(rain_rate, normalization["params"])
+    return np.where(np.isfinite(rain_rate), values, np.nan).astype(dtype)
+
+
+def window_motions(
+    cube: str, cube_starts: list[int], step: int, n_input: int, stride: int
+) -> np.ndarray:
+    """Coarse LK motion (window, 2, yc, xc) of the input frames of windows of one cube.
+
+    The motion is :func:`nowcast.lagrangian.motion_field` of the full-resolution input frames,
+    as at forecast time; one window's frames and full motion are in memory at a time.
+    """
+    from .lagrangian import coarse_motion, motion_field
+
+    with quiet_zarr():
+        rain_rate = zarr.open_group(cube, mode="r")["rain_rate"]
+    fields = []
+    for first in cube_starts:
+        inputs = rain_rate[first : first + (n_input - 1) * step + 1 : step]
+        fields.append(coarse_motion(motion_field(np.asarray(inputs, dtype=np.float64)), stride))
+    return np.stack(fields)
+
+
+@dataclass
+class StoreContent:
+    """What :func:`write_store` writes: the root tables and, per source, the lazy frames group
+    with its zarr encoding."""
+
+    root: xr.Dataset
+    groups: dict[str, xr.Dataset]
+    encodings: dict[str, dict]
+    n_input: int
+    n_target: int
+
+
+def frames_group(plan, config, n_input: int, n_frames: int, normalization: dict):
+    """Lazy frames group of one source and its encoding; adds ``frame_start`` (and, Lagrangian,
+    ``motion_index``) to the source's samples.
+
+    Parameters
+    ----------
+    plan : nowcast.patches.SourcePlan
+        ``timeline``, ``rain_rate`` (lazy, on the timeline), ``samples`` (with ``start``, the
+        window's first timeline frame), ``source``, ``path``.
+    config : nowcast.patches.PatchesConfig
+
+    Returns
+    -------
+    tuple
+        ``(xarray.Dataset, encoding)``. The frames are those of the windows with samples, each
+        once and sorted, so a window's frames are consecutive; one dask chunk is one shard.
+    """
+    starts = np.unique(plan.samples["start"].to_numpy())
+    frame_ids = window_rules.window_frame_indices(starts, n_frames)
+    plan.samples["frame_start"] = np.searchsorted(frame_ids, plan.samples["start"].to_numpy())
+    n_rows, n_cols = plan.rain_rate.shape[1:]
+    chunk = (FRAME_CHUNK[0], min(FRAME_CHUNK[1], n_rows), min(FRAME_CHUNK[2], n_cols))
+    shard_area = [math.ceil(n / c) * c for n, c in zip((n_rows, n_cols), chunk[1:], strict=True)]
+    frame_bytes = shard_area[0] * shard_area[1] * np.dtype(config.dtype).itemsize
+    per_shard = max(1, SHARD_BYTES // frame_bytes // chunk[0]) * chunk[0]
+    rain_rate = plan.rain_rate[frame_ids].rechunk({0: per_shard, 1: -1, 2: -1})
+    frames = rain_rate.map_blocks(
+        normalize_frames, normalization, config.dtype, dtype=np.dtype(config.dtype)
+    )
+    data = {
+        "frames": (
+            ("frame", "y", "x"),
+            frames,
+            {"long_name": f"normalized rain rate ({normalization['method']}); NaN = no data"},
+        ),
+        "time": ("frame", plan.timeline.times[frame_ids]),
+        "cube_index": ("frame", plan.timeline.cube_index[frame_ids].astype(np.int64)),
+    }
+    encoding = {"frames": {"chunks": chunk, "shards": (per_shard, *shard_area)}}
+    if config.frame == "lagrangian":
+        plan.samples["motion_index"] = np.searchsorted(starts, plan.samples["start"].to_numpy())
+        motion = _lazy_motion(plan, starts, config.motion_stride, n_input)
+        data["motion"] = (("motion_window", "component", "yc", "xc"), motion)
+        encoding["motion"] = {
+            "chunks": (1, *motion.shape[1:]),
+            "shards": (min(MOTION_SHARD, motion.shape[0]), *motion.shape[1:]),
+        }
+    group = xr.Dataset(data, attrs={"source": plan.source, "cube_path": plan.path})
+    return group, encoding
+
+
+def _lazy_motion(plan, starts: np.ndarray, stride: int, n_input: int):
+    """Coarse motion of the windows starting at ``starts``: one task per shard of windows."""
+    import dask
+    import dask.array as da
+
+    from .lagrangian import coarse_grid_shape
+
+    shape = coarse_grid_shape(plan.rain_rate.shape[1:], stride)
+    cube_starts = plan.timeline.cube_index[starts]
+    pieces = []
+    for begin in range(0, len(starts), MOTION_SHARD):
+        chunk = [int(s) for s in cube_starts[begin : begin + MOTION_SHARD]]
+        task = dask.delayed(window_motions, pure=True)(
+            plan.path, chunk, plan.timeline.step, n_input, stride
+        )
+        pieces.append(da.from_delayed(task, shape=(len(chunk), 2, *shape), dtype=np.float32))
+    return da.concatenate(pieces)
+
+
+def sample_table(plans: list, n_input: int, step: int) -> pd.DataFrame:
+    """Samples of all sources ordered by split, source, time, then patch origin."""
+    tables = []
+    for split in SPLITS:
+        for plan in plans:
+            samples = plan.samples[plan.samples["split"] == split].sort_values(
+                ["start", "y0", "x0"]
+            )
+            start_time = plan.timeline.times[samples["start"].to_numpy()]
+            tables.append(
+                samples.assign(
+                    source=plan.source,
+                    start_time=start_time,
+                    reference_time=window_rules.reference_times(start_time, n_input, step),
+                )
+            )
+    return pd.concat(tables, ignore_index=True)
+
+
+def root_dataset(plans: list, n_input: int, n_target: int, attrs: dict) -> xr.Dataset:
+    """The root group: sample table, window table (ordered by split, source, time), time
+    offsets and attributes. Call after :func:`frames_group` (it adds ``frame_start``)."""
+    step = plans[0].timeline.timestep
+    table = sample_table(plans, n_input, step)
+    windows = pd.concat(
+        [plan.windows[plan.windows["split"] == split] for split in SPLITS for plan in plans],
+        ignore_index=True,
+    )
+    row_of = {key: k for k, key in enumerate(zip(windows["source"], windows["start"], strict=True))}
+    columns = {
+        "source": table["source"].to_numpy(dtype=object),
+        "split": table["split"].to_numpy(dtype=object),
+        "start_time": _ns(table["start_time"]),
+        "reference_time": _ns(table["reference_time"]),
+        "y0": table["y0"].to_numpy(np.int32),
+        "x0": table["x0"].to_numpy(np.int32),
+        "wet_fraction": table["wet_fraction"].to_numpy(np.float32),
+        "frame_start": table["frame_start"].to_numpy(np.int64),
+        "window": np.array(
+            [row_of[key] for key in zip(table["source"], table["start"], strict=True)],
+            dtype=np.int64,
+        ),
+    }
+    if "motion_index" in table:
+        columns["motion_index"] = table["motion_index"].to_numpy(np.int64)
+    data = {name: ("sample", values) for name, values in columns.items()}
+    data.update(
+        window_source=("window", windows["source"].to_numpy(dtype=object)),
+        window_start_time=("window", _ns(windows["start_time"])),
+        window_reference_time=("window", _ns(windows["reference_time"])),
+        window_split=("window", windows["split"].to_numpy(dtype=object)),
+    )
+    coords = {
+        "input_time": (
+            "input_time",
+            window_rules.input_offsets(n_input, step),
+            {"long_name": "input frame time minus reference_time"},
+        ),
+        "target_time": (
+            "target_time",
+            window_rules.lead_offsets(n_target, step),
+            {"long_name": "lead time of the target frame after reference_time"},
+        ),
+    }
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def _ns(values) -> np.ndarray:
+    return np.asarray(values, dtype="datetime64[ns]")
+
+
+def write_store(content: StoreContent, path: str, client, progress: bool) -> None:
+    """Write the store (zarr format 3, consolidated metadata) at ``path``.
+
+    The root tables first, then the frame groups on the Dask cluster (one task per shard, so
+    memory is bounded by a shard whatever the archive length), then the Lagrangian ``margin``
+    from the largest motion written.
+    """
+    from .lagrangian import trajectory_margin
+    from .parallel import show_progress
+
+    with quiet_zarr():
+        content.root.to_zarr(path, mode="w", consolidated=False, zarr_format=3)
+        writes, speeds = [], []
+        for source, group in content.groups.items():
+            if "motion" in group:
+                speeds.append(abs(group["motion"].data).max())
+            writes.append(
+                group.to_zarr(
+                    path,
+                    group=f"{FRAMES_GROUP}/{source}",
+                    mode="w",
+                    consolidated=False,
+                    zarr_format=3,
+                    encoding=content.encodings[source],
+                    compute=False,
+                )
+            )
+        # One compute: the speed reductions share the motion tasks with the writes.
+        futures = client.compute([*writes, *speeds])
+        if progress:
+            show_progress(futures)
+        results = client.gather(futures)
+        if speeds:
+            max_speed = max(float(value) for value in results[len(writes) :])
+            root = zarr.open_group(path, mode="r+")
+            root.attrs["margin"] = trajectory_margin(max_speed, content.n_input, content.n_target)
+            root.attrs["max_motion_speed"] = max_speed
+        zarr.consolidate_metadata(path)

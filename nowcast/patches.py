@@ -20,17 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
-import zarr
 from pydantic import Field, field_validator, model_validator
 
 from . import __version__, storage
@@ -39,20 +37,20 @@ from . import windows as window_rules
 from .config import ConfigError, StrictModel, load_catalog
 from .experiment import ExperimentConfig, load_experiment, stage_config
 from .io.cube import cube_path, open_cube
-from .lagrangian import coarse_grid_shape, coarse_motion, trajectory_margin
-from .parallel import dask_client, show_progress
-from .patch_store import FRAMES_GROUP, SCHEMA_VERSION, PatchStore, open_root, quiet_zarr
+from .parallel import dask_client
+from .patch_store import (
+    FRAME_CHUNK,
+    SCHEMA_VERSION,
+    PatchStore,
+    StoreContent,
+    frames_group,
+    open_root,
+    root_dataset,
+    write_store,
+)
 from .windows import SPLIT_PRIORITY, SPLITS
 
 SplitName = Literal["train", "val", "test"]
-#: Storage chunk of the frames: a 128-pixel patch sequence of 12 frames reads 2-3 chunks in
-#: time and 2-3 per axis (see benchmarks/bench_patches.py for the choice).
-FRAME_CHUNK = (6, 64, 64)
-#: Zarr shards group chunks into files of about this many bytes: few files to copy or delete,
-#: and one dask task (one shard) reads a bounded block of frames whatever the archive length.
-SHARD_BYTES = 16 * 2**20
-#: Motion windows per shard file (one chunk per window).
-MOTION_SHARD = 16
 
 
 class TimeRange(StrictModel):
@@ -128,7 +126,7 @@ class PatchesConfig(StrictModel):
         20_000_000, ge=1000, description="pixels used to fit the normalization (spatial subsample)"
     )
     motion_stride: int = Field(
-        4,
+        8,
         ge=1,
         description="lagrangian: pixels between the nodes of the stored coarse motion grid",
     )
@@ -250,7 +248,6 @@ class SourcePlan:
     blocks: list = None
     windows: pd.DataFrame = None
     samples: pd.DataFrame = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -318,12 +315,6 @@ class SourcePlan:
             )
         self.samples = pd.concat(tables, ignore_index=True)
 
-    def n_windows(self, split: str) -> int:
-        return int((self.windows["split"] == split).sum())
-
-    def n_samples(self, split: str) -> int:
-        return int((self.samples["split"] == split).sum())
-
 
 # --------------------------------------------------------------------------------------------
 # normalization
@@ -361,256 +352,6 @@ def fit_normalization(
         "params": params,
         "fitted_on": {"split": "train", "sources": described},
     }
-
-
-def normalize_frames(rain_rate: np.ndarray, normalization: dict, dtype: str) -> np.ndarray:
-    """Normalized values of a block of frames as stored: NaN where there is no data."""
-    method = normalization_methods.get_method(normalization["method"])
-    values = method.forward(rain_rate, normalization["params"])
-    return np.where(np.isfinite(rain_rate), values, np.nan).astype(dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Lagrangian frame
-
-
-def lagrangian_window(frames: np.ndarray, n_input: int) -> tuple[np.ndarray, np.ndarray]:
-    """One full-domain window moved into the Lagrangian frame of its inputs.
-
-    The reference computation of what a Lagrangian store's samples are (the store warps them at
-    load time, :mod:`nowcast.warp`). The motion comes from the input frames only (as at forecast
-    time). Rain rate and the validity mask are advected along the same trajectories; a pixel is
-    valid where its advected validity is ~1, so pixels that came from outside the radar range
-    are no-data, not dry.
-
-    Returns
-    -------
-    rain_rate, valid : numpy.ndarray
-        (n_frames, y, x), NaN where not valid.
-    """
-    from .lagrangian import motion_field, move_frames, window_moves
-
-    frames = np.asarray(frames, dtype=np.float64)
-    moves = window_moves(motion_field(frames[:n_input]), n_input, frames.shape[0] - n_input)
-    moved = move_frames(frames, moves)
-    moved_valid = move_frames(np.isfinite(frames).astype(np.float64), moves)
-    valid = (moved_valid > 0.99) & np.isfinite(frames[n_input - 1])[None]
-    return np.where(valid, moved, np.nan).astype(np.float32), valid
-
-
-def window_motions(
-    cube: str, cube_starts: list[int], step: int, n_input: int, stride: int
-) -> np.ndarray:
-    """Coarse LK motion (window, 2, yc, xc) of the input frames of windows of one cube.
-
-    One window's full-domain frames and motion are in memory at a time.
-    """
-    from .lagrangian import motion_field
-
-    with quiet_zarr():
-        rain_rate = zarr.open_group(cube, mode="r")["rain_rate"]
-    fields = []
-    for first in cube_starts:
-        inputs = rain_rate[first : first + (n_input - 1) * step + 1 : step]
-        fields.append(coarse_motion(motion_field(np.asarray(inputs, dtype=np.float64)), stride))
-    return np.stack(fields)
-
-
-# --------------------------------------------------------------------------------------------
-# the store
-
-
-@dataclass
-class StoreContent:
-    """What :func:`write_store` writes: the root tables and, per source, the frames group."""
-
-    root: xr.Dataset
-    groups: dict[str, xr.Dataset]
-    n_input: int
-    n_target: int
-
-
-def frames_group(
-    plan: SourcePlan, config: PatchesConfig, n_input: int, n_frames: int, normalization: dict
-) -> xr.Dataset:
-    """Lazy frames group of one source; sets ``frame_start`` (and ``motion_index``) on its
-    samples.
-
-    The frames are those of the windows with samples, each once; one dask chunk is one shard.
-    """
-    starts = np.unique(plan.samples["start"].to_numpy())
-    frame_ids = window_rules.window_frame_indices(starts, n_frames)
-    plan.samples["frame_start"] = np.searchsorted(frame_ids, plan.samples["start"].to_numpy())
-    n_rows, n_cols = plan.cube["rain_rate"].shape[1:]
-    padded = math.ceil(n_rows / FRAME_CHUNK[1]) * math.ceil(n_cols / FRAME_CHUNK[2]) * 64 * 64
-    frame_bytes = padded * np.dtype(config.dtype).itemsize
-    per_shard = max(1, SHARD_BYTES // frame_bytes // FRAME_CHUNK[0]) * FRAME_CHUNK[0]
-    timeline_frames = plan.rain_rate
-    rain_rate = timeline_frames[frame_ids].rechunk({0: per_shard, 1: -1, 2: -1})
-    frames = rain_rate.map_blocks(
-        normalize_frames, normalization, config.dtype, dtype=np.dtype(config.dtype)
-    )
-    timeline = plan.timeline
-    data = {
-        "frames": (
-            ("frame", "y", "x"),
-            frames,
-            {"long_name": f"normalized rain rate ({normalization['method']}); NaN = no data"},
-        ),
-        "time": ("frame", timeline.times[frame_ids]),
-        "cube_index": ("frame", timeline.cube_index[frame_ids].astype(np.int64)),
-    }
-    if config.frame == "lagrangian":
-        plan.samples["motion_index"] = np.searchsorted(starts, plan.samples["start"].to_numpy())
-        data["motion"] = (
-            ("motion_window", "component", "yc", "xc"),
-            _lazy_motion(plan, starts, config, n_input),
-        )
-    group = xr.Dataset(data, attrs={"source": plan.source, "cube_path": plan.path})
-    group.attrs["shards"] = json.dumps({"frames": [per_shard, *_padded(n_rows, n_cols)]})
-    return group
-
-
-def _padded(n_rows: int, n_cols: int) -> list[int]:
-    return [
-        math.ceil(n_rows / FRAME_CHUNK[1]) * FRAME_CHUNK[1],
-        math.ceil(n_cols / FRAME_CHUNK[2]) * FRAME_CHUNK[2],
-    ]
-
-
-def _lazy_motion(
-    plan: SourcePlan, starts: np.ndarray, config: PatchesConfig, n_input: int
-) -> da.Array:
-    """Coarse motion of the windows starting at ``starts``: one task per shard of windows."""
-    shape = coarse_grid_shape(plan.cube["rain_rate"].shape[1:], config.motion_stride)
-    cube_starts = plan.timeline.cube_index[starts]
-    pieces = []
-    for begin in range(0, len(starts), MOTION_SHARD):
-        chunk = [int(s) for s in cube_starts[begin : begin + MOTION_SHARD]]
-        task = dask.delayed(window_motions, pure=True)(
-            plan.path, chunk, plan.timeline.step, n_input, config.motion_stride
-        )
-        pieces.append(da.from_delayed(task, shape=(len(chunk), 2, *shape), dtype=np.float32))
-    return da.concatenate(pieces)
-
-
-def sample_table(plans: list[SourcePlan], n_input: int, step: int) -> pd.DataFrame:
-    """Samples ordered by split, source, time, then patch origin."""
-    tables = []
-    for split in SPLITS:
-        for plan in plans:
-            samples = plan.samples[plan.samples["split"] == split].sort_values(
-                ["start", "y0", "x0"]
-            )
-            start_time = plan.timeline.times[samples["start"].to_numpy()]
-            tables.append(
-                samples.assign(
-                    source=plan.source,
-                    start_time=start_time,
-                    reference_time=window_rules.reference_times(start_time, n_input, step),
-                )
-            )
-    return pd.concat(tables, ignore_index=True)
-
-
-def window_table(plans: list[SourcePlan]) -> pd.DataFrame:
-    """Every valid full-domain window, ordered by split, source, time."""
-    tables = [plan.windows[plan.windows["split"] == split] for split in SPLITS for plan in plans]
-    return pd.concat(tables, ignore_index=True)
-
-
-def root_dataset(
-    plans: list[SourcePlan], config: PatchesConfig, n_input: int, n_target: int, attrs: dict
-) -> xr.Dataset:
-    """The root group: sample table, window table, time offsets and attributes."""
-    step = plans[0].timeline.timestep
-    table = sample_table(plans, n_input, step)
-    windows = window_table(plans)
-    row_of = {key: k for k, key in enumerate(zip(windows["source"], windows["start"], strict=True))}
-    table["window"] = [row_of[key] for key in zip(table["source"], table["start"], strict=True)]
-    sample_vars = {
-        "source": table["source"].to_numpy(dtype=object),
-        "split": table["split"].to_numpy(dtype=object),
-        "start_time": _ns(table["start_time"]),
-        "reference_time": _ns(table["reference_time"]),
-        "y0": table["y0"].to_numpy(np.int32),
-        "x0": table["x0"].to_numpy(np.int32),
-        "wet_fraction": table["wet_fraction"].to_numpy(np.float32),
-        "frame_start": table["frame_start"].to_numpy(np.int64),
-        "window": table["window"].to_numpy(np.int64),
-    }
-    if "motion_index" in table:
-        sample_vars["motion_index"] = table["motion_index"].to_numpy(np.int64)
-    data = {name: ("sample", values) for name, values in sample_vars.items()}
-    data.update(
-        window_source=("window", windows["source"].to_numpy(dtype=object)),
-        window_start_time=("window", _ns(windows["start_time"])),
-        window_reference_time=("window", _ns(windows["reference_time"])),
-        window_split=("window", windows["split"].to_numpy(dtype=object)),
-    )
-    coords = {
-        "input_time": (
-            "input_time",
-            window_rules.input_offsets(n_input, step),
-            {"long_name": "input frame time minus reference_time"},
-        ),
-        "target_time": (
-            "target_time",
-            window_rules.lead_offsets(n_target, step),
-            {"long_name": "lead time of the target frame after reference_time"},
-        ),
-    }
-    return xr.Dataset(data, coords=coords, attrs=attrs)
-
-
-def _ns(values) -> np.ndarray:
-    return np.asarray(values, dtype="datetime64[ns]")
-
-
-def write_store(content: StoreContent, path: str, client, progress: bool) -> None:
-    """Write the store (zarr format 3, consolidated): root tables, then the frame groups on the
-    cluster (one task per shard), then the Lagrangian ``margin`` from the motion written."""
-    with quiet_zarr():
-        content.root.to_zarr(path, mode="w", consolidated=False, zarr_format=3)
-        writes, speeds = [], []
-        for source, group in content.groups.items():
-            shards = json.loads(group.attrs.pop("shards"))
-            encoding = {
-                "frames": {
-                    "chunks": tuple(
-                        min(c, n) for c, n in zip(FRAME_CHUNK, group["frames"].shape, strict=True)
-                    ),
-                    "shards": tuple(shards["frames"]),
-                }
-            }
-            if "motion" in group:
-                shape = group["motion"].shape
-                encoding["motion"] = {
-                    "chunks": (1, *shape[1:]),
-                    "shards": (min(MOTION_SHARD, shape[0]), *shape[1:]),
-                }
-                speeds.append(abs(group["motion"].data).max())
-            writes.append(
-                group.to_zarr(
-                    path,
-                    group=f"{FRAMES_GROUP}/{source}",
-                    mode="w",
-                    consolidated=False,
-                    zarr_format=3,
-                    encoding=encoding,
-                    compute=False,
-                )
-            )
-        futures = client.compute([*writes, *speeds])
-        if progress:
-            show_progress(futures)
-        results = client.gather(futures)
-        root = zarr.open_group(path, mode="r+")
-        if speeds:
-            max_speed = max(float(value) for value in results[len(writes) :])
-            root.attrs["margin"] = trajectory_margin(max_speed, content.n_input, content.n_target)
-            root.attrs["max_motion_speed"] = max_speed
-        zarr.consolidate_metadata(path)
 
 
 def open_patch_store(path: str) -> xr.Dataset:
@@ -669,8 +410,8 @@ def build_digest(config: PatchesConfig, plans: list[SourcePlan]) -> str:
 
 
 def _check_counts(plans: list[SourcePlan], config: PatchesConfig, n_input: int, n_target: int):
-    windows = {s: sum(p.n_windows(s) for p in plans) for s in SPLITS}
-    samples = {s: sum(p.n_samples(s) for p in plans) for s in SPLITS}
+    windows = {s: sum(int((p.windows["split"] == s).sum()) for p in plans) for s in SPLITS}
+    samples = {s: sum(int((p.samples["split"] == s).sum()) for p in plans) for s in SPLITS}
     detail = (
         f"windows per split: {_counts(windows)}; patches per split: {_counts(samples)} "
         f"(n_input_frames={n_input}, n_target_frames={n_target}, "
@@ -714,10 +455,14 @@ def _scheduler(scheduler: str | None) -> str | None:
 
 
 def _existing_digest(path: str) -> str | None:
+    """Build digest of the store at ``path``; None if unreadable or of another schema."""
     try:
-        return open_root(path).attrs.get("build_digest")
+        attrs = open_root(path).attrs
     except Exception:  # an unreadable store is rebuilt
         return None
+    if attrs.get("store_schema_version") != SCHEMA_VERSION:
+        return None
+    return attrs.get("build_digest")
 
 
 def build_patches(
@@ -785,10 +530,11 @@ def build_patches(
             plan.select(future.result(), patches_config, n_input, n_target)
         window_counts, sample_counts = _check_counts(plans, patches_config, n_input, n_target)
         normalization = fit_normalization(plans, patches_config, n_frames, client)
-        groups = {
-            plan.source: frames_group(plan, patches_config, n_input, n_frames, normalization)
-            for plan in plans
-        }
+        groups, encodings = {}, {}
+        for plan in plans:
+            groups[plan.source], encodings[plan.source] = frames_group(
+                plan, patches_config, n_input, n_frames, normalization
+            )
         attrs = _store_attrs(
             experiment,
             patches_config,
@@ -798,8 +544,8 @@ def build_patches(
             digest,
             {"windows": window_counts, "samples": sample_counts},
         )
-        root = root_dataset(plans, patches_config, n_input, n_target, attrs)
-        content = StoreContent(root, groups, n_input, n_target)
+        root = root_dataset(plans, n_input, n_target, attrs)
+        content = StoreContent(root, groups, encodings, n_input, n_target)
         with storage.atomic_path(path) as tmp:
             write_store(content, tmp, client, progress)
     return path

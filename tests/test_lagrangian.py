@@ -8,6 +8,8 @@ from pysteps import extrapolation
 
 from nowcast.io.synthetic import SyntheticParams, synthetic_frame
 from nowcast.lagrangian import (
+    coarse_motion,
+    displacements,
     inputs_to_lagrangian,
     motion_field,
     outputs_from_lagrangian,
@@ -77,3 +79,29 @@ def test_untrained_residual_model_in_lagrangian_frame_is_extrapolation():
     # A motion field passed in (as evaluate shares it) gives the same forecast.
     shared = method(inputs, 3, velocity=motion_field(inputs.values))
     np.testing.assert_array_equal(shared.values, forecast.values)
+
+
+def test_torch_trajectories_are_pysteps_trajectories():
+    """nowcast.warp integrates the semi-Lagrangian displacements as pysteps does (float64, the
+    full-resolution motion as its own coarse grid); a linear field survives any coarsening."""
+    import torch
+
+    from nowcast.warp import displacements as torch_displacements
+    from nowcast.warp import motion_at
+
+    frames = _frames(4)
+    velocity = motion_field(frames)
+    np.testing.assert_allclose(coarse_motion(velocity, 1), velocity, atol=1e-5)
+    full = torch.from_numpy(velocity[None])
+    rows, cols = np.indices((96, 96), dtype=np.float64)
+    points = torch.from_numpy(np.stack([cols, rows], -1)[None])
+    expected = displacements(velocity, 3)
+    for step, moved in enumerate(torch_displacements(full, (96, 96), points, 3)):
+        np.testing.assert_allclose(moved[0].permute(2, 0, 1).numpy(), expected[step], atol=1e-9)
+    linear = np.stack([0.01 * cols + 0.5, -0.02 * rows + 0.003 * cols])
+    coarse = torch.from_numpy(coarse_motion(linear, 8)[None].astype(np.float64))
+    anywhere = points + torch.tensor([0.37, -0.61], dtype=torch.float64)
+    inside = anywhere.clamp(0, 95)
+    values = motion_at(coarse, (96, 96), anywhere)[0].numpy()
+    x, y = inside[0, ..., 0].numpy(), inside[0, ..., 1].numpy()
+    np.testing.assert_allclose(values, np.stack([0.01 * x + 0.5, -0.02 * y + 0.003 * x]), atol=1e-5)
