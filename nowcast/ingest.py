@@ -25,6 +25,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
+from tqdm import tqdm
 
 from . import storage
 from .catalog import FramePlan, FrameRef, plan_frames
@@ -497,7 +498,7 @@ def _run_blocks(todo, done, source, grid, store, old_store, scheduler, strict, p
                 return future
 
             pending = as_completed([submit(b) for b in itertools.islice(queue, limit)])
-            finished = 0
+            bar = tqdm(total=len(todo), unit="block", desc="ingest", disable=not progress)
             for future in pending:
                 statuses = future.result()
                 results[index_of.pop(future.key)] = statuses
@@ -507,17 +508,10 @@ def _run_blocks(todo, done, source, grid, store, old_store, scheduler, strict, p
                 nxt = next(queue, None)
                 if nxt is not None:
                     pending.add(submit(nxt))
-                finished += 1
-                if progress:
-                    _show_progress(finished, len(todo))
+                bar.update()
+            bar.close()
     order = sorted(results)
     return [s for index in order for s in results[index]]
-
-
-def _show_progress(finished: int, total: int) -> None:
-    step = max(1, total // 20)
-    if finished == total or finished % step == 0:
-        print(f"  blocks written: {finished}/{total}", flush=True)
 
 
 def _check_statuses(statuses: list[dict], strict: bool) -> None:
