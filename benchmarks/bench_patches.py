@@ -1,18 +1,22 @@
-"""Patch store: build throughput on the BoM day cube, and PyTorch loader throughput.
+"""Patch store: build time, size and PyTorch loader throughput, Eulerian and Lagrangian.
 
 Run from the project root with ``python -m benchmarks.bench_patches`` (or
 ``make bench ARGS=patches``). The cube is ``$NOWCAST_BENCH_CUBE``, else ``data/cubes/bom.zarr``,
 else the BoM day is ingested into a temporary folder first (``NOWCAST_DATA_ROOT`` defaults to
 ../shared/data/pysteps-data).
 
-The store is built with the ``patches`` section of ``pipelines/configs/bom.yaml`` (128-pixel
-patches every 64 pixels, 6 + 6 frames) on an in-process cluster and on a local process cluster
-(both include starting the cluster). The loader reads the train split with augmentation, batch
-16, with 0 and 2 worker processes; the second epoch is the steady state (workers persist).
+Stores are built with the ``patches`` section of ``pipelines/configs/bom.yaml`` (128-pixel
+patches every 64 pixels, 6 + 6 frames) on an in-process cluster, once Eulerian and once
+Lagrangian. The loader reads the train split with augmentation, batch 16, with 0 and 4 worker
+processes (Lagrangian samples are warped in the loader, a batch per call); the rate is compared
+with what training consumes: the CPU training step of ``benchmarks/results/train.json`` and the
+H200 training step of ``benchmarks/results/gpu_nvidia_h200.json``. The storage chunk of the
+frames is chosen by the random sample read time of a few candidates.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -20,103 +24,136 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
-from benchmarks.common import save, table
+from benchmarks.common import RESULTS, save, table
+from nowcast import patch_store
 from nowcast.config import load_yaml
-from nowcast.dataset import PatchDataset, make_dataloaders, store_info
+from nowcast.dataset import make_dataloaders
 from nowcast.experiment import ExperimentConfig
 from nowcast.io.cube import cube_path, open_cube
+from nowcast.patch_store import PatchStore
 from nowcast.patches import build_patches
 
 BOM_CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "bom.yaml"
 BATCH_SIZE = 16
+WORKERS = (0, 4)
+CHUNKS = ((4, 64, 64), (6, 64, 64), (12, 64, 64), (6, 128, 128))
 
 
-def _store_bytes(path: str) -> int:
+def _dir_bytes(path: str) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def bench_build(cube: str, patch_dir: str, patches: dict, scheduler: str | None) -> dict:
-    """Build the store once from scratch; windows/s counts the full-domain windows listed."""
+def bench_build(cube: str, patch_dir: str, patches: dict, name: str) -> dict:
+    """Build one store from scratch; its size against the cube's over the same frames."""
     source = open_cube(cube).attrs["source"]
     cube_dir = os.path.dirname(os.path.abspath(cube))
     if cube_path(cube_dir, source) != os.path.abspath(cube):
         raise ValueError(f"{cube} must be named {source}.zarr (the cube's source)")
     experiment = ExperimentConfig(
-        name="bench_patches",
-        sources=[source],
-        cube_dir=cube_dir,
-        patch_dir=patch_dir,
-        patches=patches,
+        name=name, sources=[source], cube_dir=cube_dir, patch_dir=patch_dir, patches=patches
     )
     start = time.perf_counter()
-    path = build_patches(experiment, scheduler=scheduler, force=True, progress=False)
+    path = build_patches(experiment, scheduler="threads", force=True, progress=False)
     seconds = time.perf_counter() - start
-    counts = store_info(path)["counts"]
-    n_windows, n_samples = sum(counts["windows"].values()), sum(counts["samples"].values())
+    store = PatchStore.open(path)
+    n_windows, n_samples = sum(store.counts["windows"].values()), len(store)
+    n_frames = zarr.open_group(path, mode="r")[f"frames/{source}/frames"].shape[0]
+    cube_bytes = _dir_bytes(cube) * n_frames / open_cube(cube).sizes["time"]
     return {
         "path": path,
         "build_s": seconds,
         "n_windows": n_windows,
         "n_samples": n_samples,
-        "windows_per_s": n_windows / seconds,
+        "n_frames_stored": n_frames,
         "samples_per_s": n_samples / seconds,
-        "store_mb": _store_bytes(path) / 2**20,
+        "store_mb": _dir_bytes(path) / 2**20,
+        "store_over_cube_bytes": _dir_bytes(path) / cube_bytes,
+        "margin": store.margin,
     }
 
 
-def bench_loader(store: str, num_workers: int, n_epochs: int = 2) -> dict:
-    """Train-split throughput of ``make_dataloaders`` (augmented) per epoch."""
+def bench_loader(store: str, num_workers: int, max_batches: int = 40) -> dict:
+    """Train-split samples/s of ``make_dataloaders`` (augmented), after two warm-up batches."""
     loader = make_dataloaders(store, BATCH_SIZE, num_workers=num_workers, augment=True)["train"]
-    epochs = []
-    for _ in range(n_epochs):
-        start, n = time.perf_counter(), 0
-        for inputs, _, _ in loader:
-            n += inputs.shape[0]
-        epochs.append(n / (time.perf_counter() - start))
-    return {"first_epoch_samples_per_s": epochs[0], "samples_per_s": epochs[-1]}
+    n, start = 0, None
+    for index, (inputs, _, _) in enumerate(loader):
+        if index == 2:
+            start, n = time.perf_counter(), 0
+        n += inputs.shape[0]
+        if index + 1 >= max_batches:
+            break
+    return {"samples_per_s": n / (time.perf_counter() - start), "batches": index + 1}
 
 
 def bench_sample_read(store: str, n_reads: int = 200) -> float:
-    """Mean milliseconds of one random ``PatchDataset`` item (one chunk per array)."""
-    dataset = PatchDataset(store, "train")
-    order = np.random.default_rng(0).integers(0, len(dataset), n_reads)
-    dataset[0]
+    """Mean milliseconds of one random sample cut (``PatchStore.cut`` of one index)."""
+    patch = PatchStore.open(store)
+    order = np.random.default_rng(0).integers(0, len(patch), n_reads)
+    patch.cut([0])
     start = time.perf_counter()
     for index in order:
-        dataset[int(index)]
+        patch.cut([int(index)])
     return (time.perf_counter() - start) / n_reads * 1e3
 
 
-def bench(cube: str, patches: dict | None = None) -> dict:
-    """Benchmark building and reading a patch store from ``cube``.
+def bench_chunks(cube: str, patch_dir: str, patches: dict) -> dict:
+    """Sample read time and store size per candidate frame chunk (Eulerian store)."""
+    results, default = {}, patch_store.FRAME_CHUNK
+    try:
+        for chunk in CHUNKS:
+            patch_store.FRAME_CHUNK = chunk
+            built = bench_build(cube, patch_dir, patches, "bench_chunk")
+            results["x".join(map(str, chunk))] = {
+                "sample_read_ms": bench_sample_read(built["path"]),
+                "store_mb": built["store_mb"],
+            }
+    finally:
+        patch_store.FRAME_CHUNK = default
+    return results
 
-    Parameters
-    ----------
-    cube : str
-        Cube path, named ``<source>.zarr``.
-    patches : dict, optional
-        ``patches`` section; default that of ``pipelines/configs/bom.yaml``.
+
+def training_rates() -> dict:
+    """Samples/s that training consumes: CPU (train.json) and the H200 (gpu_nvidia_h200.json)."""
+    rates = {}
+    cpu = json.loads((RESULTS / "train.json").read_text())["results"]
+    rates["cpu"] = cpu["variants"][cpu["best"]]["samples_per_s"]
+    gpu = json.loads((RESULTS / "gpu_nvidia_h200.json").read_text())["train_step"]
+    rates["h200_batch_size"] = gpu["batch_size"]
+    rates["h200"] = {name: v["samples_per_s"] for name, v in gpu["variants"].items()}
+    return rates
+
+
+def bench(cube: str, patches: dict | None = None) -> dict:
+    """Benchmark building and reading Eulerian and Lagrangian stores from ``cube``.
 
     Returns
     -------
     dict
-        ``build_threads`` and ``build_processes`` (``build_s``, ``windows_per_s``,
-        ``samples_per_s``, ...), ``loader_workers_0`` and ``loader_workers_2``
-        (``samples_per_s``), ``sample_read_ms``.
+        ``training`` rates, ``frame_chunks``, and per frame (``eulerian``, ``lagrangian``):
+        ``build``, ``sample_read_ms``, ``loader_workers_<n>`` with ``samples_per_s``,
+        ``over_cpu_training`` and, for 4 workers, ``over_h200_training``.
     """
     patches = patches if patches is not None else load_yaml(BOM_CONFIG)["patches"]
-    # The loader's collate runs in the main process; one intra-op thread measures the loader
-    # rather than the contention of torch threads for the cores the workers use.
+    # One intra-op thread: the loader's work is measured, not torch threads fighting the
+    # worker processes for the cores.
     torch.set_num_threads(1)
-    results = {"cube": cube, "patches": patches, "torch_threads": 1}
+    rates = training_rates()
+    fastest_gpu = max(rates["h200"].values())
+    results = {"cube": cube, "patches": patches, "torch_threads": 1, "training": rates}
     with tempfile.TemporaryDirectory() as patch_dir:
-        results["build_threads"] = bench_build(cube, patch_dir, patches, "threads")
-        results["build_processes"] = bench_build(cube, patch_dir, patches, "processes")
-        store = results["build_processes"]["path"]
-        results["sample_read_ms"] = bench_sample_read(store)
-        for workers in (0, 2):
-            results[f"loader_workers_{workers}"] = bench_loader(store, workers)
+        results["frame_chunks"] = bench_chunks(cube, patch_dir, dict(patches, frame="eulerian"))
+        for frame in ("eulerian", "lagrangian"):
+            built = bench_build(cube, patch_dir, dict(patches, frame=frame), f"bench_{frame}")
+            entry = {"build": built, "sample_read_ms": bench_sample_read(built["path"])}
+            for workers in WORKERS:
+                loader = bench_loader(built["path"], workers)
+                loader["over_cpu_training"] = loader["samples_per_s"] / rates["cpu"]
+                if workers == max(WORKERS):
+                    loader["over_h200_training"] = loader["samples_per_s"] / fastest_gpu
+                entry[f"loader_workers_{workers}"] = loader
+            results[frame] = entry
     return results
 
 
@@ -137,33 +174,31 @@ def main() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         results = bench(_cube_for_bench(tmp))
     save("patches", results)
-    threads, processes = results["build_threads"], results["build_processes"]
-    print(
-        f"patches, {results['cube']}: {processes['n_windows']} windows, "
-        f"{processes['n_samples']} patch samples, {processes['store_mb']:.0f} MiB store"
-    )
+    rates = results["training"]
     rows = [
-        (
-            "build, in-process cluster",
-            f"{threads['build_s']:.1f} s  ({threads['windows_per_s']:.1f} windows/s, "
-            f"{threads['samples_per_s']:.0f} samples/s)",
-        ),
-        (
-            "build, process cluster",
-            f"{processes['build_s']:.1f} s  ({processes['windows_per_s']:.1f} windows/s, "
-            f"{processes['samples_per_s']:.0f} samples/s)",
-        ),
-        ("one sample read", f"{results['sample_read_ms']:.1f} ms"),
+        (f"frame chunk {name}", f"{r['sample_read_ms']:.1f} ms/sample, {r['store_mb']:.1f} MiB")
+        for name, r in results["frame_chunks"].items()
     ]
-    for workers in (0, 2):
-        loader = results[f"loader_workers_{workers}"]
+    for frame in ("eulerian", "lagrangian"):
+        entry = results[frame]
+        built = entry["build"]
         rows.append(
             (
-                f"loader, {workers} workers, batch {BATCH_SIZE}",
-                f"{loader['samples_per_s']:.0f} samples/s "
-                f"(first epoch {loader['first_epoch_samples_per_s']:.0f})",
+                f"{frame}: build",
+                f"{built['build_s']:.1f} s, {built['n_samples']} samples, "
+                f"{built['store_mb']:.1f} MiB = {built['store_over_cube_bytes']:.2f} x cube",
             )
         )
+        rows.append((f"{frame}: one sample", f"{entry['sample_read_ms']:.1f} ms"))
+        for workers in WORKERS:
+            loader = entry[f"loader_workers_{workers}"]
+            text = (
+                f"{loader['samples_per_s']:.0f} samples/s = "
+                f"{loader['over_cpu_training']:.0f} x CPU training ({rates['cpu']:.1f}/s)"
+            )
+            if "over_h200_training" in loader:
+                text += f", {loader['over_h200_training']:.2f} x H200 training"
+            rows.append((f"{frame}: loader, {workers} workers", text))
     print(table(rows))
     return results
 

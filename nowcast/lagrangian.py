@@ -103,27 +103,40 @@ def outputs_from_lagrangian(outputs: np.ndarray, velocity: np.ndarray) -> np.nda
 
 
 def coarse_grid_shape(shape: tuple[int, int], stride: int) -> tuple[int, int]:
-    """Nodes per axis of a coarse grid at most ``stride`` pixels apart, corners included."""
-    return tuple(max(2, math.ceil((n - 1) / stride) + 1) if n > 1 else 1 for n in shape)
+    """Nodes per axis of the coarse grid: every ``stride`` pixels, covering the last pixel."""
+    return tuple(math.ceil((n - 1) / stride) + 1 for n in shape)
+
+
+def _nodes(values: np.ndarray, axis: int, stride: int) -> np.ndarray:
+    """Values every ``stride`` pixels along ``axis``; a node past the last pixel continues the
+    line through the previous node and the last pixel, so interpolation between them is exact
+    for a linear field."""
+    n = values.shape[axis]
+    m = coarse_grid_shape((n,), stride)[0]
+    nodes = np.take(values, np.minimum(np.arange(m) * stride, n - 1), axis=axis)
+    if m > 1 and (m - 1) * stride > n - 1:
+        before = (m - 2) * stride
+        share = ((m - 1) * stride - before) / (n - 1 - before)
+        previous = np.take(values, before, axis=axis)
+        last = previous + (np.take(values, n - 1, axis=axis) - previous) * share
+        index = [slice(None)] * values.ndim
+        index[axis] = m - 1
+        nodes[tuple(index)] = last
+    return nodes
 
 
 def coarse_motion(velocity: np.ndarray, stride: int) -> np.ndarray:
-    """A motion field (2, y, x) sampled on a coarse grid (2, yc, xc), float32.
+    """A motion field (2, y, x) sampled every ``stride`` pixels, (2, yc, xc) float32.
 
-    The nodes are spread evenly from the first to the last pixel of each axis (at most
-    ``stride`` pixels apart) and take the field's bilinear value there, so that bilinear
-    upsampling with aligned corners (``nowcast.warp.upsample_motion``) restores the field
-    exactly where it is linear between nodes. LK motion is a smooth interpolation of sparse
+    Node ``(i, j)`` is pixel ``(i stride, j stride)`` (the last node may lie past the edge, see
+    :func:`_nodes`). With nodes on pixels every pixel cell lies inside one coarse cell, so
+    pysteps' bilinear read of the bilinearly upsampled field is the bilinear read of the coarse
+    grid itself (``nowcast.warp.motion_at``). LK motion is a smooth interpolation of sparse
     vectors, so little is lost; the store keeps ``stride**2`` times fewer values.
     """
     velocity = np.asarray(velocity, dtype=np.float64)
-    shape = velocity.shape[1:]
-    nodes = coarse_grid_shape(shape, stride)
-    rows, cols = (np.linspace(0, n - 1, m) for n, m in zip(shape, nodes, strict=True))
-    coords = np.meshgrid(rows, cols, indexing="ij")
-    return np.stack(
-        [map_coordinates(component, coords, order=1, prefilter=False) for component in velocity]
-    ).astype(np.float32)
+    nodes = _nodes(_nodes(velocity, 1, stride), 2, stride)
+    return np.ascontiguousarray(nodes, dtype=np.float32)
 
 
 def trajectory_margin(max_speed: float, n_input: int, n_target: int) -> int:

@@ -140,6 +140,11 @@ class PatchStore:
         return int(self.attrs.get("margin", 0))
 
     @property
+    def motion_stride(self) -> int:
+        """Pixels between the nodes of a Lagrangian store's coarse motion grid."""
+        return int(self.attrs.get("motion_stride", 1))
+
+    @property
     def normalization(self) -> dict:
         """``{"method", "params", "fitted_on"}``."""
         return self.attrs["normalization"]
@@ -243,8 +248,11 @@ class PatchStore:
         coarse = torch.from_numpy(np.stack([fields[i] for i in part["motion_index"]]))
         origins = torch.from_numpy(part[["y0", "x0"]].to_numpy(np.int64).copy())
         points = patch_points(origins, self.patch_size, torch.float32)
+        transform, params = self.transform()
         with torch.no_grad():
-            moves = window_displacements(coarse, domain, points, n_input, n_frames - n_input)
+            moves = window_displacements(
+                coarse, self.motion_stride, domain, points, n_input, n_frames - n_input
+            )
             where = points[:, None] + moves
             # Box of each sample's displaced points (x, y), clipped to the domain.
             limits = torch.tensor([domain[1], domain[0]])
@@ -252,18 +260,18 @@ class PatchStore:
             high = torch.minimum(where.flatten(1, 3).amax(1).floor().long() + 2, limits)
             low, high = torch.minimum(low, high - 1).numpy(), high.numpy()
             size = (high - low).max(axis=0)
-            boxes = np.full((len(part), n_frames, size[1], size[0]), np.nan, dtype=np.float32)
+            boxes = np.full((len(part), n_frames, size[1], size[0]), np.nan, dtype=frames.dtype)
             for k, start in enumerate(part["frame_start"].to_numpy()):
                 (c0, r0), (c1, r1) = low[k], high[k]
                 boxes[k, :, : r1 - r0, : c1 - c0] = frames[start : start + n_frames, r0:r1, c0:c1]
-            transform, params = self.transform()
-            stored = torch.from_numpy(boxes)
-            finite = torch.isfinite(stored)
-            rain_rate = torch.where(
-                finite, transform.inverse(torch.nan_to_num(stored), params), torch.nan
+            moved, valid = warp_frames(
+                torch.from_numpy(boxes),
+                torch.from_numpy(low[:, ::-1].copy()),
+                where,
+                domain,
+                n_input,
+                lambda values: transform.inverse(values, params),
             )
-            box_origins = torch.from_numpy(low[:, ::-1].copy())
-            moved, valid = warp_frames(rain_rate, box_origins, where, domain, n_input)
             values = torch.where(
                 valid, transform.forward(torch.where(valid, moved, 0.0), params), 0.0
             )

@@ -399,7 +399,7 @@ def _open_sources(experiment: ExperimentConfig, config: PatchesConfig) -> list[S
 def build_digest(config: PatchesConfig, plans: list[SourcePlan]) -> str:
     """Digest of the store layout, the patches config and the cubes it reads (their ingest
     digest and history)."""
-    h = hashlib.sha256(f"schema {SCHEMA_VERSION} {FRAME_CHUNK}".encode())
+    h = hashlib.sha256(f"schema {SCHEMA_VERSION} {FRAME_CHUNK} motion nodes on pixels".encode())
     h.update(config.model_dump_json().encode())
     h.update(__version__.encode())
     for plan in plans:

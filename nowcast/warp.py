@@ -33,20 +33,20 @@ import torch.nn.functional as F
 VALID_THRESHOLD = 0.99
 
 
-def motion_at(coarse: torch.Tensor, domain_shape: tuple[int, int], points: torch.Tensor):
-    """Full-resolution motion read at arbitrary points, as pysteps reads its motion field.
+def motion_at(coarse: torch.Tensor, stride: int, domain_shape, points: torch.Tensor):
+    """Motion at arbitrary points, as pysteps reads its full-resolution motion field.
 
-    The full-resolution field is the bilinear upsampling of the coarse grid onto the pixels;
-    pysteps then interpolates that pixel field bilinearly, clamping points to the domain edge
-    (``map_coordinates(mode="nearest", order=1)``). Both steps are done here without
-    materialising the upsampled field: the four pixels around each point are upsampled and
-    blended, so no region around a patch has to be sized in advance.
+    The full-resolution field is the bilinear upsampling of the coarse grid (nodes every
+    ``stride`` pixels, :func:`nowcast.lagrangian.coarse_motion`); pysteps interpolates it
+    bilinearly, clamping points to the domain edge (``map_coordinates(mode="nearest")``). As
+    the nodes sit on pixels, that is the coarse grid read bilinearly at the clamped point.
 
     Parameters
     ----------
     coarse : torch.Tensor
-        (B, 2, yc, xc) motion (x then y component, pixels per step) at nodes spread evenly over
-        the domain, corners included (see :func:`nowcast.lagrangian.coarse_motion`).
+        (B, 2, yc, xc) motion (x then y component, pixels per step).
+    stride : int
+        Pixels between coarse nodes.
     domain_shape : tuple of int
         (ny, nx) of the full-resolution grid.
     points : torch.Tensor
@@ -59,33 +59,13 @@ def motion_at(coarse: torch.Tensor, domain_shape: tuple[int, int], points: torch
     """
     n_rows, n_cols = domain_shape
     limits = points.new_tensor([n_cols - 1, n_rows - 1])
-    points = torch.minimum(points.clamp(min=0.0), limits)
-    base = torch.minimum(points.floor(), (limits - 1).clamp(min=0.0))
-    weight = points - base
-    corners = torch.stack(
-        [base + base.new_tensor(offset) for offset in ((0, 0), (1, 0), (0, 1), (1, 1))], dim=3
-    )  # (B, h, w, 4, 2) pixel coordinates, upsampled from the coarse grid below
-    batch, height, width = points.shape[:3]
-    grid = torch.minimum(corners, limits) / limits.clamp(min=1.0) * 2.0 - 1.0
-    values = F.grid_sample(
-        coarse,
-        grid.reshape(batch, height, width * 4, 2),
-        mode="bilinear",
-        padding_mode="border",
-        align_corners=True,
-    ).reshape(batch, 2, height, width, 4)
-    wx, wy = weight[..., 0][:, None], weight[..., 1][:, None]
-    return (
-        values[..., 0] * (1 - wx) * (1 - wy)
-        + values[..., 1] * wx * (1 - wy)
-        + values[..., 2] * (1 - wx) * wy
-        + values[..., 3] * wx * wy
-    )
+    nodes = points.new_tensor([max(coarse.shape[-1] - 1, 1), max(coarse.shape[-2] - 1, 1)])
+    clamped = torch.minimum(points.clamp(min=0.0), limits)
+    grid = clamped / (stride * nodes) * 2.0 - 1.0
+    return F.grid_sample(coarse, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def displacements(
-    coarse: torch.Tensor, domain_shape: tuple[int, int], points: torch.Tensor, n_steps: int
-) -> list:
+def displacements(coarse: torch.Tensor, stride: int, domain_shape, points, n_steps: int) -> list:
     """Cumulative semi-Lagrangian displacements of ``points`` after 1, ..., ``n_steps`` steps.
 
     The scheme of ``pysteps.extrapolation.semilagrangian.extrapolate`` with ``n_iter=1``, chained
@@ -110,8 +90,9 @@ def displacements(
     displacement = torch.zeros_like(points)
     result = []
     for _ in range(n_steps):
-        increment = motion_at(coarse, domain_shape, points + displacement).permute(0, 2, 3, 1)
-        increment = motion_at(coarse, domain_shape, points + displacement - increment / 2.0)
+        increment = motion_at(coarse, stride, domain_shape, points + displacement)
+        increment = increment.permute(0, 2, 3, 1)
+        increment = motion_at(coarse, stride, domain_shape, points + displacement - increment / 2)
         displacement = displacement - increment.permute(0, 2, 3, 1)
         result.append(displacement)
     return result
@@ -119,6 +100,7 @@ def displacements(
 
 def window_displacements(
     coarse: torch.Tensor,
+    stride: int,
     domain_shape: tuple[int, int],
     points: torch.Tensor,
     n_input: int,
@@ -134,8 +116,8 @@ def window_displacements(
     torch.Tensor
         (B, n_input + n_target, h, w, 2).
     """
-    forward = displacements(coarse, domain_shape, points, n_input - 1)
-    backward = displacements(-coarse, domain_shape, points, n_target)
+    forward = displacements(coarse, stride, domain_shape, points, n_input - 1)
+    backward = displacements(-coarse, stride, domain_shape, points, n_target)
     moves = [forward[n_input - 2 - i] for i in range(n_input - 1)]
     moves.append(torch.zeros_like(points))
     return torch.stack(moves + backward, dim=1)
@@ -152,19 +134,25 @@ def patch_points(origins: torch.Tensor, patch_size: int, dtype=torch.float64) ->
 
 
 def warp_frames(
-    frames: torch.Tensor,
+    stored: torch.Tensor,
     box_origins: torch.Tensor,
     where: torch.Tensor,
     domain_shape: tuple[int, int],
     n_input: int,
+    to_rain_rate,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rain rate and validity read at the displaced points, as ``lagrangian_window`` does.
 
+    Bilinear (``map_coordinates(order=1, mode="constant", cval=0)``) of the rain rate with no
+    data as 0 and of the validity. Written as a gather of the four neighbours rather than
+    ``grid_sample`` so that only the values read are turned into rain rate (a box of frames
+    around a fast-moving window can be most of the domain).
+
     Parameters
     ----------
-    frames : torch.Tensor
-        (B, T, H, W) rain rate (mm/h) of a box of the domain around each sample that holds
-        every displaced point; NaN where there is no data (or the box leaves the domain).
+    stored : torch.Tensor
+        (B, T, H, W) stored (normalized) values of a box of the domain around each sample that
+        holds every displaced point; NaN where there is no data or outside the domain.
     box_origins : torch.Tensor
         (B, 2) domain (row, column) of each box's first pixel.
     where : torch.Tensor
@@ -172,6 +160,8 @@ def warp_frames(
         plus the frame's displacement (zero for the reference frame ``n_input - 1``).
     domain_shape : tuple of int
     n_input : int
+    to_rain_rate : callable
+        Stored values (finite) -> rain rate in mm/h (the inverse normalization).
 
     Returns
     -------
@@ -179,33 +169,34 @@ def warp_frames(
         (B, T, P, P): the moved rain rate, NaN where not valid, and its validity (advected
         validity > 0.99 and a valid reference pixel).
     """
-    batch, n_frames, height, width = frames.shape
-    patch = where.shape[2]
+    batch, n_frames, height, width = stored.shape
     dtype = where.dtype
     local = where - box_origins.flip(-1).to(dtype)[:, None, None, None, :]
-    finite = torch.isfinite(frames)
-    fields = torch.stack([torch.where(finite, frames, 0.0), finite.to(frames.dtype)], 2)
-    scale = where.new_tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)])
-    moved = F.grid_sample(
-        fields.reshape(batch * n_frames, 2, height, width).to(dtype),
-        (local * scale - 1.0).reshape(batch * n_frames, patch, patch, 2),
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=True,
-    ).reshape(batch, n_frames, 2, patch, patch)
+    base = local.floor()
+    weight = local - base
+    base = base.long()
+    frame_offset = torch.arange(batch * n_frames).reshape(batch, n_frames, 1, 1) * height * width
+    flat = stored.reshape(-1)
+    moved = torch.zeros(where.shape[:-1], dtype=dtype)
+    validity = torch.zeros_like(moved)
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        col, row = base[..., 0] + dx, base[..., 1] + dy
+        inbox = (col >= 0) & (col < width) & (row >= 0) & (row < height)
+        index = frame_offset + row.clamp(0, height - 1) * width + col.clamp(0, width - 1)
+        value = flat[index].to(dtype)
+        finite = inbox & torch.isfinite(value)
+        w = (weight[..., 0] if dx else 1 - weight[..., 0]) * (
+            weight[..., 1] if dy else 1 - weight[..., 1]
+        )
+        rain = to_rain_rate(torch.where(finite, value, 0.0))
+        moved = moved + w * torch.where(finite, rain, 0.0)
+        validity = validity + w * finite.to(dtype)
     # scipy's constant mode: a point outside the domain reads 0 even within a pixel of its edge.
     limits = where.new_tensor([domain_shape[1] - 1, domain_shape[0] - 1])
     inside = ((where >= 0) & (where <= limits)).all(dim=-1)
-    values = torch.where(inside, moved[:, :, 0], 0.0)
-    validity = torch.where(inside, moved[:, :, 1], 0.0)
-    # The reference frame does not move: take its pixels as they are, not interpolated.
-    rows = local[:, n_input - 1, :, 0, 1].round().long()  # (B, P)
-    cols = local[:, n_input - 1, 0, :, 0].round().long()
-    reference = torch.stack([frames[k, n_input - 1][rows[k]][:, cols[k]] for k in range(batch)]).to(
-        dtype
-    )
-    reference_valid = torch.isfinite(reference)
-    values[:, n_input - 1] = torch.where(reference_valid, reference, 0.0)
-    validity[:, n_input - 1] = reference_valid.to(dtype)
+    moved = torch.where(inside, moved, 0.0)
+    validity = torch.where(inside, validity, 0.0)
+    # The reference frame is read at its own pixels (weights 0 and 1): unmoved, exactly.
+    reference_valid = validity[:, n_input - 1] > 0.5
     valid = (validity > VALID_THRESHOLD) & reference_valid[:, None]
-    return torch.where(valid, values, torch.nan), valid
+    return torch.where(valid, moved, torch.nan), valid

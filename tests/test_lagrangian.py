@@ -96,12 +96,12 @@ def test_torch_trajectories_are_pysteps_trajectories():
     rows, cols = np.indices((96, 96), dtype=np.float64)
     points = torch.from_numpy(np.stack([cols, rows], -1)[None])
     expected = displacements(velocity, 3)
-    for step, moved in enumerate(torch_displacements(full, (96, 96), points, 3)):
+    for step, moved in enumerate(torch_displacements(full, 1, (96, 96), points, 3)):
         np.testing.assert_allclose(moved[0].permute(2, 0, 1).numpy(), expected[step], atol=1e-9)
     linear = np.stack([0.01 * cols + 0.5, -0.02 * rows + 0.003 * cols])
     coarse = torch.from_numpy(coarse_motion(linear, 8)[None].astype(np.float64))
     anywhere = points + torch.tensor([0.37, -0.61], dtype=torch.float64)
     inside = anywhere.clamp(0, 95)
-    values = motion_at(coarse, (96, 96), anywhere)[0].numpy()
+    values = motion_at(coarse, 8, (96, 96), anywhere)[0].numpy()
     x, y = inside[0, ..., 0].numpy(), inside[0, ..., 1].numpy()
     np.testing.assert_allclose(values, np.stack([0.01 * x + 0.5, -0.02 * y + 0.003 * x]), atol=1e-5)
