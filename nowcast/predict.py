@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .catalog import FrameRef, frame_path, list_frames
+from .catalog import FrameRef, frame_path, plan_frames
 from .config import Catalog, ConfigError, load_catalog
 from .io.cube import build_cube, cube_path, open_cube
 from .nowcasts.utils import cube_inputs
@@ -88,9 +88,11 @@ def inputs_from_files(
     from .ingest import read_frame_status, source_grid
 
     source = catalog[source_name]
-    frames = list_frames(source)
     if at is None:
-        present = [f for f in frames if f.path is None or Path(f.path).exists()]
+        # The segment plan lists only the stretches with data: an archive of events months apart
+        # does not become a regular axis of every 5 minutes in between.
+        plan = plan_frames(source)
+        present = [f for f, ok in zip(plan.frames, plan.present, strict=True) if ok]
         if not present:
             raise InputFramesError(f"source '{source_name}': no files found")
         at = present[-1].time
