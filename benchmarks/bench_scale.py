@@ -463,6 +463,7 @@ def bench_cluster(tmp: Path, spec: ScaleSpec, catalog: Path, env: dict) -> dict:
     factor = spec.cluster_factor
     n_frames = factor * spec.base_frames
     work = tmp / "cluster"
+    work.mkdir()
     processes = DaskProcesses(tmp / "dask", env)
     runs = {}
     try:

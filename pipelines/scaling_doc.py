@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -186,8 +187,36 @@ def projection(scale: dict, marginal: dict, cluster: dict) -> dict:
     }
 
 
+def loader_rates(patches: dict) -> dict[str, dict]:
+    """The measured loader rates of ``patches.json``, the run with the most workers per store.
+
+    Reads both layouts of that file: ``results.loader_workers_<n>`` (one store) and
+    ``results.<frame>.loader_workers_<n>`` (one entry per Eulerian / Lagrangian store).
+    """
+    results = field(patches, patches["_source"], "results")
+    cores = field(patches, patches["_source"], "machine", "cpus")
+    groups = {"patch store": results}
+    groups.update({k: v for k, v in results.items() if k in ("eulerian", "lagrangian")})
+    rates = {}
+    for label, group in groups.items():
+        runs = {
+            int(key.rsplit("_", 1)[1]): value["samples_per_s"]
+            for key, value in group.items()
+            if re.fullmatch(r"loader_workers_\d+", key)
+        }
+        if runs:
+            workers = max(runs)
+            # Workers beyond the cores share them: the rate is per core actually used.
+            used = max(1, min(workers, cores))
+            rates[label] = {"workers": workers, "cores": used, "rate": runs[workers]}
+            rates[label]["per_core"] = runs[workers] / used
+    if not rates:
+        raise ConfigError(f"{patches['_source']}: no 'loader_workers_<n>' results")
+    return rates
+
+
 def loader_need(gpu: dict | None, patches: dict | None) -> dict | None:
-    """Samples/s the fastest measured GPU training step consumes vs the measured loader rate."""
+    """Samples/s the fastest measured GPU training step consumes vs the measured loader rates."""
     if gpu is None or patches is None:
         return None
     step = field(gpu, gpu["_source"], "train_step")
@@ -195,8 +224,9 @@ def loader_need(gpu: dict | None, patches: dict | None) -> dict | None:
     name = min(variants, key=lambda k: variants[k]["median_step_s"])
     batch = step["batch_size"]
     need = batch / variants[name]["median_step_s"]
-    loader = field(patches, patches["_source"], "results", "loader_workers_2", "samples_per_s")
-    per_worker = loader / 2
+    rates = loader_rates(patches)
+    for rate in rates.values():
+        rate["cores_needed"] = math.ceil(need / rate["per_core"])
     return {
         "variant": name,
         "batch": batch,
@@ -207,9 +237,8 @@ def loader_need(gpu: dict | None, patches: dict | None) -> dict | None:
             field(patches, patches["_source"], "results", "patches", key)
             for key in ("patch_size", "n_input_frames", "n_target_frames")
         ),
-        "loader": loader,
-        "per_worker": per_worker,
-        "workers_needed": math.ceil(need / per_worker),
+        "loader_created": patches.get("created", "?"),
+        "rates": rates,
     }
 
 
@@ -246,6 +275,7 @@ def section_setup(scale: dict) -> str:
 
 def section_stages(scale: dict) -> str:
     sizes = field(scale, scale["_source"], "results", "sizes")
+    cores = field(scale, scale["_source"], "machine", "cpus")
     rows = []
     for stage, name in STAGE_NAMES.items():
         for key, row in sizes.items():
@@ -261,11 +291,19 @@ def section_stages(scale: dict) -> str:
                     mib(r["bytes_written"]),
                     num(r["s_per_frame"]),
                     num(r["bytes_per_frame"] / 1024),
+                    num(100 * r["other_cpu_s"] / (cores * r["wall_s"])),
                 ]
             )
     header = ["stage", "size", "frames", "call s", "wall s", "peak RSS MiB", "written MiB"]
-    header += ["s / frame", "KiB / frame"]
-    return "## Every stage at every size\n\n" + table(header, rows)
+    header += ["s / frame", "KiB / frame", "others' CPU %"]
+    return (
+        "## Every stage at every size\n\n"
+        "*others' CPU %*: the share of the machine's core-seconds during the run that other "
+        "processes used (other users of this shared machine, and the benchmark's own sampling "
+        "thread): machine-wide busy CPU time minus that of the measured process tree, over "
+        "cores x wall seconds. Where it is high, the stage competed for the cores and its "
+        "times are inflated.\n\n" + table(header, rows)
+    )
 
 
 def section_memory(scale: dict) -> str:
@@ -387,8 +425,8 @@ def section_cluster(scale: dict, costs: dict) -> str:
             "",
             table(header, rows),
             "",
-            "What limits it: on this machine the stage process (the Dask client, which plans, "
-            "lists and writes metadata), the scheduler and other users' processes share the "
+            "What limits it: on this machine the stage process (the Dask client), the "
+            "scheduler and other users' processes share the "
             f"same {cores} cores as the workers, so every core-second they take is one the "
             "workers do not get. CPU seconds during the 2-worker runs (psutil, per process "
             "tree; other processes = machine-wide busy time minus ours):",
@@ -494,20 +532,24 @@ def section_projection(scale: dict, proj: dict, marginal: dict) -> str:
 def section_loader(need: dict | None) -> str:
     if need is None:
         return "## Loader rate\n\nNo GPU or patch-loader results were given."
-    return "\n".join(
-        [
-            "## Loader rate a GPU needs",
-            "",
-            f"- GPU (`gpu_nvidia_h200.json`, fastest variant `{need['variant']}`): batch "
-            f"{need['batch']} / {num(need['step_s'])} s per step = {num(need['need'])} "
-            f"samples/s (patch, inputs, targets = {need['gpu_shape']}).",
-            f"- Loader (`patches.json`, 2 loader workers on this machine): {num(need['loader'])} "
-            f"samples/s, {num(need['per_worker'])} per worker (patch, inputs, targets = "
-            f"{need['loader_shape']}).",
-            f"- Loader workers to feed the GPU, if each adds its measured rate: "
-            f"{num(need['need'])} / {num(need['per_worker'])} -> {need['workers_needed']}.",
-        ]
-    )
+    lines = [
+        "## Loader rate a GPU needs",
+        "",
+        f"- GPU (`gpu_nvidia_h200.json`, fastest variant `{need['variant']}`): batch "
+        f"{need['batch']} / {num(need['step_s'])} s per step = {num(need['need'])} samples/s "
+        f"(patch, inputs, targets = {need['gpu_shape']}).",
+        f"- Loader (`patches.json` of {need['loader_created']}, patch, inputs, targets = "
+        f"{need['loader_shape']}; workers beyond this machine's cores share them, so the rate "
+        "is divided by the cores used). CPU cores of loader work the GPU needs, if each core "
+        "adds its measured rate:",
+    ]
+    for label, r in need["rates"].items():
+        lines.append(
+            f"  - {label}: {num(r['rate'])} samples/s with {r['workers']} loader workers on "
+            f"{r['cores']} core(s) = {num(r['per_core'])} per core; {num(need['need'])} / "
+            f"{num(r['per_core'])} -> {r['cores_needed']} cores."
+        )
+    return "\n".join(lines)
 
 
 def render(scale: dict, patches: dict | None = None, gpu: dict | None = None) -> str:

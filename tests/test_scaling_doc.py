@@ -23,6 +23,7 @@ def _stage(n_frames: int, call_s: float, rss_mib: float, written_mib: float) -> 
         "bytes_written": written_mib * MIB,
         "s_per_frame": call_s / n_frames,
         "bytes_per_frame": written_mib * MIB / n_frames,
+        "other_cpu_s": 1.3,
     }
 
 
@@ -102,10 +103,16 @@ def fake_gpu() -> dict:
 
 def fake_patches() -> dict:
     return {
+        "created": "2026-01-02",
+        "machine": {"cpus": 2},
         "results": {
             "patches": {"patch_size": 128, "n_input_frames": 6, "n_target_frames": 6},
-            "loader_workers_2": {"samples_per_s": 100.0},
-        }
+            "eulerian": {
+                "loader_workers_0": {"samples_per_s": 60.0},
+                "loader_workers_4": {"samples_per_s": 100.0},
+            },
+            "lagrangian": {"loader_workers_1": {"samples_per_s": 10.0}},
+        },
     }
 
 
@@ -177,9 +184,12 @@ def test_speedup_verdict_and_cpu_shares(tmp_path):
 
 def test_loader_need_uses_the_fastest_gpu_step(tmp_path):
     text = _render(tmp_path, fake_scale(), fake_gpu(), fake_patches())
-    # batch 8 / 0.02 s = 400 samples/s; 100 samples/s over 2 loader workers = 50 each.
+    # batch 8 / 0.02 s = 400 samples/s; 100 samples/s from 4 workers on 2 cores = 50 per core.
     assert "`fast`): batch 8 / 0.0200 s per step = 400 samples/s" in text
-    assert "400 / 50.0 -> 8" in text
+    assert "eulerian: 100 samples/s with 4 loader workers on 2 core(s)" in text
+    assert "400 / 50.0 -> 8 cores" in text
+    assert "lagrangian: 10.0 samples/s with 1 loader workers on 1 core(s)" in text
+    assert "400 / 10.0 -> 40 cores" in text
 
 
 def test_missing_field_is_a_one_line_error_naming_file_and_field(tmp_path):
@@ -194,3 +204,11 @@ def test_cli_reports_a_missing_results_file(tmp_path, capsys):
     assert code == 1
     assert "none.json: file not found" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_stage_table_shows_the_measured_run_and_the_contention(tmp_path):
+    text = _render(tmp_path, fake_scale())
+    stages = text.split("## Every stage")[1].split("##")[0]
+    # 1x ingest: call 10 s, wall 13 s, 500 MiB, 5 MiB, 0.2 s and 102 KiB per frame;
+    # others used 1.3 of 2 cores x 13 s = 5 %.
+    assert "| ingest | 1x | 50 | 10.0 | 13.0 | 500 | 5.00 | 0.200 | 102 | 5.00 |" in stages
