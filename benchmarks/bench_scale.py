@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import psutil
 import yaml
 
 from benchmarks.common import save
+from benchmarks.dask_processes import WORKER_MEMORY, DaskProcesses, wait_and_warm
 from benchmarks.rss import run_measured
 from benchmarks.scale_stage import MARKER
 
@@ -53,7 +53,6 @@ STAGE_SCRIPT = Path(__file__).resolve().parent / "scale_stage.py"
 #: Throughput from one to two workers should grow by at least this factor.
 SPEEDUP_GOAL = 1.8
 STAGE_TIMEOUT_S = 1800
-WORKER_MEMORY = "4GiB"
 #: Environment of every Dask process we start: never spill to disk (project rule), so a stage
 #: that does not fit shows up as memory, not as disk traffic.
 NO_SPILL = {
@@ -369,94 +368,6 @@ def growth(sizes: dict, spec: ScaleSpec) -> dict:
 # --------------------------------------------------------------------------------------------
 # a real dask scheduler and workers on this machine
 
-#: Modules a worker imports in the warm-up, as it would have on a long-lived cluster.
-WARM_MODULES = ("pysteps", "nowcast.ingest", "nowcast.patches", "nowcast.lagrangian")
-
-
-class DaskProcesses:
-    """A ``dask scheduler`` on 127.0.0.1 and ``dask worker`` processes we start and stop.
-
-    Parameters
-    ----------
-    folder : Path
-        Scheduler file, logs and the workers' ``--local-directory`` go here.
-    env : dict
-        Environment of the processes.
-    """
-
-    def __init__(self, folder: Path, env: dict):
-        self.folder, self.env = folder, env
-        self.dask = str(Path(sys.executable).with_name("dask"))
-        self.scheduler: subprocess.Popen | None = None
-        self.workers: list[subprocess.Popen] = []
-        self.address = ""
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        return subprocess.Popen(
-            [self.dask, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder
-        )
-
-    def start_scheduler(self, timeout: float = 60) -> str:
-        """Start the scheduler on a free port; returns its ``tcp://127.0.0.1:PORT`` address."""
-        file = self.folder / "scheduler.json"
-        self.scheduler = self._start(
-            "scheduler",
-            ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"]
-            + ["--scheduler-file", str(file)],
-        )
-        deadline = time.monotonic() + timeout
-        while not file.exists():
-            if self.scheduler.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"dask scheduler did not start; see {self.folder}")
-            time.sleep(0.2)
-        time.sleep(0.2)  # the file is written in one go, but let the writer close it
-        self.address = json.loads(file.read_text())["address"]
-        return self.address
-
-    def add_worker(self) -> subprocess.Popen:
-        """Start one more single-threaded worker process (no spilling, scratch in our folder)."""
-        index = len(self.workers) + 1
-        worker = self._start(
-            f"worker{index}",
-            ["worker", self.address, "--nthreads", "1", "--nworkers", "1"]
-            + ["--memory-limit", WORKER_MEMORY, "--no-dashboard", "--name", f"w{index}"]
-            + ["--local-directory", str(self.folder / f"worker{index}")],
-        )
-        self.workers.append(worker)
-        return worker
-
-    def pids(self) -> dict[str, int]:
-        """Label -> pid of the scheduler and worker processes (for the tree sampler)."""
-        pids = {"scheduler": self.scheduler.pid}
-        pids.update({f"worker{i + 1}": w.pid for i, w in enumerate(self.workers)})
-        return pids
-
-    def close(self) -> None:
-        """Terminate the workers, then the scheduler (kill any that does not stop in 30 s)."""
-        for process in [*self.workers, self.scheduler]:
-            if process is not None and process.poll() is None:
-                process.terminate()
-        for process in [*self.workers, self.scheduler]:
-            if process is None:
-                continue
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _wait_and_warm(address: str, n_workers: int) -> None:
-    """Wait until ``n_workers`` are connected and have imported the stage modules."""
-    from distributed import Client
-
-    with Client(address, timeout="60s") as client:
-        client.wait_for_workers(n_workers, timeout=120)
-        # exec returns None: returning the modules would import them here as well.
-        client.run(exec, "import " + ", ".join(WARM_MODULES))
-
 
 def bench_cluster(tmp: Path, spec: ScaleSpec, catalog: Path, env: dict) -> dict:
     """Ingest and Eulerian patches of one archive on 1 and then 2 external workers."""
@@ -470,7 +381,7 @@ def bench_cluster(tmp: Path, spec: ScaleSpec, catalog: Path, env: dict) -> dict:
         address = processes.start_scheduler()
         for n_workers in (1, 2):
             processes.add_worker()
-            _wait_and_warm(address, n_workers)
+            wait_and_warm(address, n_workers)
             row = {}
             for stage in CLUSTER_STAGES:
                 if stage == "ingest":
