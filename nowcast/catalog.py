@@ -194,9 +194,14 @@ def time_axis(start: datetime, end: datetime, timestep_minutes: int) -> pd.Datet
     return pd.date_range(start, end, freq=timedelta(minutes=timestep_minutes))
 
 
-def _range(source: SourceConfig, start: datetime | None, end: datetime | None):
-    start = start or (pd.Timestamp(source.start).to_pydatetime() if source.start else None)
-    end = end or (pd.Timestamp(source.end).to_pydatetime() if source.end else None)
+def _as_datetime(value) -> datetime | None:
+    """A datetime from a datetime, numpy/pandas time or ISO string (library callers pass any)."""
+    return None if value is None else pd.Timestamp(value).to_pydatetime()
+
+
+def _range(source: SourceConfig, start, end):
+    start = _as_datetime(start if start is not None else source.start)
+    end = _as_datetime(end if end is not None else source.end)
     if source.importer == "synthetic":
         kwargs = source.importer_kwargs
         start = start or pd.Timestamp(kwargs.get("start", "2000-01-01T00:00")).to_pydatetime()
@@ -315,7 +320,7 @@ def _append_range(source: SourceConfig, after: datetime, end: datetime | None):
     file (None when there is nothing newer)."""
     step = timedelta(minutes=source.timestep)
     start = after + step
-    end = end or (pd.Timestamp(source.end).to_pydatetime() if source.end else None)
+    end = _as_datetime(end if end is not None else source.end)
     if end is None and source.importer == "synthetic":
         _, end = _range(source, None, None)
     if end is None:
