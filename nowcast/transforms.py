@@ -77,8 +77,11 @@ class Log1p:
         dict
             ``{"scale": float, "percentile": float}``.
         """
-        values = _finite_values(train_rain_rate)
-        scale = float(np.percentile(np.log1p(np.clip(values, 0.0, None)), percentile))
+        values = _finite_values(train_rain_rate)  # a fresh float64 copy: safe to overwrite
+        # In place: the same numbers without three more copies of the (up to 20 M) values.
+        np.clip(values, 0.0, None, out=values)
+        np.log1p(values, out=values)
+        scale = float(np.percentile(values, percentile, overwrite_input=True))
         if scale <= 0.0:
             raise ValueError(
                 f"log1p normalization: the {percentile}th percentile of the training rain rate "
