@@ -581,7 +581,6 @@ def write_store(content: StoreContent, path: str, client, progress: bool) -> Non
     memory is bounded by a shard whatever the archive length), then the Lagrangian ``margin``
     from the largest motion written.
     """
-    from .lagrangian import trajectory_margin
     from .parallel import show_progress
 
     with quiet_zarr():
@@ -607,6 +606,10 @@ def write_store(content: StoreContent, path: str, client, progress: bool) -> Non
             show_progress(futures)
         results = client.gather(futures)
         if speeds:
+            # Imported only here: nowcast.lagrangian brings pysteps and torch, about 8 s of
+            # client CPU that an Eulerian build does not need.
+            from .lagrangian import trajectory_margin
+
             max_speed = max(float(value) for value in results[len(writes) :])
             root = zarr.open_group(path, mode="r+")
             root.attrs["margin"] = trajectory_margin(max_speed, content.n_input, content.n_target)
