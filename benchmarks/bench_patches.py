@@ -37,6 +37,8 @@ from nowcast.patches import build_patches
 
 BOM_CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "bom.yaml"
 BATCH_SIZE = 16
+#: Samples per cut in ``batch_read_ms`` (the training batch size of the BoM experiments).
+READ_BATCH = 8
 WORKERS = (0, 4)
 CHUNKS = ((4, 64, 64), (6, 64, 64), (12, 64, 64), (6, 128, 128))
 
@@ -87,15 +89,16 @@ def bench_loader(store: str, num_workers: int, max_batches: int = 40) -> dict:
     return {"samples_per_s": n / (time.perf_counter() - start), "batches": index + 1}
 
 
-def bench_sample_read(store: str, n_reads: int = 200) -> float:
-    """Mean milliseconds of one random sample cut (``PatchStore.cut`` of one index)."""
+def bench_sample_read(store: str, n_reads: int = 200, batch: int = 1) -> float:
+    """Mean milliseconds per sample of random sample cuts (``PatchStore.cut`` of ``batch``
+    indices at a time)."""
     patch = PatchStore.open(store)
-    order = np.random.default_rng(0).integers(0, len(patch), n_reads)
+    order = np.random.default_rng(0).integers(0, len(patch), (n_reads // batch, batch))
     patch.cut([0])
     start = time.perf_counter()
-    for index in order:
-        patch.cut([int(index)])
-    return (time.perf_counter() - start) / n_reads * 1e3
+    for indices in order:
+        patch.cut(indices)
+    return (time.perf_counter() - start) / order.size * 1e3
 
 
 def bench_chunks(cube: str, patch_dir: str, patches: dict) -> dict:
@@ -132,7 +135,8 @@ def bench(cube: str, patches: dict | None = None) -> dict:
     -------
     dict
         ``training`` rates, ``frame_chunks``, and per frame (``eulerian``, ``lagrangian``):
-        ``build``, ``sample_read_ms``, ``loader_workers_<n>`` with ``samples_per_s``,
+        ``build``, ``sample_read_ms`` (one sample a cut), ``batch_read_ms`` (per sample, cuts of
+        ``READ_BATCH``), ``loader_workers_<n>`` with ``samples_per_s``,
         ``over_cpu_training`` and, for 4 workers, ``over_h200_training``.
     """
     patches = patches if patches is not None else load_yaml(BOM_CONFIG)["patches"]
@@ -146,7 +150,11 @@ def bench(cube: str, patches: dict | None = None) -> dict:
         results["frame_chunks"] = bench_chunks(cube, patch_dir, dict(patches, frame="eulerian"))
         for frame in ("eulerian", "lagrangian"):
             built = bench_build(cube, patch_dir, dict(patches, frame=frame), f"bench_{frame}")
-            entry = {"build": built, "sample_read_ms": bench_sample_read(built["path"])}
+            entry = {
+                "build": built,
+                "sample_read_ms": bench_sample_read(built["path"]),
+                "batch_read_ms": bench_sample_read(built["path"], batch=READ_BATCH),
+            }
             for workers in WORKERS:
                 loader = bench_loader(built["path"], workers)
                 loader["over_cpu_training"] = loader["samples_per_s"] / rates["cpu"]
@@ -190,6 +198,13 @@ def main() -> dict:
             )
         )
         rows.append((f"{frame}: one sample", f"{entry['sample_read_ms']:.1f} ms"))
+        if "batch_read_ms" in entry:
+            rows.append(
+                (
+                    f"{frame}: a sample in a batch of {READ_BATCH}",
+                    f"{entry['batch_read_ms']:.1f} ms",
+                )
+            )
         for workers in WORKERS:
             loader = entry[f"loader_workers_{workers}"]
             text = (

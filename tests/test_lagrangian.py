@@ -105,3 +105,44 @@ def test_torch_trajectories_are_pysteps_trajectories():
     values = motion_at(coarse, 8, (96, 96), anywhere)[0].numpy()
     x, y = inside[0, ..., 0].numpy(), inside[0, ..., 1].numpy()
     np.testing.assert_allclose(values, np.stack([0.01 * x + 0.5, -0.02 * y + 0.003 * x]), atol=1e-5)
+
+
+def test_warp_frames_is_map_coordinates_on_per_frame_boxes():
+    """warp_frames (float32 grid_sample of one box per frame) reads what scipy's
+    map_coordinates(order=1, mode="constant") reads on the full domain, to float32 rounding,
+    at points near and beyond the domain edge too; the reference frame is the patch exactly."""
+    import torch
+    from scipy.ndimage import map_coordinates
+
+    from nowcast.warp import VALID_THRESHOLD, frame_boxes, warp_frames
+
+    rng = np.random.default_rng(0)
+    domain, n_frames, reference, size = (40, 50), 3, 1, 8
+    rain = rng.gamma(0.5, 4.0, (2, n_frames, *domain))
+    rain[rng.random(rain.shape) < 0.05] = np.nan
+    rows, cols = np.indices((size, size))
+    origins = np.array([[0, 42], [20, 10]])  # (row, column); the first touches two edges
+    jitter = rng.uniform(-3.3, 3.3, (2, n_frames, size, size, 2))
+    jitter[:, reference] = 0.0
+    where = np.stack([cols, rows], -1) + origins[:, None, None, None, ::-1] + jitter
+    where = torch.from_numpy(where.astype(np.float32))
+    low, high = frame_boxes(where, domain)
+    height, width = (high - low).amax((0, 1)).tolist()
+    boxes = torch.full((2, n_frames, height, width), torch.nan)
+    for k in range(2):
+        for t in range(n_frames):
+            (r0, c0), (r1, c1) = low[k, t].tolist(), high[k, t].tolist()
+            boxes[k, t, : r1 - r0, : c1 - c0] = torch.from_numpy(rain[k, t, r0:r1, c0:c1])
+    moved, valid = warp_frames(boxes, low, where, domain, reference + 1, lambda values: values)
+    for k, (r0, c0) in enumerate(origins):
+        patch = rain[k, reference, r0 : r0 + size, c0 : c0 + size]
+        np.testing.assert_array_equal(valid[k, reference].numpy(), np.isfinite(patch))
+        np.testing.assert_array_equal(moved[k, reference].numpy(), patch.astype(np.float32))
+        for t in range(n_frames):
+            at = where[k, t].double().numpy()[..., ::-1].reshape(-1, 2).T
+            expected = map_coordinates(np.nan_to_num(rain[k, t]), at, order=1, cval=0.0)
+            validity = map_coordinates(np.isfinite(rain[k, t]) * 1.0, at, order=1, cval=0.0)
+            expected_valid = (validity.reshape(size, size) > VALID_THRESHOLD) & np.isfinite(patch)
+            np.testing.assert_array_equal(valid[k, t].numpy(), expected_valid)
+            got = moved[k, t].numpy()[expected_valid]
+            np.testing.assert_allclose(got, expected.reshape(size, size)[expected_valid], atol=1e-4)

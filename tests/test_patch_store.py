@@ -17,6 +17,7 @@ from nowcast.io.cube import open_cube, write_cube
 from nowcast.lagrangian import lagrangian_window
 from nowcast.patch_store import PatchStore, normalize_frames
 from nowcast.patches import build_patches, open_patch_store
+from nowcast.warp import read_frame_boxes
 
 SOURCES = ("alpha", "beta")
 
@@ -273,3 +274,27 @@ def test_a_schema_1_store_is_rebuilt(cube_dir, tmp_path):
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no patch store at .*run `nowcast patches CONFIG`"):
         PatchStore.open(str(tmp_path / "absent.zarr"))
+
+
+def test_frame_boxes_are_read_per_frame_across_storage_chunks(tmp_path):
+    """Each frame's box comes from its own frame, whichever storage chunk (in time and space)
+    holds it; boxes are NaN-padded to a common shape."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(20, 96, 96)).astype("float16")
+    frames = zarr.create_array(
+        str(tmp_path / "frames.zarr"), shape=values.shape, chunks=(6, 64, 64), dtype="float16"
+    )
+    frames[:] = values
+    starts = np.array([0, 4, 8])  # windows of 5 frames: within one chunk in time, across two
+    low = rng.integers(0, 80, (3, 5, 2))
+    high = np.minimum(low + rng.integers(1, 30, (3, 5, 2)), 96)
+    boxes = read_frame_boxes(frames, starts, low, high)
+    assert boxes.shape == (3, 5, *(high - low).max(axis=(0, 1)))
+    for k, start in enumerate(starts):
+        for t in range(5):
+            (r0, c0), (r1, c1) = low[k, t], high[k, t]
+            box = boxes[k, t]
+            np.testing.assert_array_equal(
+                box[: r1 - r0, : c1 - c0], values[start + t, r0:r1, c0:c1]
+            )
+            assert np.isnan(box[r1 - r0 :]).all() and np.isnan(box[:, c1 - c0 :]).all()
