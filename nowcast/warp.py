@@ -225,7 +225,9 @@ def read_frame_boxes(frames, starts: np.ndarray, low: np.ndarray, high: np.ndarr
             reads.append((k, times, (r0, c0), selection))
     # All reads in one go on zarr's event loop: their file reads and decoding overlap
     # (10-25 % less time than one read after the other).
-    blocks = zarr_sync(_gather(frames.async_array.getitem(read[-1]) for read in reads))
+    # (``async_array`` is public in recent zarr, zarr-developers/zarr-python#3556; private before.)
+    reader = getattr(frames, "async_array", None) or frames._async_array
+    blocks = zarr_sync(_gather(reader.getitem(read[-1]) for read in reads))
     shape = np.maximum((high - low).max(axis=(0, 1)), 2)
     boxes = np.full((n_samples, n_frames, *shape), np.nan, dtype=frames.dtype)
     for (k, times, origin, _), block in zip(reads, blocks, strict=True):
