@@ -179,7 +179,10 @@ def frame_boxes(where: torch.Tensor, domain_shape) -> tuple[torch.Tensor, torch.
     low = rows.amin(2).unflatten(-1, (-1, 2)).amin(2)
     high = rows.amax(2).unflatten(-1, (-1, 2)).amax(2)
     limits = torch.tensor([domain_shape[1], domain_shape[0]])
-    high = torch.minimum(high.floor().long() + 2, limits)
+    # At least one pixel inside the domain, also when every point lies beyond its first row or
+    # column (a box ending at or before 0 would be a negative, wrapping slice): such points read
+    # as outside the domain in warp_frames whatever the box holds.
+    high = torch.minimum(high.floor().long() + 2, limits).clamp(min=1)
     low = torch.minimum(low.floor().long().clamp(min=0), high - 1)
     return low.flip(-1), high.flip(-1)
 

@@ -146,3 +146,18 @@ def test_warp_frames_is_map_coordinates_on_per_frame_boxes():
             np.testing.assert_array_equal(valid[k, t].numpy(), expected_valid)
             got = moved[k, t].numpy()[expected_valid]
             np.testing.assert_allclose(got, expected.reshape(size, size)[expected_valid], atol=1e-4)
+
+
+def test_frame_boxes_stay_in_the_domain_when_every_point_is_outside():
+    """Trajectories that all left past the first row and column still get a one-pixel box
+    inside the domain (a box ending at or before 0 would be a negative, wrapping slice)."""
+    import torch
+
+    from nowcast.warp import frame_boxes
+
+    where = torch.full((1, 2, 4, 4, 2), -5.0)  # every (x, y) left of and above the domain
+    where[0, 1] = 3.0  # a second frame inside it
+    low, high = frame_boxes(where, (10, 12))
+    assert (low >= 0).all() and (high > low).all()
+    assert (high[..., 0] <= 10).all() and (high[..., 1] <= 12).all()
+    assert low[0, 0].tolist() == [0, 0] and high[0, 0].tolist() == [1, 1]
