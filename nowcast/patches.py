@@ -38,12 +38,13 @@ from .config import ConfigError, StrictModel, load_catalog
 from .experiment import ExperimentConfig, load_experiment, stage_config
 from .io.cube import cube_path, open_cube
 from .parallel import dask_client
-from .patch_store import (
+from .patch_store import (  # open_patch_store, evaluation_windows: public, kept here
     FRAME_CHUNK,
     SCHEMA_VERSION,
-    PatchStore,
     StoreContent,
+    evaluation_windows,  # noqa: F401
     frames_group,
+    open_patch_store,  # noqa: F401
     open_root,
     root_dataset,
     write_store,
@@ -122,12 +123,8 @@ class PatchesConfig(StrictModel):
         "along the LK motion of the inputs (nowcast.lagrangian), for advection-aware models",
     )
     min_windows: int = Field(1, ge=1, description="fewer windows in any split is an error")
-    # 4 M values hold ~4 000 above the 99.9th percentile that log1p fits, and keep the fit's
-    # memory (the sample in float32 and float64) near 50 MB at any archive length; 20 M made it
-    # the stage's peak, growing with the archive up to that cap.
-    max_fit_values: int = Field(
-        4_000_000, ge=1000, description="pixels used to fit the normalization (spatial subsample)"
-    )
+    # 4 M: ~4 000 values above log1p's 99.9th percentile; the fit stays ~50 MB (20 M was the peak).
+    max_fit_values: int = Field(4_000_000, ge=1000, description="pixels fitting the normalization")
     motion_stride: int = Field(
         8,
         ge=1,
@@ -355,16 +352,6 @@ def fit_normalization(
         "params": params,
         "fitted_on": {"split": "train", "sources": described},
     }
-
-
-def open_patch_store(path: str) -> xr.Dataset:
-    """The store's root group with xarray: sample and window tables, attributes (lazy)."""
-    return open_root(path)
-
-
-def evaluation_windows(path: str, split: str | None = None) -> pd.DataFrame:
-    """Full-domain windows of a store: source, cube_path, start_time, reference_time, split."""
-    return PatchStore.open(path).windows(split)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from conftest import bom_experiment
 
-from nowcast import patch_store as store_module
 from nowcast.config import Catalog, ConfigError, SourceConfig
 from nowcast.experiment import ExperimentConfig
 from nowcast.ingest import ingest
 from nowcast.io.cube import open_cube, write_cube
 from nowcast.lagrangian import lagrangian_window
 from nowcast.patch_store import PatchStore, normalize_frames
+from nowcast.patch_store import writer as store_writer
 from nowcast.patches import build_patches, open_patch_store
 from nowcast.warp import read_frame_boxes
 
@@ -85,7 +85,7 @@ def _cube_start(cube, start_time) -> int:
 
 def test_eulerian_samples_are_cuts_of_the_cube_bit_for_bit(cube_dir, tmp_path, monkeypatch):
     # Shards of 6 frames: the samples below come from many shards and chunks.
-    monkeypatch.setattr(store_module, "SHARD_BYTES", 6 * 128 * 128 * 2)
+    monkeypatch.setattr(store_writer, "SHARD_BYTES", 6 * 128 * 128 * 2)
     path = build_patches(_experiment(cube_dir, tmp_path), scheduler="threads", progress=False)
     store = PatchStore.open(path)
     table = store.samples()
@@ -187,22 +187,14 @@ def test_lagrangian_samples_match_direct_advection(cube_dir, tmp_path):
 
 @pytest.mark.realdata
 def test_lagrangian_bom_window_matches_direct_advection(bom_cube, tmp_path):
-    experiment = ExperimentConfig(
-        name="bom_lagrangian",
-        sources=["bom"],
-        cube_dir=os.path.dirname(bom_cube),
-        patch_dir=str(tmp_path),
-        patches={
-            "patch_size": 128,
-            "stride": 128,
-            "split_times": {
-                "test": [{"start": "2020-10-31T08:00", "end": "2020-10-31T11:50"}],
-                "val": [{"start": "2020-10-31T00:00", "end": "2020-10-31T02:50"}],
-            },
-            "buffer_minutes": 30,
-            "max_samples_per_split": 12,
-            "frame": "lagrangian",
-        },
+    experiment = bom_experiment(
+        bom_cube,
+        tmp_path,
+        "bom_lagrangian",
+        patch_size=128,
+        stride=128,
+        max_samples_per_split=12,
+        frame="lagrangian",
     )
     path = build_patches(experiment, scheduler="threads", progress=False)
     diffs, normalized, mismatch = _warp_errors(path, {"bom": bom_cube}, n_windows=4)
