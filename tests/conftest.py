@@ -60,3 +60,24 @@ def synthetic_catalog(**kwargs) -> Catalog:
 @pytest.fixture
 def small_synthetic_catalog() -> Catalog:
     return synthetic_catalog()
+
+
+#: The BoM day's split blocks, as in pipelines/configs/bom.yaml.
+BOM_SPLIT_TIMES = {
+    "test": [{"start": "2020-10-31T08:00", "end": "2020-10-31T11:50"}],
+    "val": [{"start": "2020-10-31T00:00", "end": "2020-10-31T02:50"}],
+}
+
+
+def bom_experiment(bom_cube: str, patch_dir, name: str = "bom", **patches):
+    """An experiment on the session's BoM cube with the bom.yaml splits; kwargs set ``patches``."""
+    from nowcast.experiment import ExperimentConfig
+
+    settings = {"split_times": BOM_SPLIT_TIMES, "buffer_minutes": 30, **patches}
+    return ExperimentConfig(
+        name=name,
+        sources=["bom"],
+        cube_dir=os.path.dirname(bom_cube),
+        patch_dir=str(patch_dir),
+        patches=settings,
+    )

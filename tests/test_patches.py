@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from conftest import bom_experiment
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -492,21 +493,8 @@ def test_rerun_after_a_killed_write(cube_dir, tmp_path, monkeypatch):
 
 @pytest.mark.realdata
 def test_bom_store(bom_cube, tmp_path):
-    experiment = ExperimentConfig(
-        name="bom",
-        sources=["bom"],
-        cube_dir=os.path.dirname(bom_cube),
-        patch_dir=str(tmp_path),
-        patches={
-            "patch_size": 128,
-            "stride": 192,
-            "split_times": {
-                "test": [{"start": "2020-10-31T08:00", "end": "2020-10-31T11:50"}],
-                "val": [{"start": "2020-10-31T00:00", "end": "2020-10-31T02:50"}],
-            },
-            "buffer_minutes": 30,
-            "max_samples_per_split": 30,
-        },
+    experiment = bom_experiment(
+        bom_cube, tmp_path, patch_size=128, stride=192, max_samples_per_split=30
     )
     path = build_patches(experiment, scheduler="threads", progress=False)
     ds = open_patch_store(path)
