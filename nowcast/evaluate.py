@@ -43,6 +43,12 @@ from nowcast.experiment import ExperimentConfig, load_experiment, stage_config
 from nowcast.forecast import make_forecast
 from nowcast.io.cube import cube_path, open_cube
 from nowcast.nowcasts.extrapolation import N_MOTION_FRAMES, motion_field
+from nowcast.nowcasts.variants import (
+    base_methods,
+    check_method_names,
+    forecast_variants,
+    parse_variants,
+)
 from nowcast.parallel import dask_client, show_progress
 from nowcast.verification import (
     ScoreAccumulator,
@@ -148,9 +154,8 @@ class EvaluateConfig(StrictModel):
             return value
         if not value:
             raise ValueError("methods must not be empty")
+        # Registered names or the experiment's forecast_methods; evaluate() checks which.
         names = [name.lower() for name in value]
-        for name in names:
-            forecast_methods.get_method(name)
         if len(set(names)) != len(names):
             raise ValueError(f"methods are listed twice: {value}")
         return names
@@ -203,6 +208,8 @@ class ForecastSetup:
     timestep_minutes: int
     thresholds: tuple[float, ...]
     scales: tuple[int, ...]
+    #: Forecast-method variants among ``methods`` (name to MethodSpec).
+    variants: dict = dataclasses.field(default_factory=dict)
 
     @property
     def lead_times(self) -> np.ndarray:
@@ -313,7 +320,9 @@ def run_methods(inputs: xr.DataArray, setup: ForecastSetup) -> dict[str, xr.Data
     """Forecast with every method of ``setup`` from the same inputs.
 
     The Lucas-Kanade motion field is estimated once and shared by ``extrapolation`` and
-    ``sprog`` (unless their ``method_kwargs`` choose another motion method).
+    ``sprog`` (unless their ``method_kwargs`` choose another motion method). Variants
+    (``setup.variants``, :mod:`nowcast.nowcasts.variants`) are built from their bases'
+    forecasts, which run once even when several variants share them.
 
     Parameters
     ----------
@@ -329,7 +338,7 @@ def run_methods(inputs: xr.DataArray, setup: ForecastSetup) -> dict[str, xr.Data
     """
     velocity = None
     forecasts = {}
-    for name in setup.methods:
+    for name in base_methods(setup.methods, setup.variants):
         kwargs = dict(setup.method_kwargs.get(name, {}))
         if name == "model":
             modified = os.path.getmtime(setup.checkpoint)
@@ -343,7 +352,7 @@ def run_methods(inputs: xr.DataArray, setup: ForecastSetup) -> dict[str, xr.Data
                 velocity = motion_field(np.asarray(inputs.values))
             kwargs.setdefault("velocity", velocity)
         forecasts[name] = method(inputs, setup.n_leadtimes, **kwargs)
-    return forecasts
+    return forecast_variants(setup.methods, setup.variants, forecasts, inputs)
 
 
 def observed_frames(
@@ -807,15 +816,17 @@ def _experiment(config: str | Path | ExperimentConfig) -> ExperimentConfig:
 
 
 def resolve_methods(
-    experiment: ExperimentConfig, config: EvaluateConfig
+    experiment: ExperimentConfig, config: EvaluateConfig, variants: dict | None = None
 ) -> tuple[tuple[str, ...], str | None]:
-    """The methods to run and the checkpoint path (None when the model is not evaluated).
+    """The methods to run and the checkpoint path (None when no method needs the model).
 
     Raises
     ------
     ConfigError
-        If ``model`` is asked for and the checkpoint does not exist.
+        If a method is neither registered nor in ``variants`` (the experiment's
+        ``forecast_methods``), or the model is needed and the checkpoint does not exist.
     """
+    variants = variants or {}
     checkpoint = config.checkpoint or str(Path(experiment.run_path) / "checkpoints" / "best.pt")
     if config.methods is None:
         methods = ["persistence", "extrapolation"]
@@ -823,7 +834,8 @@ def resolve_methods(
             methods.append("model")
     else:
         methods = list(config.methods)
-    if "model" not in methods:
+    check_method_names(methods, variants, "evaluate.methods")
+    if "model" not in base_methods(methods, variants):
         return tuple(methods), None
     if not Path(checkpoint).is_file():
         raise ConfigError(
@@ -897,14 +909,16 @@ def evaluate(
         table, info = cube_windows(experiment, eval_config.split)
     if table.empty:
         raise ConfigError(f"evaluate: no windows in split '{eval_config.split}'")
-    methods, checkpoint = resolve_methods(experiment, eval_config)
+    variants = parse_variants(experiment.forecast_methods)
+    methods, checkpoint = resolve_methods(experiment, eval_config, variants)
     n_leadtimes = eval_config.n_leadtimes or info["n_target_frames"]
     if n_leadtimes > info["n_target_frames"]:
         raise ConfigError(
             f"evaluate.n_leadtimes={n_leadtimes} exceeds the windows' {info['n_target_frames']} "
             "target frames"
         )
-    if {"extrapolation", "sprog"} & set(methods) and info["n_input_frames"] < N_MOTION_FRAMES:
+    advecting = {"extrapolation", "sprog"} & set(base_methods(methods, variants))
+    if advecting and info["n_input_frames"] < N_MOTION_FRAMES:
         raise ConfigError(f"extrapolation needs {N_MOTION_FRAMES} input frames")
     if checkpoint is not None:
         _check_model(checkpoint, info, n_leadtimes)
@@ -916,6 +930,7 @@ def evaluate(
     setup = ForecastSetup(
         methods=methods,
         method_kwargs={k.lower(): v for k, v in eval_config.method_kwargs.items()},
+        variants={name: variants[name] for name in methods if name in variants},
         checkpoint=checkpoint,
         device=eval_config.device,
         n_input_frames=info["n_input_frames"],
@@ -941,6 +956,10 @@ def evaluate(
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "nowcast_version": __version__,
         "methods": list(methods),
+        "forecast_methods": {
+            name: spec.model_dump(mode="json", exclude_none=True)
+            for name, spec in setup.variants.items()
+        },
         "compare": compare,
         "checkpoint": checkpoint,
         "windows_from": "patch store" if storage.exists(store) else "cubes",

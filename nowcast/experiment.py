@@ -49,6 +49,11 @@ class ExperimentConfig(StrictModel):
     evaluate: dict = Field(default_factory=dict)
     export: dict = Field(default_factory=dict)
     predict: dict = Field(default_factory=dict)
+    forecast_methods: dict = Field(
+        default_factory=dict,
+        description="named forecast-method variants (blending, probability matching), see "
+        "nowcast.nowcasts.variants",
+    )
 
     @property
     def patch_store(self) -> str:

@@ -339,6 +339,12 @@ def experiment_forecasts(
     """
     from .nowcasts import get_method
     from .nowcasts.utils import window_inputs
+    from .nowcasts.variants import (
+        base_methods,
+        check_method_names,
+        forecast_variants,
+        parse_variants,
+    )
     from .patch_store import PatchStore
     from .predict import file_sha256
 
@@ -352,9 +358,12 @@ def experiment_forecasts(
     if settings.max_forecasts:
         windows = windows.iloc[: settings.max_forecasts]
 
+    variants = parse_variants(experiment.forecast_methods)
+    names = [name.lower() for name in settings.methods]
+    check_method_names(names, variants, "export.methods")
     provenance = {}
     methods = {}
-    for name in settings.methods:
+    for name in base_methods(names, variants):
         if name == "model":
             checkpoint = settings.checkpoint or f"{experiment.run_path}/checkpoints/best.pt"
             if not Path(checkpoint).exists():
@@ -365,10 +374,18 @@ def experiment_forecasts(
             methods[name] = get_method(name)
     forecasts = []
     for _, _, inputs in window_inputs(experiment.cube_root, windows, n_input, step):
+        bases = {}
         for name, method in methods.items():
-            forecast = method(inputs, n_target)
-            forecast.attrs["method"] = name
-            forecasts.append(forecast)
+            bases[name] = method(inputs, n_target)
+            bases[name].attrs["method"] = name
+        # Variants (blending, probability matching) as evaluate builds them.
+        forecasts += forecast_variants(names, variants, bases, inputs).values()
+    if variants:
+        provenance["forecast_methods"] = {
+            name: spec.model_dump(mode="json", exclude_none=True)
+            for name, spec in variants.items()
+            if name in names
+        }
     return forecasts, provenance
 
 
