@@ -67,6 +67,19 @@ FAMILY_SCORES = {
     "det_cont": ("MSE", "MAE", "BMSE"),
     "fss": ("FSS",),
 }
+#: Score families on other masks: key -> (pysteps family, scores, suffix of the score names).
+#: ``*_allobs``: every pixel with a valid observation, a method's no-data counted as no rain
+#: (as pysteps' own verification counts it). ``dry_area``: the pixels where the observation and
+#: the extrapolation (LK) forecast are both below :data:`DRY_RAIN`; its false-alarm rate
+#: (pysteps ``FA`` = false alarms / observed non-events) at
+#: :data:`FALSE_ALARM_RAIN` is the share of them a method wets (``DRY_FA`` in the tables).
+MASKED_FAMILIES = {
+    "det_cat_allobs": ("det_cat", ("CSI", "BIAS"), "_ALLOBS"),
+    "det_cont_allobs": ("det_cont", ("MSE",), "_ALLOBS"),
+    "dry_area": ("det_cat", ("FA",), ""),
+}
+DRY_RAIN = 0.1
+FALSE_ALARM_RAIN = 0.5
 #: Columns of ``metrics.csv`` / ``metrics.json``.
 METRIC_COLUMNS = (
     "method",
@@ -400,8 +413,10 @@ def accumulate_scores(
     dict
         Method name to ``{"det_cat", "det_cont", "fss"}`` pooled accumulators. Only pixels where
         the observation and every forecast are finite count (for the FSS the others are
-        non-events in every field alike).
+        non-events in every field alike). Also the :data:`MASKED_FAMILIES`: ``*_allobs`` on
+        every valid observation, and ``dry_area`` when ``extrapolation`` is among the forecasts.
     """
+    observed_raw = observed
     valid = np.isfinite(observed)
     for values in forecasts.values():
         valid &= np.isfinite(values)
@@ -411,13 +426,33 @@ def accumulate_scores(
         "det_cont": (lead_times,),
         "fss": (lead_times, thresholds, scales),
     }
+    observed_all = np.where(np.isfinite(observed_raw), observed_raw, np.nan)
+    dry = None
+    if "extrapolation" in forecasts:
+        lk = forecasts["extrapolation"]
+        dry = valid & (observed_raw < DRY_RAIN) & (lk < DRY_RAIN)
     scores = {}
-    for name, values in forecasts.items():
-        values = np.where(valid, values, np.nan)
+    for name, raw in forecasts.items():
+        values = np.where(valid, raw, np.nan)
         scores[name] = {}
         for family_name, coords in coordinates.items():
             family = score_family(family_name)
             scores[name][family_name] = family.accum(family.init(*coords), values, observed)
+        # pysteps' convention: no data in a forecast is no rain where there is an observation.
+        filled = np.where(np.isfinite(raw), raw, 0.0)
+        for key, coords in (
+            ("det_cat_allobs", coordinates["det_cat"]),
+            ("det_cont_allobs", coordinates["det_cont"]),
+        ):
+            family = score_family(MASKED_FAMILIES[key][0])
+            scores[name][key] = family.accum(family.init(*coords), filled, observed_all)
+        if dry is not None:
+            family = score_family("det_cat")
+            scores[name]["dry_area"] = family.accum(
+                family.init(lead_times, (FALSE_ALARM_RAIN,)),
+                np.where(dry, raw, np.nan),
+                np.where(dry, observed_raw, np.nan),
+            )
     return scores
 
 
@@ -462,7 +497,16 @@ def score_window(window: Window, setup: ForecastSetup) -> WindowScores:
 
 
 def _compute_function(family_name: str):
+    if family_name in MASKED_FAMILIES:
+        name, scores, _ = MASKED_FAMILIES[family_name]
+        return functools.partial(score_family(name).compute, scores=scores)
     return functools.partial(score_family(family_name).compute, scores=FAMILY_SCORES[family_name])
+
+
+def _score_name(family_name: str, score: str) -> str:
+    if family_name == "dry_area":
+        return "DRY_FA"
+    return score + MASKED_FAMILIES.get(family_name, ("", (), ""))[2]
 
 
 def _interval_frame(per_start: ScoreAccumulator, intervals: dict) -> pd.DataFrame:
@@ -495,7 +539,7 @@ def stack_starts(
         source: {
             method: {
                 family: concat_starts([r.accumulators[method][family] for r in group])
-                for family in FAMILY_SCORES
+                for family in group[0].accumulators[method]
             }
             for method in methods
         }
@@ -513,6 +557,7 @@ def metrics_table(per_start: dict, n_bootstrap: int, confidence: float, seed: in
                     accumulator, _compute_function(family_name), n_bootstrap, confidence, seed
                 )
                 table = _interval_frame(accumulator, intervals)
+                table["score"] = [_score_name(family_name, n) for n in table["score"]]
                 frames.append(table.assign(method=method, source=source))
     return pd.concat(frames, ignore_index=True)[list(METRIC_COLUMNS)]
 
@@ -526,7 +571,7 @@ def differences_table(
         for baseline in methods:
             if baseline == compare:
                 continue
-            for family_name in FAMILY_SCORES:
+            for family_name in methods[compare]:
                 intervals = bootstrap_difference(
                     methods[compare][family_name],
                     methods[baseline][family_name],
@@ -536,6 +581,7 @@ def differences_table(
                     seed,
                 )
                 table = _interval_frame(methods[compare][family_name], intervals)
+                table["score"] = [_score_name(family_name, n) for n in table["score"]]
                 frames.append(table.assign(method=compare, baseline=baseline, source=source))
     if not frames:
         return pd.DataFrame(columns=list(DIFFERENCE_COLUMNS))

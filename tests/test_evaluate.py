@@ -27,7 +27,7 @@ from nowcast.evaluate import (
     store_windows,
 )
 from nowcast.experiment import ExperimentConfig
-from nowcast.io.cube import open_cube
+from nowcast.io.cube import cube_path, open_cube
 from nowcast.nowcasts import ModelNowcast, cube_inputs, get_method
 
 N_INPUT, N_TARGET = 4, 3
@@ -103,7 +103,8 @@ def test_outputs_follow_the_tidy_schema(evaluated, metrics):
     assert set(metrics["source"]) == {"synthetic"}
     assert set(metrics["lead_time"]) == {10.0, 20.0, 30.0}
     n_leads, n_thresholds, n_scales = 3, 6, 2
-    per_method = n_leads * (6 * n_thresholds + 3 + n_thresholds * n_scales)
+    # det_cat, det_cont, FSS; CSI and BIAS, MSE on all observed pixels; the dry-area FA.
+    per_method = n_leads * (6 * n_thresholds + 3 + n_thresholds * n_scales + 2 * n_thresholds + 2)
     assert len(metrics) == 3 * per_method
     continuous = metrics[metrics["score"].isin(FAMILY_SCORES["det_cont"])]
     assert continuous["threshold"].isna().all() and continuous["scale"].isna().all()
@@ -181,6 +182,45 @@ def test_persistence_scores_equal_pysteps_on_the_same_windows(evaluated, metrics
         for score, value in expected.items():
             row = at_lead[at_lead["score"] == score]
             np.testing.assert_allclose(row["value"].iloc[0], value, rtol=1e-6)
+
+
+def test_all_observed_and_dry_area_scores_equal_pysteps(evaluated, metrics):
+    """CSI_ALLOBS counts no-data as no rain on every observed pixel; DRY_FA is pysteps' FA."""
+    experiment, outputs, checkpoint = evaluated
+    payload = json.loads(Path(outputs["metrics_json"]).read_text())
+    cube = open_cube(cube_path(experiment.cube_root, "synthetic"))
+    model = ModelNowcast(checkpoint, device="cpu")
+    step = np.timedelta64(10, "m")
+    stacks = {"model": [], "lk": [], "obs": []}
+    for reference in payload["sources"]["synthetic"]["reference_times"]:
+        reference = np.datetime64(reference, "ns")
+        inputs = cube_inputs(cube, reference, N_INPUT)
+        times = reference + step * np.arange(1, N_TARGET + 1)
+        stacks["obs"].append(cube["rain_rate"].sel(time=times).values)
+        stacks["lk"].append(get_method("extrapolation")(inputs, N_TARGET).values)
+        stacks["model"].append(model(inputs, N_TARGET).values)
+    obs, lk, forecast = (np.stack(stacks[k]) for k in ("obs", "lk", "model"))
+    rows = metrics[metrics["method"] == "model"]
+    for lead_index, lead_time in enumerate((10.0, 20.0, 30.0)):
+        at_lead = rows[rows["lead_time"] == lead_time]
+        pred, truth = forecast[:, lead_index], obs[:, lead_index]
+        observed = np.isfinite(truth)
+        filled = np.nan_to_num(pred, nan=0.0)
+        expected = det_cat_fct(filled[observed], truth[observed], 1.0, ["CSI", "BIAS"])
+        for score, value in expected.items():
+            row = at_lead[(at_lead["score"] == f"{score}_ALLOBS") & (at_lead["threshold"] == 1.0)]
+            np.testing.assert_allclose(row["value"].iloc[0], value, rtol=1e-6)
+        expected = det_cont_fct(filled[observed], truth[observed], ["MSE"])["MSE"]
+        row = at_lead[at_lead["score"] == "MSE_ALLOBS"]
+        np.testing.assert_allclose(row["value"].iloc[0], expected, rtol=1e-6)
+        lk_lead = lk[:, lead_index]
+        valid = observed & np.isfinite(pred) & np.isfinite(lk_lead)
+        dry = valid & (truth < 0.1) & (lk_lead < 0.1)
+        assert dry.sum() > 100
+        share = np.mean(pred[dry] > 0.5)  # events are "> threshold" throughout
+        row = at_lead[at_lead["score"] == "DRY_FA"]
+        assert row["threshold"].iloc[0] == 0.5
+        np.testing.assert_allclose(row["value"].iloc[0], share, rtol=1e-6, atol=1e-12)
 
 
 def test_bootstrap_intervals_bracket_the_pooled_value(metrics):
