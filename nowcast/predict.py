@@ -20,7 +20,7 @@ from .catalog import FrameRef, frame_path, plan_frames
 from .config import Catalog, ConfigError, load_catalog
 from .io.cube import build_cube, cube_path, open_cube
 from .nowcasts.utils import cube_inputs
-from .windows import input_times
+from .windows import cube_timestep, input_times, stride_note
 
 
 class InputFramesError(ConfigError):
@@ -33,12 +33,15 @@ class PredictResult:
     map_png: str
     reference_time: str
     seconds: dict
+    #: How the model's timestep reads the source (:func:`nowcast.windows.stride_note`), if not 1:1.
+    note: str | None = None
 
     def summary(self) -> str:
         timing = ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items())
+        note = f"note: {self.note}\n" if self.note else ""
         return (
-            f"nowcast from {self.reference_time}\n  NetCDF: {self.netcdf}\n  map: {self.map_png}\n"
-            f"  timing: {timing}"
+            f"{note}nowcast from {self.reference_time}\n  NetCDF: {self.netcdf}\n"
+            f"  map: {self.map_png}\n  timing: {timing}"
         )
 
 
@@ -173,13 +176,13 @@ def predict(
 
     start = time.perf_counter()
     if from_files:
-        inputs = inputs_from_files(
-            catalog or load_catalog(), source, at, method.n_input_frames, step
-        )
+        catalog = catalog or load_catalog()
+        note = _timestep_note(source, catalog[source].timestep, step)
+        inputs = inputs_from_files(catalog, source, at, method.n_input_frames, step)
     else:
-        inputs = inputs_from_cube(
-            open_cube(cube_path(cube_dir, source)), at, method.n_input_frames, step
-        )
+        cube = open_cube(cube_path(cube_dir, source))
+        note = _timestep_note(source, cube_timestep(cube), step)
+        inputs = inputs_from_cube(cube, at, method.n_input_frames, step)
     seconds["read_inputs"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -207,7 +210,15 @@ def predict(
     figure = plot_forecast_panels(None, {"model": forecast}, leads, path=out_dir / f"{stem}.png")
     _close(figure)
     seconds["map"] = time.perf_counter() - start
-    return PredictResult(str(netcdf), str(out_dir / f"{stem}.png"), reference.isoformat(), seconds)
+    return PredictResult(
+        str(netcdf), str(out_dir / f"{stem}.png"), reference.isoformat(), seconds, note
+    )
+
+
+def _timestep_note(source: str, source_step: int, model_step: int) -> str | None:
+    # The rule of nowcast.windows.frame_stride: inputs are read every k-th source frame counted
+    # back from the reference time (input_times at the model's step), or a ConfigError.
+    return stride_note(source, source_step, model_step)
 
 
 def _close(figure) -> None:

@@ -83,6 +83,78 @@ def default_frame_counts(timestep_minutes: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# the timestep rule: a model's step against a source's step
+
+
+def frame_stride(model_step: float, source_step: float, source: str = "the inputs") -> int:
+    """Source frames per model step: a model takes every k-th source frame, or refuses.
+
+    This is the one place of the rule. A model trained at ``model_step`` minutes reads a source
+    whose frames are ``source_step`` minutes apart when ``model_step = k * source_step`` for a
+    whole k >= 1: it takes every k-th frame counted back from the reference time (inputs t,
+    t - model_step, ...) and forecasts lead times t + model_step, ... A 5-minute source for a
+    10-minute model gives k = 2; forecasts can still start at every source frame.
+
+    Parameters
+    ----------
+    model_step, source_step : float
+        Minutes between the model's frames and between the source's frames.
+    source : str, optional
+        Name of the source, for the error message.
+
+    Returns
+    -------
+    int
+        k, the stride in source frames (1 when the steps are equal).
+
+    Raises
+    ------
+    ConfigError
+        If the source step is longer than the model's or does not divide it (e.g. 6 min for a
+        10-minute model); the message names both steps and the source.
+    """
+    ratio = float(model_step) / float(source_step) if source_step else 0.0
+    k = int(round(ratio))
+    if k < 1 or not np.isclose(ratio, k):
+        raise ConfigError(
+            f"{source}: {float(source_step):g}-minute frames do not fit a model trained on "
+            f"{float(model_step):g}-minute frames (the model's step must be a whole multiple "
+            "of the source's)"
+        )
+    return k
+
+
+def stride_note(source: str, source_step: float, model_step: float) -> str | None:
+    """One line saying how the rule of :func:`frame_stride` reads a source (None when k = 1)."""
+    k = frame_stride(model_step, source_step, source)
+    if k == 1:
+        return None
+    step = f"{float(model_step):g}"
+    nth = {2: "2nd", 3: "3rd"}.get(k, f"{k}th")
+    return (
+        f"{source}: {float(source_step):g}-minute frames, the {step}-minute model takes every "
+        f"{nth} frame counted back from the reference time t (inputs t, t-{step} min, ...; "
+        f"lead times t+{step} min, ...)"
+    )
+
+
+def counted_back(n_available: int, n_frames: int, stride: int) -> np.ndarray:
+    """Indices of ``n_frames`` frames, every ``stride``-th counted back from the last available.
+
+    Raises
+    ------
+    ValueError
+        If fewer than ``(n_frames - 1) * stride + 1`` frames are available.
+    """
+    needed = (n_frames - 1) * stride + 1
+    if n_available < needed:
+        raise ValueError(
+            f"{n_frames} frames every {stride} need {needed} input frames, got {n_available}"
+        )
+    return np.arange(n_available - needed, n_available, stride)
+
+
+# --------------------------------------------------------------------------------------------
 # timeline of a cube
 
 
@@ -308,30 +380,38 @@ def label_blocks(times: np.ndarray, labels: np.ndarray, segment=None) -> list[di
 # listing
 
 
-def valid_starts(timeline: Timeline, labels: np.ndarray, n_frames: int) -> np.ndarray:
+def valid_starts(
+    timeline: Timeline, labels: np.ndarray, n_frames: int, stride: int = 1
+) -> np.ndarray:
     """Timeline indices of the first frames of every valid window.
 
-    A window's ``n_frames`` frames are all valid, all carry the same (non-empty) split label, all
-    lie in one segment and are exactly one timestep apart.
+    A window's ``n_frames`` frames (every ``stride``-th timeline frame from its start, see
+    :func:`frame_stride`) are all valid, all carry the same (non-empty) split label, all lie in
+    one segment and are exactly ``stride`` timesteps apart.
     """
-    n_windows = len(timeline) - n_frames + 1
+    n_windows = len(timeline) - (n_frames - 1) * stride
     if n_windows <= 0:
         return np.zeros(0, dtype=np.int64)
-    first, last = np.arange(n_windows), np.arange(n_windows) + n_frames - 1
-    valid = np.lib.stride_tricks.sliding_window_view(timeline.frame_valid, n_frames).all(axis=1)
+    first = np.arange(n_windows)
+    members = first[:, None] + stride * np.arange(n_frames)[None, :]
+    last = members[:, -1]
+    valid = timeline.frame_valid[members].all(axis=1)
     labelled = labels[:n_windows] != ""
-    frames = np.lib.stride_tricks.sliding_window_view(labels, n_frames)
+    frames = labels[members]
     one_split = (frames == frames[:, :1]).all(axis=1)
     one_segment = timeline.segment[first] == timeline.segment[last]
-    span = np.timedelta64(timeline.timestep * (n_frames - 1), "m")
+    span = np.timedelta64(timeline.timestep * stride * (n_frames - 1), "m")
     regular = (timeline.times[last] - timeline.times[first]) == span
     return np.flatnonzero(valid & labelled & one_split & one_segment & regular)
 
 
 def list_windows(
-    timeline: Timeline, labels: np.ndarray, n_input: int, n_target: int
+    timeline: Timeline, labels: np.ndarray, n_input: int, n_target: int, stride: int = 1
 ) -> pd.DataFrame:
     """Every valid window of a timeline, in time order.
+
+    With ``stride`` k > 1 a window takes every k-th timeline frame (a model whose step is k
+    source steps, :func:`frame_stride`); windows still start at every timeline frame.
 
     Returns
     -------
@@ -340,7 +420,7 @@ def list_windows(
         frame), ``cube_start`` (its cube index), ``start_time``, ``reference_time`` (last input
         frame), ``split`` and ``segment``.
     """
-    starts = valid_starts(timeline, labels, n_input + n_target)
+    starts = valid_starts(timeline, labels, n_input + n_target, stride)
     return pd.DataFrame(
         {
             "source": timeline.source,
@@ -348,7 +428,7 @@ def list_windows(
             "start": starts,
             "cube_start": timeline.cube_index[starts],
             "start_time": timeline.times[starts],
-            "reference_time": timeline.times[starts + n_input - 1],
+            "reference_time": timeline.times[starts + (n_input - 1) * stride],
             "split": labels[starts].astype(str),
             "segment": timeline.segment[starts],
         }

@@ -9,6 +9,7 @@ frame's no-data area set to NaN.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -18,6 +19,9 @@ from torch import nn
 
 from nowcast import transforms
 from nowcast.nowcasts.utils import check_inputs, input_timestep, to_forecast
+from nowcast.windows import counted_back, frame_stride, stride_note
+
+LOGGER = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
@@ -46,7 +50,9 @@ class ModelNowcast:
     n_input_frames : int, optional
         Input frames the model reads.
     timestep_minutes : float, optional
-        Timestep the model was trained on; inputs with another spacing are refused.
+        Timestep the model was trained on. Inputs at a step k times shorter are read every k-th
+        frame counted back from the last (:func:`nowcast.windows.frame_stride`); any other
+        spacing is refused.
     device : str or torch.device, optional
         Where the model runs; by default CUDA when available, else the CPU.
     name : str, optional
@@ -159,11 +165,14 @@ class ModelNowcast:
         ----------
         inputs : xarray.DataArray
             Rain rate (time, y, x) in mm/h with a ``time`` coordinate and a CRS, at least
-            ``n_input_frames`` frames at the model's timestep.
+            ``n_input_frames`` frames at the model's timestep, or ``(n_input_frames - 1) * k +
+            1`` frames at a step k times shorter (every k-th is used, counted back from the
+            last; the forecast's lead times are then at the model's step).
         n_leadtimes : int
             Number of lead times, at most the model's ``n_target_frames``.
         timestep_minutes : float, optional
-            Lead-time step; by default the input frames' spacing.
+            The input frames' spacing when there is one frame; checked otherwise. Lead times
+            are at the model's timestep.
         velocity : numpy.ndarray, optional
             Precomputed motion of the inputs (see :meth:`predict_values`).
 
@@ -176,11 +185,12 @@ class ModelNowcast:
         if timestep_minutes is None and inputs.sizes["time"] == 1:
             timestep_minutes = self.timestep_minutes
         step = input_timestep(inputs, timestep_minutes)
-        if self.timestep_minutes is not None and not np.isclose(step, self.timestep_minutes):
-            raise ValueError(
-                f"the model was trained on {self.timestep_minutes}-minute frames, "
-                f"the inputs are {step:g} min apart"
-            )
+        if self.timestep_minutes is not None:
+            inputs = self._at_model_step(inputs, step)
+            if not np.isclose(step, self.timestep_minutes):
+                # The caller's motion field was of the native frames: recompute it.
+                velocity = None
+            step = float(self.timestep_minutes)
         if self.n_target_frames is not None and n_leadtimes > self.n_target_frames:
             raise ValueError(
                 f"the model predicts {self.n_target_frames} lead times, {n_leadtimes} asked for"
@@ -188,6 +198,26 @@ class ModelNowcast:
         rain_rate = inputs.values[-self.n_input_frames :]
         values = self.predict_values(rain_rate, velocity)[: int(n_leadtimes)]
         return to_forecast(values, inputs, step, self.name)
+
+    def _at_model_step(self, inputs: xr.DataArray, step: float) -> xr.DataArray:
+        """Inputs at the model's timestep by :func:`nowcast.windows.frame_stride`'s rule.
+
+        Frames ``step`` minutes apart are read every k-th, counted back from the last one (the
+        reference time), when the model's step is k times theirs; otherwise a one-line
+        ConfigError names both steps.
+        """
+        source = inputs.attrs.get("radar_source") or "the inputs"
+        k = frame_stride(self.timestep_minutes, step, source)
+        if k == 1:
+            return inputs
+        try:
+            kept = counted_back(inputs.sizes["time"], self.n_input_frames, k)
+        except ValueError as err:
+            raise ValueError(
+                f"{source}: {err} at the model's {float(self.timestep_minutes):g}-minute step"
+            ) from None
+        LOGGER.info(stride_note(source, step, self.timestep_minutes))
+        return inputs.isel(time=kept)
 
 
 def forecast(
