@@ -28,6 +28,12 @@ from nowcast.storage import atomic_write_file
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last"
 BEST = "best"
+#: The committed pretrained model (``make skill`` reproduces it); resolved from the package, so
+#: it does not depend on the working directory. ``nowcast predict`` and ``nowcast evaluate
+#: --source`` use it by default.
+PRETRAINED_CHECKPOINT = (
+    Path(__file__).resolve().parent.parent / "pipelines/pretrained/bom_lagrangian_convlstm.pt"
+)
 
 #: Keys of a checkpoint dict.
 CHECKPOINT_KEYS = (
@@ -44,6 +50,7 @@ CHECKPOINT_KEYS = (
     "n_input_frames",
     "n_target_frames",
     "timestep_minutes",
+    "pixel_size_m",
     "step",
     "epoch",
     "batch_index",
@@ -204,7 +211,8 @@ def make_checkpoint(
         Architecture keyword arguments passed to :func:`nowcast.models.build_model`.
     store_info : mapping
         Patch-store attributes: ``n_input_frames``, ``n_target_frames``, ``timestep_minutes``
-        and ``normalization``.
+        and ``normalization``; optionally ``pixel_size_m`` (metres per source of the training
+        cubes, see :func:`training_pixel_sizes`).
     step : int
         Optimizer steps done.
     epoch : int
@@ -233,6 +241,9 @@ def make_checkpoint(
         "n_input_frames": int(store_info["n_input_frames"]),
         "n_target_frames": int(store_info["n_target_frames"]),
         "timestep_minutes": int(store_info["timestep_minutes"]),
+        # The grid the model learnt on: {source: metres}; {} when unknown. Older checkpoints
+        # lack the key (nowcast.zeroshot derives it from the catalog).
+        "pixel_size_m": to_plain(dict(store_info.get("pixel_size_m") or {})),
         # "lagrangian": the model maps inputs advected to the reference time onto targets
         # advected back to it (nowcast.lagrangian); inference must do the same.
         "frame": str(store_info.get("frame", "eulerian")),
@@ -243,6 +254,30 @@ def make_checkpoint(
         "nowcast_version": __version__,
         "torch_version": str(torch.__version__),
     }
+
+
+def training_pixel_sizes(cube_paths: Mapping[str, str]) -> dict[str, float]:
+    """Pixel size in metres of each training cube (the patch store's ``cube_paths``).
+
+    Parameters
+    ----------
+    cube_paths : mapping
+        Source name to cube path.
+
+    Returns
+    -------
+    dict
+        Source name to pixel size (metres); a cube that cannot be opened is left out.
+    """
+    from nowcast.io.cube import cube_pixel_size, open_cube
+
+    sizes = {}
+    for source, path in dict(cube_paths or {}).items():
+        try:
+            sizes[str(source)] = cube_pixel_size(open_cube(path))
+        except (OSError, KeyError, ValueError):
+            continue
+    return sizes
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: Mapping) -> None:

@@ -56,6 +56,7 @@ from nowcast.checkpoint import (
     make_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    training_pixel_sizes,
 )
 from nowcast.config import ConfigError, StrictModel
 from nowcast.experiment import ExperimentConfig, load_experiment, stage_config
@@ -646,6 +647,8 @@ def train(
         # ---- data ------------------------------------------------------------------------
         store = experiment.patch_store
         info = data.store_info(store)
+        # Recorded in the checkpoints: the grid spacing the model learnt on, per source.
+        info["pixel_size_m"] = training_pixel_sizes(info.get("cube_paths") or {})
         transform, normalization = data.load_normalization(store)
         loaders = data.make_dataloaders(
             store,

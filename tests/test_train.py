@@ -595,3 +595,5 @@ def test_training_on_a_real_patch_store_resumes_exactly(tmp_path):
     assert expected["normalization"] == info["normalization"]
     assert expected["n_input_frames"] == info["n_input_frames"] == 3
     assert expected["timestep_minutes"] == info["timestep_minutes"]
+    # The training grid is recorded (the synthetic source's 1 km pixels), for zero-shot reports.
+    assert expected["pixel_size_m"] == {"synthetic": 1000.0}

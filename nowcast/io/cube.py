@@ -215,6 +215,12 @@ def open_cube(path: str, chunks: dict | str | None = None) -> xr.Dataset:
     return ds
 
 
+def cube_pixel_size(ds: xr.Dataset) -> float:
+    """Pixel size of a cube in metres (the spacing of ``x``; NaN for a one-column grid)."""
+    x = np.asarray(ds["x"].values, dtype=float)
+    return float(abs(x[1] - x[0])) if x.size > 1 else float("nan")
+
+
 def cube_crs(ds: xr.Dataset) -> pyproj.CRS:
     """The cube's CRS, recovered from its CF grid mapping."""
     return pyproj.CRS.from_wkt(ds["crs"].attrs["crs_wkt"])
