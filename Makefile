@@ -16,11 +16,13 @@ export NOWCAST_DATA_ROOT ?= $(abspath ../shared/data/pysteps-data)
 SOURCE ?= bom
 CONFIG ?= pipelines/configs/bom.yaml
 OUT ?= runs
+START ?=
+END ?=
 ARGS ?=
 
 STAMP := $(VENV)/.installed
 
-.PHONY: system-deps setup data ingest patches train evaluate export predict skill compare test lint format bench demo clean
+.PHONY: system-deps setup data ingest patches train evaluate evaluate-source export predict skill compare test lint format bench demo clean
 
 # System libraries from Debian: udunits2 for the CF checker, GSHHS coastlines for offline maps.
 # Installed when we are root with apt-get (CI, containers); otherwise a note is printed.
@@ -59,6 +61,11 @@ train: $(STAMP)
 
 evaluate: $(STAMP)
 	$(NOWCAST) evaluate $(CONFIG) $(ARGS)
+
+# Zero-shot: the pretrained model (or ARGS="--checkpoint ...") on any catalog source, e.g.
+# make evaluate-source SOURCE=fmi_2016 START=2016-09-28T15:00 END=2016-09-28T17:00
+evaluate-source: $(STAMP)
+	$(NOWCAST) evaluate --source $(SOURCE) $(if $(START),--start $(START)) $(if $(END),--end $(END)) $(ARGS)
 
 export: $(STAMP)
 	$(NOWCAST) export $(CONFIG) $(ARGS)

@@ -118,14 +118,56 @@ def train(
 
 @app.command()
 def evaluate(
-    config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
+    config: Path = typer.Argument(
+        None, help="experiment config, pipelines/configs/<name>.yaml (or give --source)"
+    ),
+    source: str = typer.Option(
+        None, "--source", "-s", help="zero-shot: score on every start of this catalog source"
+    ),
+    catalog: Path = typer.Option(None, help="data catalog YAML (--source)"),
+    checkpoint: Path = typer.Option(None, help="model checkpoint (--source; default pretrained)"),
+    start: datetime = typer.Option(None, help="first forecast reference time, UTC (--source)"),
+    end: datetime = typer.Option(None, help="last forecast reference time, UTC (--source)"),
+    out_dir: Path = typer.Option(None, help="output folder (--source; runs/evaluate_<source>)"),
+    cube_dir: str = typer.Option(None, help="cube folder (--source; default data/cubes)"),
+    figures: bool = typer.Option(True, help="draw curves, maps and a GIF (--source)"),
     scheduler: str = typer.Option(None, help="Dask scheduler address (default: local cluster)"),
 ) -> None:
-    """Score the model against persistence and pysteps extrapolation on the test windows."""
-    from .evaluate import evaluate as run_evaluate
-
+    """Score the model against persistence and pysteps extrapolation on the test windows,
+    or (--source) the pretrained or a given model on any catalog source, zero-shot."""
+    source_options = {
+        "--catalog": catalog,
+        "--checkpoint": checkpoint,
+        "--start": start,
+        "--end": end,
+        "--out-dir": out_dir,
+        "--cube-dir": cube_dir,
+        "--no-figures": None if figures else False,
+    }
     try:
-        outputs = run_evaluate(config, scheduler=scheduler)
+        if (config is None) == (source is None):
+            raise ConfigError("evaluate: give exactly one of CONFIG or --source NAME")
+        if config is not None:
+            given = [name for name, value in source_options.items() if value is not None]
+            if given:
+                raise ConfigError(f"evaluate: {', '.join(given)} only apply with --source")
+            from .evaluate import evaluate as run_evaluate
+
+            outputs = run_evaluate(config, scheduler=scheduler)
+        else:
+            from .zeroshot import evaluate_source
+
+            outputs = evaluate_source(
+                source,
+                catalog=catalog,
+                checkpoint=checkpoint,
+                start=start,
+                end=end,
+                out_dir=out_dir,
+                cube_dir=cube_dir or "data/cubes",
+                scheduler=scheduler,
+                figures=figures,
+            )
     except (ConfigError, FileNotFoundError) as err:
         _fail(err)
     typer.echo(Path(outputs["report"]).read_text())
@@ -150,7 +192,7 @@ def export(
 def predict(
     source: str = typer.Option(..., "--source", "-s", help="catalog source name"),
     checkpoint: Path = typer.Option(
-        Path("pipelines/pretrained/bom_lagrangian_convlstm.pt"), help="model checkpoint"
+        None, help="model checkpoint (default: the pretrained pipelines/pretrained model)"
     ),
     at: datetime = typer.Option(None, help="time of the last input frame (UTC)"),
     latest: bool = typer.Option(True, help="use the newest available frame (default)"),
@@ -160,9 +202,11 @@ def predict(
     catalog: Path = typer.Option(None, help="data catalog YAML"),
 ) -> None:
     """Issue a nowcast from the newest (or --at) frames: CF NetCDF + forecast map PNG."""
+    from .checkpoint import PRETRAINED_CHECKPOINT
     from .config import load_catalog
     from .predict import predict as run_predict
 
+    checkpoint = checkpoint or PRETRAINED_CHECKPOINT
     if at is None and not latest:
         _fail(ConfigError("give --at TIME or --latest"))
     try:

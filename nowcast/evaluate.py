@@ -953,6 +953,68 @@ def evaluate(
         table, info = store_windows(store, eval_config.split)
     else:
         table, info = cube_windows(experiment, eval_config.split)
+        store = None
+    plan = plan_evaluation(experiment, eval_config, table, info, store=store)
+    return score_and_write(plan, scheduler=scheduler, progress=progress)
+
+
+@dataclasses.dataclass
+class EvaluationPlan:
+    """What :func:`score_and_write` scores and where it writes (see :func:`plan_evaluation`).
+
+    ``summary`` is the run metadata of ``metrics.json`` (``sources`` is filled after scoring);
+    ``notes`` are report lines put under the title; ``store`` is the patch store, if any.
+    """
+
+    experiment: ExperimentConfig
+    config: EvaluateConfig
+    windows: list[Window]
+    setup: ForecastSetup
+    compare: str
+    summary: dict
+    folder: Path
+    store: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def plan_evaluation(
+    experiment: ExperimentConfig,
+    eval_config: EvaluateConfig,
+    table: pd.DataFrame,
+    info: dict,
+    *,
+    store: str | None = None,
+    windows_from: str | None = None,
+    folder: str | Path | None = None,
+) -> EvaluationPlan:
+    """Check the methods and the checkpoint against the windows, and plan the forecasts.
+
+    Parameters
+    ----------
+    experiment : ExperimentConfig
+        Names the run (report title) and gives the default checkpoint and variants.
+    eval_config : EvaluateConfig
+        The evaluate settings.
+    table : pandas.DataFrame
+        Windows (source, cube_path, reference_time), as :func:`store_windows` lists them.
+    info : dict
+        ``n_input_frames``, ``n_target_frames`` and ``timestep_minutes`` of the windows.
+    store : str, optional
+        The patch store the windows come from (None: from the cubes).
+    windows_from : str, optional
+        Where the windows come from, for ``metrics.json``; default ``patch store`` or ``cubes``.
+    folder : str or Path, optional
+        Output folder; default ``<run_dir>/evaluation``.
+
+    Returns
+    -------
+    EvaluationPlan
+
+    Raises
+    ------
+    ConfigError
+        For a split without windows, too many lead times, a missing or unfit checkpoint.
+    """
     if table.empty:
         raise ConfigError(f"evaluate: no windows in split '{eval_config.split}'")
     variants = parse_variants(experiment.forecast_methods)
@@ -986,16 +1048,6 @@ def evaluate(
         scales=tuple(eval_config.fss_scales),
     )
 
-    with dask_client(scheduler) as client:
-        futures = client.map(score_window, windows, setup=setup, pure=False)
-        if progress:
-            show_progress(futures)
-        results = client.gather(futures)
-
-    per_start = stack_starts(results, methods)
-    bootstrap = (eval_config.n_bootstrap, eval_config.confidence, eval_config.seed)
-    metrics = metrics_table(per_start, *bootstrap)
-    differences = differences_table(per_start, compare, *bootstrap)
     summary = {
         "experiment": experiment.name,
         "split": eval_config.split,
@@ -1008,7 +1060,7 @@ def evaluate(
         },
         "compare": compare,
         "checkpoint": checkpoint,
-        "windows_from": "patch store" if storage.exists(store) else "cubes",
+        "windows_from": windows_from or ("patch store" if store else "cubes"),
         "n_input_frames": setup.n_input_frames,
         "timestep_minutes": setup.timestep_minutes,
         "lead_times": setup.lead_times.tolist(),
@@ -1016,6 +1068,34 @@ def evaluate(
         "sources": {},
         "config": json.loads(eval_config.model_dump_json()),
     }
+    folder = Path(folder) if folder is not None else Path(experiment.run_path) / EVALUATION_DIR
+    return EvaluationPlan(experiment, eval_config, windows, setup, compare, summary, folder, store)
+
+
+def score_and_write(
+    plan: EvaluationPlan, scheduler: str | None = None, progress: bool = True
+) -> dict[str, str]:
+    """Score the plan's windows on Dask and write the outputs into ``plan.folder`` atomically.
+
+    Returns
+    -------
+    dict of str
+        As :func:`evaluate` returns.
+    """
+    experiment, eval_config, store = plan.experiment, plan.config, plan.store
+    windows, setup, compare = plan.windows, plan.setup, plan.compare
+    methods = setup.methods
+    with dask_client(scheduler) as client:
+        futures = client.map(score_window, windows, setup=setup, pure=False)
+        if progress:
+            show_progress(futures)
+        results = client.gather(futures)
+
+    per_start = stack_starts(results, methods)
+    bootstrap = (eval_config.n_bootstrap, eval_config.confidence, eval_config.seed)
+    metrics = metrics_table(per_start, *bootstrap)
+    differences = differences_table(per_start, compare, *bootstrap)
+    summary = plan.summary
     for source in dict.fromkeys(w.source for w in windows):
         at_source = [r for r in results if r.window.source == source]
         times = [r.window.reference_time for r in at_source]
@@ -1033,11 +1113,11 @@ def evaluate(
 
     patch_metrics = None
     if eval_config.score_patches:
-        if not storage.exists(store):
+        if store is None:
             raise ConfigError("evaluate.score_patches needs the patch store; run `nowcast patches`")
         patch_metrics = metrics_table(score_store_patches(store, eval_config, setup), *bootstrap)
 
-    final = Path(experiment.run_path) / EVALUATION_DIR
+    final = plan.folder
     animation_method = compare
     with storage.atomic_path(final) as tmp:
         folder = Path(tmp)
@@ -1058,9 +1138,11 @@ def evaluate(
         (folder / "metrics.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
         if patch_metrics is not None:
             patch_metrics.to_csv(folder / "patch_metrics.csv", index=False)
-        (folder / "report.md").write_text(
-            report_text(experiment, eval_config, metrics, differences, summary, figures)
-        )
+        report = report_text(experiment, eval_config, metrics, differences, summary, figures)
+        if plan.notes:
+            title, _, rest = report.partition("\n")
+            report = "\n".join([title, "", *plan.notes, rest])
+        (folder / "report.md").write_text(report)
     outputs = {
         "folder": str(final),
         "metrics_csv": str(final / "metrics.csv"),

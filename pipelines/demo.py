@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from nowcast.checkpoint import PRETRAINED_CHECKPOINT
 from nowcast.cli import describe_cube
 from nowcast.data import DataUnavailableError, fetch_sample_data
 from nowcast.evaluate import evaluate
@@ -22,7 +23,7 @@ from nowcast.patches import build_patches
 from nowcast.train import train
 
 REPO = Path(__file__).resolve().parent.parent
-PRETRAINED = REPO / "pipelines" / "pretrained" / "bom_lagrangian_convlstm.pt"
+PRETRAINED = PRETRAINED_CHECKPOINT
 # The pretrained model comes from bom_lagrangian_tr, which shares the bom_lagrangian patch store.
 REAL_CONFIG = REPO / "pipelines" / "configs" / "bom_lagrangian_tr.yaml"
 SYNTHETIC_CONFIG = REPO / "pipelines" / "configs" / "synthetic.yaml"

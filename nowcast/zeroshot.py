@@ -1,0 +1,304 @@
+"""Zero-shot evaluation: a trained model against the baselines on any catalog source.
+
+``nowcast evaluate --source NAME`` scores persistence, LK extrapolation, S-PROG and a model
+(default: the committed pretrained one) on every forecast start of a catalog source, with no
+experiment config and no patch store. The source's cube is ingested first when it is missing.
+The windows come from :mod:`nowcast.windows` at the model's frame counts and timestep, read by
+the rule of :func:`nowcast.windows.frame_stride` (a 10-minute model on a 5-minute source takes
+every second frame counted back from the reference time; starts are every source frame), and
+the scoring and the outputs are those of ``nowcast evaluate CONFIG``
+(:func:`nowcast.evaluate.plan_evaluation` and :func:`nowcast.evaluate.score_and_write`).
+
+The model runs on the source's native grid; the report and ``metrics.json`` state the source's
+pixel size beside the pixel size the model was trained on (recorded in new checkpoints,
+derived through the catalog for older ones).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from nowcast import storage
+from nowcast import windows as window_rules
+from nowcast.checkpoint import PRETRAINED_CHECKPOINT, load_checkpoint
+from nowcast.config import Catalog, ConfigError, load_catalog
+from nowcast.evaluate import EvaluateConfig, plan_evaluation, score_and_write
+from nowcast.experiment import ExperimentConfig
+from nowcast.io.cube import cube_path, cube_pixel_size, open_cube
+
+#: Methods scored by ``nowcast evaluate --source``.
+SOURCE_METHODS = ("persistence", "extrapolation", "sprog", "model")
+#: Split label of every window (the source has no splits; ``evaluate``'s default split).
+SOURCE_SPLIT = "test"
+
+
+def default_out_dir(source: str) -> str:
+    """Output folder of ``nowcast evaluate --source``: ``runs/evaluate_<source>``."""
+    return f"runs/evaluate_{source}"
+
+
+def ensure_cube(
+    source: str,
+    cube_dir: str,
+    catalog: Catalog,
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Path of the source's cube, ingested first (with one line saying so) when missing.
+
+    Returns
+    -------
+    str
+        ``<cube_dir>/<source>.zarr``.
+    """
+    path = cube_path(cube_dir, source)
+    if storage.exists(path):
+        return path
+    from nowcast.ingest import ingest
+
+    print(f"{source}: no cube at {path}; ingesting it first (as `nowcast ingest {source}`)")
+    return ingest(source, cube_dir, catalog=catalog, scheduler=scheduler, progress=progress).path
+
+
+def source_windows(
+    source: str,
+    path: str,
+    cube: xr.Dataset,
+    n_input: int,
+    n_target: int,
+    stride: int,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> pd.DataFrame:
+    """Every forecast start of a cube whose input and target frames are all valid.
+
+    A start (reference time) is kept when its ``n_input`` input and ``n_target`` target frames,
+    every ``stride``-th cube frame counted from it, are present and valid in one segment
+    (:func:`nowcast.windows.list_windows`), and it lies in [``start``, ``end``].
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``source``, ``cube_path``, ``reference_time``, in time order.
+    """
+    timeline = window_rules.Timeline.from_cube(source, path, cube)
+    labels = np.full(len(timeline), SOURCE_SPLIT, dtype=object)
+    table = window_rules.list_windows(timeline, labels, n_input, n_target, stride)
+    reference = table["reference_time"]
+    keep = np.ones(len(table), dtype=bool)
+    if start is not None:
+        keep &= (reference >= pd.Timestamp(start)).to_numpy()
+    if end is not None:
+        keep &= (reference <= pd.Timestamp(end)).to_numpy()
+    return table[keep][["source", "cube_path", "reference_time"]].reset_index(drop=True)
+
+
+def _raw_pixel_size(source_name: str, catalog: Catalog) -> float | None:
+    # The grid of one raw file of the source (the first one present).
+    from nowcast.catalog import plan_frames
+    from nowcast.ingest import source_grid
+
+    source = catalog[source_name]
+    plan = plan_frames(source)
+    present = [f for f, ok in zip(plan.frames, plan.present, strict=True) if ok]
+    if not present:
+        return None
+    x = np.asarray(source_grid(source, present[:3]).x, dtype=float)
+    return float(abs(x[1] - x[0])) if x.size > 1 else None
+
+
+def training_pixel_size(meta: dict, catalog: Catalog, cube_dir: str) -> tuple[dict, str]:
+    """Pixel size (metres) of the grids a checkpoint's model was trained on, and where from.
+
+    New checkpoints record it (``pixel_size_m``). For older ones it is derived from the sources
+    the normalization was fitted on (``normalization.fitted_on.sources``) through the catalog:
+    the source's cube when it exists in ``cube_dir``, else the grid of one raw file.
+
+    Returns
+    -------
+    tuple
+        ``({source: metres}, origin)`` with origin ``checkpoint``, ``catalog`` or
+        ``not recorded`` (then the dict is empty).
+    """
+    recorded = meta.get("pixel_size_m") or {}
+    if recorded:
+        return {str(k): float(v) for k, v in recorded.items()}, "checkpoint"
+    fitted_on = (meta.get("normalization") or {}).get("fitted_on") or {}
+    sizes = {}
+    for entry in fitted_on.get("sources") or []:
+        name = entry.get("source") if isinstance(entry, dict) else str(entry)
+        if not name or name not in catalog.sources:
+            continue
+        path = cube_path(cube_dir, name)
+        try:
+            if storage.exists(path):
+                sizes[name] = cube_pixel_size(open_cube(path))
+            else:
+                size = _raw_pixel_size(name, catalog)
+                if size is not None:
+                    sizes[name] = size
+        except (ConfigError, OSError, KeyError, ValueError):
+            continue
+    return sizes, ("catalog" if sizes else "not recorded")
+
+
+def _metres(sizes: dict) -> str:
+    return ", ".join(f"{size:g} m ({name})" for name, size in sizes.items())
+
+
+def zero_shot_notes(info: dict) -> list[str]:
+    """Report lines: what is scored, the timestep rule applied and both pixel sizes."""
+    source = info["source"]
+    if info["training_pixel_size_m"]:
+        origin = {"checkpoint": "recorded in the checkpoint", "catalog": "from the catalog"}
+        trained = (
+            f"it was trained on pixels of {_metres(info['training_pixel_size_m'])}, "
+            f"{origin[info['training_pixel_size_from']]}"
+        )
+    else:
+        trained = "its training pixel size is not recorded"
+    timestep = info["timestep_note"] or (
+        f"{source} and the model both have a {info['model_timestep_minutes']}-minute step"
+    )
+    return [
+        f"Zero-shot evaluation on catalog source `{source}` (no experiment config, no patch "
+        f"store): every forecast start from {info['first_start']} to {info['last_start']} whose "
+        f"{info['n_input_frames']} input and {info['n_target_frames']} target frames are valid "
+        f"in one segment of the cube `{info['cube']}`, one start every "
+        f"{info['source_timestep_minutes']} min.",
+        f"Timestep: {timestep}.",
+        f"Grid: the model runs on the source's native grid ({info['grid_shape'][0]} x "
+        f"{info['grid_shape'][1]} pixels of {info['source_pixel_size_m']:g} m); {trained}.",
+    ]
+
+
+def evaluate_source(
+    source: str,
+    *,
+    catalog: Catalog | str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    out_dir: str | Path | None = None,
+    cube_dir: str = "data/cubes",
+    scheduler: str | None = None,
+    progress: bool = True,
+    figures: bool = True,
+) -> dict:
+    """Score a model and the baselines on every forecast start of a catalog source.
+
+    Parameters
+    ----------
+    source : str
+        Catalog source name.
+    catalog : Catalog, str or Path, optional
+        The catalog or its file; default :func:`nowcast.config.load_catalog`.
+    checkpoint : str or Path, optional
+        Model checkpoint; default the pretrained model
+        (:data:`nowcast.checkpoint.PRETRAINED_CHECKPOINT`).
+    start, end : datetime, optional
+        First and last forecast reference time scored; default the whole source.
+    out_dir : str or Path, optional
+        Output folder, written atomically; default ``runs/evaluate_<source>``.
+    cube_dir : str, optional
+        Where ``<source>.zarr`` is, or is ingested to when missing.
+    scheduler : str, optional
+        Dask scheduler address, ``"threads"``, or None for a local cluster.
+    progress : bool, optional
+        Progress bars (ingest and scoring).
+    figures : bool, optional
+        Draw score curves, map panels and an animation.
+
+    Returns
+    -------
+    dict
+        As :func:`nowcast.evaluate.evaluate`: ``folder``, ``metrics_csv``, ``metrics_json``,
+        ``differences_csv``, ``report``, ``figures``.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown source, a missing checkpoint, a source step that does not fit the model's
+        (:func:`nowcast.windows.frame_stride`), or no valid forecast start in the range.
+    """
+    if not isinstance(catalog, Catalog):
+        catalog = load_catalog(catalog)
+    catalog[source]  # unknown source: one-line error naming the catalog's sources
+    checkpoint = Path(checkpoint) if checkpoint is not None else PRETRAINED_CHECKPOINT
+    if not checkpoint.is_file():
+        raise ConfigError(f"evaluate --source: checkpoint not found: {checkpoint}")
+    if start is not None and end is not None and pd.Timestamp(start) > pd.Timestamp(end):
+        raise ConfigError(f"evaluate --source: --start {start} is after --end {end}")
+    meta = load_checkpoint(checkpoint)
+    n_input, n_target = int(meta["n_input_frames"]), int(meta["n_target_frames"])
+    model_step = int(meta["timestep_minutes"])
+
+    path = ensure_cube(source, cube_dir, catalog, scheduler, progress)
+    cube = open_cube(path)
+    source_step = window_rules.cube_timestep(cube)
+    stride = window_rules.frame_stride(model_step, source_step, source)
+    note = window_rules.stride_note(source, source_step, model_step)
+    if note:
+        print(f"note: {note}")
+    table = source_windows(source, path, cube, n_input, n_target, stride, start, end)
+    if table.empty:
+        raise ConfigError(
+            f"evaluate --source {source}: no forecast start between {start or 'the start'} and "
+            f"{end or 'the end'} of {path} has all its {n_input} input and {n_target} target "
+            f"frames ({model_step} min apart) valid"
+        )
+    out_dir = Path(out_dir or default_out_dir(source))
+    experiment = ExperimentConfig(
+        name=f"evaluate_{source}", sources=[source], cube_dir=cube_dir, run_dir=str(out_dir)
+    )
+    eval_config = EvaluateConfig(
+        methods=list(SOURCE_METHODS), checkpoint=str(checkpoint), window_stride=1, figures=figures
+    )
+    info = {"n_input_frames": n_input, "n_target_frames": n_target, "timestep_minutes": model_step}
+    plan = plan_evaluation(
+        experiment,
+        eval_config,
+        table,
+        info,
+        windows_from=f"catalog source {source}",
+        folder=out_dir,
+    )
+    trained, origin = training_pixel_size(meta, catalog, cube_dir)
+    zero_shot = {
+        "source": source,
+        "cube": path,
+        "source_timestep_minutes": source_step,
+        "model_timestep_minutes": model_step,
+        "frame_stride": stride,
+        "timestep_note": note,
+        "n_input_frames": n_input,
+        "n_target_frames": n_target,
+        "first_start": pd.Timestamp(table["reference_time"].iloc[0]).isoformat(),
+        "last_start": pd.Timestamp(table["reference_time"].iloc[-1]).isoformat(),
+        "native_grid": True,
+        "grid_shape": [int(cube.sizes["y"]), int(cube.sizes["x"])],
+        "source_pixel_size_m": cube_pixel_size(cube),
+        "training_pixel_size_m": trained,
+        "training_pixel_size_from": origin,
+    }
+    plan.summary["zero_shot"] = zero_shot
+    # Starts are one source step apart: in model steps that is 1 / stride.
+    plan.summary["window_stride"] = 1.0 / stride
+    plan.notes = zero_shot_notes(zero_shot)
+    return score_and_write(plan, scheduler=scheduler, progress=progress)
+
+
+__all__ = [
+    "SOURCE_METHODS",
+    "default_out_dir",
+    "ensure_cube",
+    "evaluate_source",
+    "source_windows",
+    "training_pixel_size",
+    "zero_shot_notes",
+]
