@@ -200,16 +200,24 @@ def predict(
     from_files: bool = typer.Option(False, help="read the raw files instead of the cube"),
     out_dir: Path = typer.Option(Path("runs/predict"), help="output folder"),
     catalog: Path = typer.Option(None, help="data catalog YAML"),
+    method: str = typer.Option(
+        "model", help="model, or a forecast_methods variant of --config (e.g. model_cdf)"
+    ),
+    config: Path = typer.Option(
+        None, help="experiment config whose forecast_methods declares --method"
+    ),
 ) -> None:
     """Issue a nowcast from the newest (or --at) frames: CF NetCDF + forecast map PNG."""
     from .checkpoint import PRETRAINED_CHECKPOINT
     from .config import load_catalog
+    from .experiment import load_experiment
     from .predict import predict as run_predict
 
     checkpoint = checkpoint or PRETRAINED_CHECKPOINT
     if at is None and not latest:
         _fail(ConfigError("give --at TIME or --latest"))
     try:
+        variants = load_experiment(config).forecast_methods if config else None
         result = run_predict(
             source,
             checkpoint,
@@ -218,6 +226,8 @@ def predict(
             from_files=from_files,
             out_dir=out_dir,
             catalog=load_catalog(catalog),
+            method=method,
+            forecast_methods=variants,
         )
     except (ConfigError, FileNotFoundError) as err:
         _fail(err)

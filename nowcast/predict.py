@@ -139,6 +139,8 @@ def predict(
     out_dir: str | Path = "runs/predict",
     catalog: Catalog | None = None,
     n_leadtimes: int | None = None,
+    method: str = "model",
+    forecast_methods: dict | None = None,
 ) -> PredictResult:
     """Issue a nowcast with a trained model and write CF NetCDF plus a map PNG.
 
@@ -159,6 +161,12 @@ def predict(
     catalog : Catalog, optional
     n_leadtimes : int, optional
         Lead times to write; default all the model predicts.
+    method : str, optional
+        ``model`` (default) or a variant of ``forecast_methods`` built on the model (blending,
+        probability matching; :mod:`nowcast.nowcasts.variants`, as evaluate and export build
+        it).
+    forecast_methods : dict, optional
+        An experiment's ``forecast_methods:`` section, where ``method`` is declared.
 
     Returns
     -------
@@ -166,27 +174,44 @@ def predict(
     """
     from .export import write_forecast_netcdf
     from .nowcasts import get_method
+    from .nowcasts.variants import (
+        base_methods,
+        check_method_names,
+        forecast_variants,
+        parse_variants,
+    )
     from .visualization import plot_forecast_panels
 
+    variants = parse_variants(forecast_methods)
+    name = method.lower()
+    check_method_names([name], variants, "predict --method")
+    spec = variants.get(name)
+    if name != "model" and (spec is None or spec.method != "model"):
+        raise ConfigError(f"predict --method {method}: not the model or a variant built on it")
     seconds = {}
     start = time.perf_counter()
-    method = get_method("model")(checkpoint=checkpoint)
+    model = get_method("model")(checkpoint=checkpoint)
     seconds["load_model"] = time.perf_counter() - start
-    step = int(method.timestep_minutes)
+    step = int(model.timestep_minutes)
 
     start = time.perf_counter()
     if from_files:
         catalog = catalog or load_catalog()
         note = _timestep_note(source, catalog[source].timestep, step)
-        inputs = inputs_from_files(catalog, source, at, method.n_input_frames, step)
+        inputs = inputs_from_files(catalog, source, at, model.n_input_frames, step)
     else:
         cube = open_cube(cube_path(cube_dir, source))
         note = _timestep_note(source, cube_timestep(cube), step)
-        inputs = inputs_from_cube(cube, at, method.n_input_frames, step)
+        inputs = inputs_from_cube(cube, at, model.n_input_frames, step)
     seconds["read_inputs"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    forecast = method(inputs, n_leadtimes or method.n_target_frames)
+    n_leadtimes = n_leadtimes or model.n_target_frames
+    forecasts = {"model": model(inputs, n_leadtimes)}
+    for base in base_methods([name], variants):
+        if base not in forecasts:
+            forecasts[base] = get_method(base)(inputs, n_leadtimes)
+    forecast = forecast_variants([name], variants, forecasts, inputs)[name]
     seconds["model"] = time.perf_counter() - start
 
     reference = pd.Timestamp(forecast["forecast_reference_time"].values)
@@ -199,15 +224,19 @@ def predict(
         out_dir / f"{stem}.nc",
         provenance={
             "source": source,
-            "method": "model",
+            "method": name,
             "checkpoint_sha256": file_sha256(checkpoint),
-            "config": {"checkpoint": str(checkpoint), "from_files": from_files},
+            "config": {
+                "checkpoint": str(checkpoint),
+                "from_files": from_files,
+                **({"forecast_method": spec.model_dump(mode="json")} if spec else {}),
+            },
         },
     )
     seconds["netcdf"] = time.perf_counter() - start
     start = time.perf_counter()
     leads = [step * k for k in (1, 3, 6) if k <= forecast.sizes["lead_time"]]
-    figure = plot_forecast_panels(None, {"model": forecast}, leads, path=out_dir / f"{stem}.png")
+    figure = plot_forecast_panels(None, {name: forecast}, leads, path=out_dir / f"{stem}.png")
     _close(figure)
     seconds["map"] = time.perf_counter() - start
     return PredictResult(

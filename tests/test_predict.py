@@ -10,6 +10,7 @@ import xarray as xr
 from conftest import synthetic_catalog
 
 from nowcast.checkpoint import make_checkpoint, save_checkpoint
+from nowcast.config import ConfigError
 from nowcast.ingest import ingest
 from nowcast.models import build_model
 from nowcast.predict import InputFramesError, predict
@@ -177,3 +178,50 @@ def test_every_registered_model_runs_through_predict_and_export(
     assert len(paths) == 1
     with xr.open_dataset(paths[0]) as ds:
         assert ds.attrs["nowcast_method"] == "model"
+
+
+def test_predict_applies_a_forecast_method_variant_as_evaluate_does(synthetic_setup):
+    """--method model_mix: the model blended with extrapolation and CDF-matched, same function."""
+    from nowcast.nowcasts import cube_inputs, get_method
+    from nowcast.nowcasts.variants import apply_variant, parse_variants
+
+    catalog, tmp_path, checkpoint = synthetic_setup
+    variants = {
+        "model_mix": {
+            "method": "model",
+            "blend": {"method": "extrapolation", "weights": [0.5]},
+            "postprocess": {"method": "cdf"},
+        }
+    }
+    at = pd.Timestamp("2000-01-01T00:50")
+    result = predict(
+        "synthetic",
+        checkpoint,
+        at=at.to_pydatetime(),
+        cube_dir=str(tmp_path / "cubes"),
+        out_dir=tmp_path / "out",
+        catalog=catalog,
+        method="model_mix",
+        forecast_methods=variants,
+    )
+    written = xr.open_dataset(result.netcdf)["rain_rate"].values
+    cube = xr.open_zarr(tmp_path / "cubes" / "synthetic.zarr")
+    inputs = cube_inputs(cube, at, 3)
+    bases = {
+        "model": get_method("model")(checkpoint=checkpoint)(inputs, 4),
+        "extrapolation": get_method("extrapolation")(inputs, 4),
+    }
+    spec = parse_variants(variants)["model_mix"]
+    expected = apply_variant("model_mix", spec, bases, inputs).values
+    np.testing.assert_allclose(written, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(written, bases["model"].values, equal_nan=True)
+    with pytest.raises(ConfigError, match="unknown forecast method 'model_nope'"):
+        predict(
+            "synthetic",
+            checkpoint,
+            cube_dir=str(tmp_path / "cubes"),
+            catalog=catalog,
+            method="model_nope",
+            forecast_methods=variants,
+            out_dir=tmp_path / "x",
+        )
