@@ -19,6 +19,8 @@ mse+bias    MSE plus a wet-area term: the squared difference between the forecas
             :data:`WET_AREA_THRESHOLDS` (needs ``wet_thresholds``, the thresholds normalised;
             see :func:`mse_wet_area`). It penalises the frequency bias that plain MSE training
             builds up at long lead times, where blurring spreads light rain.
+pinball     quantile loss of the normalised values (``loss_kwargs: {quantile: q}``, default
+            0.6): a forecast of the q-quantile instead of the mean, see :func:`pinball`
 =========== ================================================================================
 
 References
@@ -44,6 +46,7 @@ __all__ = [
     "masked_mse",
     "masked_mse_mae",
     "mse_wet_area",
+    "pinball",
     "registered_losses",
 ]
 
@@ -276,12 +279,50 @@ def mse_wet_area(
     return mse + area_weight * area
 
 
+def pinball(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    target_rain_rate: torch.Tensor | None = None,
+    *,
+    quantile: float = 0.6,
+) -> torch.Tensor:
+    """Quantile (pinball) loss over the valid pixels: the network learns a quantile, not a mean.
+
+    ``max(q * e, (q - 1) * e)`` with ``e = target - prediction``: under-forecasts cost ``q``,
+    over-forecasts ``1 - q``. A quantile above 0.5 counters the damping of intense cores that
+    a mean (MSE) forecast of an uncertain future builds up at long lead times.
+
+    Parameters
+    ----------
+    prediction, target : torch.Tensor
+        Normalised frames of the same shape.
+    mask : torch.Tensor
+        1 where the target is valid, 0 for no data.
+    target_rain_rate : torch.Tensor, optional
+        Unused; accepted so that every loss has the same signature.
+    quantile : float
+        The quantile ``q`` in (0, 1).
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"pinball quantile must lie in (0, 1), got {quantile}")
+    error, _, n_valid = _masked_error(prediction, target, mask)
+    under = -error  # target - prediction
+    return torch.maximum(quantile * under, (quantile - 1.0) * under).sum() / n_valid
+
+
 _LOSSES: dict[str, Loss] = {
     "mse": masked_mse,
     "mae": masked_mae,
     "mse+mae": masked_mse_mae,
     "bmse+bmae": balanced_mse_mae,
     "mse+bias": mse_wet_area,
+    "pinball": pinball,
 }
 
 

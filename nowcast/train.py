@@ -111,7 +111,7 @@ class TrainConfig(StrictModel):
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor, fraction of lr")
     plateau_factor: float = Field(0.5, gt=0, lt=1, description="lr factor of a plateau")
     plateau_patience: int = Field(2, ge=0, description="validations without improvement")
-    loss: Literal["mse", "mae", "mse+mae", "bmse+bmae", "mse+bias"] = "bmse+bmae"
+    loss: Literal["mse", "mae", "mse+mae", "bmse+bmae", "mse+bias", "pinball"] = "bmse+bmae"
     loss_kwargs: dict[str, float] = Field(
         default_factory=dict,
         description="keyword arguments of the loss, e.g. {area_weight: 1.0} for mse+bias",

@@ -293,6 +293,29 @@ def test_losses_are_means_over_valid_pixels():
         torch.testing.assert_close(actual, value, msg=name)
 
 
+def test_pinball_loss_is_the_quantile_loss_and_its_minimiser_the_quantile():
+    prediction, target, mask, rain_rate = _loss_inputs(seed=2)
+    valid = mask > 0
+    under = (target - prediction)[valid]
+    for quantile in (0.5, 0.8):
+        expected = torch.maximum(quantile * under, (quantile - 1) * under).mean()
+        actual = losses.get_method("pinball")(prediction, target, mask, quantile=quantile)
+        torch.testing.assert_close(actual, expected)
+    # A constant fitted with the 0.8 pinball loss lands on the 0.8-quantile of the targets.
+    values = torch.rand(2000, generator=torch.Generator().manual_seed(3))
+    constant = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([constant], lr=0.05)
+    for _ in range(400):
+        optimizer.zero_grad()
+        losses.pinball(
+            constant.expand_as(values), values, torch.ones_like(values), quantile=0.8
+        ).backward()
+        optimizer.step()
+    assert abs(constant.item() - torch.quantile(values, 0.8).item()) < 0.03
+    with pytest.raises(ValueError, match="quantile must lie in"):
+        losses.pinball(prediction, target, mask, quantile=1.5)
+
+
 def test_balanced_loss_weights_at_bin_edges():
     # HKO-7: weight 1 below 0.5 mm/h, then 1, 2, 5, 10, 30 from 0.5, 2, 5, 10, 30 mm/h on.
     rain_rates = [0.0, 0.49, 0.5, 1.99, 2.0, 4.99, 5.0, 9.99, 10.0, 29.99, 30.0, 120.0]
