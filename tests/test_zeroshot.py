@@ -66,7 +66,9 @@ def test_rule_takes_every_kth_frame_counted_back_and_refuses_other_steps():
 
 def test_strided_windows_start_at_every_frame_and_skip_invalid_ones(tmp_path):
     catalog = five_minute_catalog(n_frames=14, drop_times=["2000-01-01T00:25"])
-    result = ingest("synthetic", str(tmp_path), catalog=catalog, scheduler="threads", progress=False)
+    result = ingest(
+        "synthetic", str(tmp_path), catalog=catalog, scheduler="threads", progress=False
+    )
     path = result.path
     cube = xr.open_zarr(path)
     timeline = Timeline.from_cube("synthetic", path, cube)
