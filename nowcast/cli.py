@@ -131,11 +131,17 @@ def evaluate(
     out_dir: Path = typer.Option(None, help="output folder (--source; runs/evaluate_<source>)"),
     cube_dir: str = typer.Option(None, help="cube folder (--source; default data/cubes)"),
     figures: bool = typer.Option(True, help="draw curves, maps and a GIF (--source)"),
+    methods_from: Path = typer.Option(
+        None,
+        help="experiment config whose evaluate.methods, forecast_methods (blending, probability "
+        "matching) and evaluate.checkpoint are scored (--source)",
+    ),
     scheduler: str = typer.Option(None, help="Dask scheduler address (default: local cluster)"),
 ) -> None:
     """Score the model against persistence and pysteps extrapolation on the test windows,
     or (--source) the pretrained or a given model on any catalog source, zero-shot."""
     source_options = {
+        "--methods-from": methods_from,
         "--catalog": catalog,
         "--checkpoint": checkpoint,
         "--start": start,
@@ -157,8 +163,18 @@ def evaluate(
         else:
             from .zeroshot import evaluate_source
 
+            methods, variants = None, None
+            if methods_from is not None:
+                from .experiment import load_experiment
+
+                declared = load_experiment(methods_from)
+                methods = declared.evaluate.get("methods")
+                variants = declared.forecast_methods
+                checkpoint = checkpoint or declared.evaluate.get("checkpoint")
             outputs = evaluate_source(
                 source,
+                methods=methods,
+                forecast_methods=variants,
                 catalog=catalog,
                 checkpoint=checkpoint,
                 start=start,

@@ -189,6 +189,9 @@ def evaluate_source(
     scheduler: str | None = None,
     progress: bool = True,
     figures: bool = True,
+    methods: list[str] | None = None,
+    forecast_methods: dict | None = None,
+    compare: str | None = None,
 ) -> dict:
     """Score a model and the baselines on every forecast start of a catalog source.
 
@@ -213,6 +216,13 @@ def evaluate_source(
         Progress bars (ingest and scoring).
     figures : bool, optional
         Draw score curves, map panels and an animation.
+    methods : list of str, optional
+        Methods scored; default :data:`SOURCE_METHODS`. May name ``forecast_methods`` variants.
+    forecast_methods : dict, optional
+        Variants (blending, probability matching) as an experiment's ``forecast_methods:``
+        section declares them (:mod:`nowcast.nowcasts.variants`).
+    compare : str, optional
+        The method of ``differences.csv``; default the model.
 
     Returns
     -------
@@ -254,10 +264,18 @@ def evaluate_source(
         )
     out_dir = Path(out_dir or default_out_dir(source))
     experiment = ExperimentConfig(
-        name=f"evaluate_{source}", sources=[source], cube_dir=cube_dir, run_dir=str(out_dir)
+        name=f"evaluate_{source}",
+        sources=[source],
+        cube_dir=cube_dir,
+        run_dir=str(out_dir),
+        forecast_methods=forecast_methods or {},
     )
     eval_config = EvaluateConfig(
-        methods=list(SOURCE_METHODS), checkpoint=str(checkpoint), window_stride=1, figures=figures
+        methods=list(methods or SOURCE_METHODS),
+        checkpoint=str(checkpoint),
+        window_stride=1,
+        figures=figures,
+        compare=compare,
     )
     info = {"n_input_frames": n_input, "n_target_frames": n_target, "timestep_minutes": model_step}
     plan = plan_evaluation(

@@ -173,3 +173,53 @@ def test_evaluate_scores_a_variant_from_its_base_forecast(cube_root, tmp_path):
         variants=parse_variants(experiment.forecast_methods),
     )
     assert set(score_window(window, setup).accumulators) == {"persistence_cdf"}
+
+
+def test_cli_zero_shot_scores_the_variants_of_a_config(tmp_path):
+    """nowcast evaluate --source S --methods-from CONFIG: the config's variants, zero-shot."""
+    import yaml
+    from test_predict import residual_checkpoint
+    from test_zeroshot import five_minute_catalog
+    from typer.testing import CliRunner
+
+    from nowcast.cli import app
+
+    source = five_minute_catalog(n_frames=16).sources["synthetic"]
+    (tmp_path / "catalog.yaml").write_text(
+        yaml.safe_dump({"sources": {"synthetic": source.model_dump(mode="json", exclude={"name"})}})
+    )
+    checkpoint = residual_checkpoint(tmp_path / "model.pt", n_input=3, n_target=2)
+    config = {
+        "name": "routes",
+        "sources": ["synthetic"],
+        "forecast_methods": {"model_cdf": {"method": "model", "postprocess": {"method": "cdf"}}},
+        "evaluate": {"methods": ["extrapolation", "model", "model_cdf"], "checkpoint": checkpoint},
+    }
+    (tmp_path / "routes.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "zero"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--source",
+            "synthetic",
+            "--catalog",
+            str(tmp_path / "catalog.yaml"),
+            "--methods-from",
+            str(tmp_path / "routes.yaml"),
+            "--out-dir",
+            str(out),
+            "--cube-dir",
+            str(tmp_path / "cubes"),
+            "--no-figures",
+            "--scheduler",
+            "threads",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert set(metrics["method"]) == {"extrapolation", "model", "model_cdf"}
+    assert {"DRY_FA", "CSI_ALLOBS"} <= set(metrics["score"])
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["forecast_methods"]["model_cdf"]["postprocess"]["method"] == "cdf"
+    assert summary["checkpoint"] == checkpoint
