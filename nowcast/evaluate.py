@@ -650,6 +650,11 @@ def report_text(
         f"({config.n_bootstrap} resamples); differences use paired resamples.",
         "",
     ]
+    variants = summary.get("forecast_methods") or {}
+    if variants:
+        lines += ["Forecast-method variants (`forecast_methods`):", ""]
+        lines += [f"- `{name}`: `{json.dumps(spec)}`" for name, spec in variants.items()]
+        lines.append("")
     for source, info in summary["sources"].items():
         at_source = metrics[metrics["source"] == source]
         lines += [
