@@ -192,6 +192,7 @@ def evaluate_source(
     methods: list[str] | None = None,
     forecast_methods: dict | None = None,
     compare: str | None = None,
+    window_stride: int = 1,
 ) -> dict:
     """Score a model and the baselines on every forecast start of a catalog source.
 
@@ -223,6 +224,8 @@ def evaluate_source(
         section declares them (:mod:`nowcast.nowcasts.variants`).
     compare : str, optional
         The method of ``differences.csv``; default the model.
+    window_stride : int, optional
+        Score every k-th valid start (default 1: every start).
 
     Returns
     -------
@@ -273,7 +276,7 @@ def evaluate_source(
     eval_config = EvaluateConfig(
         methods=list(methods or SOURCE_METHODS),
         checkpoint=str(checkpoint),
-        window_stride=1,
+        window_stride=window_stride,
         figures=figures,
         compare=compare,
     )
@@ -305,8 +308,8 @@ def evaluate_source(
         "training_pixel_size_from": origin,
     }
     plan.summary["zero_shot"] = zero_shot
-    # Starts are one source step apart: in model steps that is 1 / stride.
-    plan.summary["window_stride"] = 1.0 / stride
+    # Starts are window_stride source steps apart: window_stride / stride in model steps.
+    plan.summary["window_stride"] = window_stride / stride
     plan.notes = zero_shot_notes(zero_shot)
     return score_and_write(plan, scheduler=scheduler, progress=progress)
 

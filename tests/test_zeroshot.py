@@ -280,3 +280,26 @@ def test_pretrained_model_zero_shot_on_fmi_2016(catalog, tmp_path):
     # A working zero-shot model on FMI rain: better than persistence at 10 min, skill > 0.3.
     assert csi["model", 10.0] > csi["persistence", 10.0]
     assert csi["model", 10.0] > 0.3
+
+
+def test_evaluate_source_thins_starts_with_window_stride(tmp_path):
+    catalog = five_minute_catalog(n_frames=16)
+    checkpoint = residual_checkpoint(tmp_path / "model.pt", n_input=N_INPUT, n_target=N_TARGET)
+    out = tmp_path / "zero"
+    evaluate_source(
+        "synthetic",
+        catalog=catalog,
+        checkpoint=checkpoint,
+        start=pd.Timestamp("2000-01-01T00:25").to_pydatetime(),
+        end=pd.Timestamp("2000-01-01T00:50").to_pydatetime(),
+        out_dir=out,
+        cube_dir=str(tmp_path / "cubes"),
+        scheduler="threads",
+        progress=False,
+        figures=False,
+        window_stride=2,
+    )
+    info = json.loads((out / "metrics.json").read_text())["sources"]["synthetic"]
+    # Every second of the six 5-minute starts 00:25 .. 00:50.
+    assert info["reference_times"] == [f"2000-01-01T00:{m}:00" for m in ("25", "35", "45")]
+    assert "one start every 10.0 min" in (out / "report.md").read_text()
