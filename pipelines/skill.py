@@ -29,6 +29,7 @@ from nowcast.experiment import ExperimentConfig, load_experiment
 from nowcast.ingest import ingest
 from nowcast.patches import build_patches
 from nowcast.train import train
+from pipelines.skill_routes import routes_section, run_routes
 
 REPO = Path(__file__).resolve().parent.parent
 # The plain ConvLSTM reference (pipelines/configs/bom.yaml) is trained by `make compare`.
@@ -36,6 +37,8 @@ SKILL_EXPERIMENTS = [
     "pipelines/configs/bom_lagrangian.yaml",
     "pipelines/configs/bom_lagrangian_tr.yaml",
     "pipelines/configs/bom_lagrangian_tr_bias.yaml",
+    "pipelines/configs/bom_lagrangian_tr_pinball.yaml",
+    "pipelines/configs/bom_lagrangian_tr_bmse.yaml",
     "pipelines/configs/multi_source.yaml",
 ]
 COMPARE_BASE = "pipelines/configs/bom.yaml"
@@ -376,6 +379,8 @@ def write_doc(results: dict) -> None:
         " made on the test blocks.",
         "",
     ]
+    if results.get("routes"):
+        lines += routes_section(results["routes"])
     comparison = results.get("compare")
     if comparison:
         lines += [
@@ -424,12 +429,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the trained checkpoints; re-calibrate and re-evaluate",
     )
+    parser.add_argument(
+        "--routes",
+        action="store_true",
+        help="heavy-rain routes: postprocessing and blending of the pretrained model",
+    )
     parser.add_argument("configs", nargs="*", help="experiment configs (default: the skill set)")
     args = parser.parse_args(argv)
     FIGURES.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if not args.report_only:
-        if args.compare:
+        if args.routes:
+            results["routes"] = run_routes()
+        elif args.compare:
             section = results.setdefault("compare", {})
             for experiment in compare_experiments():
                 section[experiment.name] = run_experiment(
