@@ -194,7 +194,8 @@ def target_check(metrics: pd.DataFrame) -> list[str]:
 
     def mean(method, score, threshold=None):
         values = [_value(metrics, method, score, lead, threshold) for lead in leads]
-        return sum(v["value"] for v in values if v is not None) / len(leads)
+        present = [v["value"] for v in values if v is not None]
+        return sum(present) / len(present) if present else float("nan")
 
     csi_model, csi_lk = mean("model", "CSI", 1.0), mean("extrapolation", "CSI", 1.0)
     mse_model, mse_lk = mean("model", "MSE"), mean("extrapolation", "MSE")
@@ -317,66 +318,9 @@ def write_doc(results: dict) -> None:
     lines += [
         "## Notes",
         "",
-        "- **Why Lagrangian and residual.** A plain ConvLSTM trained for minutes on ~30 rainy"
-        " windows of one day blurs and over-forecasts (probe before this pipeline: CSI 0.19 vs"
-        " 0.57 for LK at 60 min, frequency bias 5–11 with the HKO-7 balanced loss). Moving the"
-        " inputs into the Lagrangian frame of their own LK motion and predicting a correction to"
-        " the last frame makes the untrained network exactly pysteps' extrapolation; training"
-        " only has to learn growth and decay, which the data can support.",
-        "- **Calibration hurt here, so the results above are uncalibrated.** `--calibrate` fits,"
-        " per lead time, an isotonic regression (scikit-learn) of observed on forecast rain rate"
-        " on the validation windows (00:00–02:50). That block holds a developing storm, where"
-        " the model under-forecasts new rain (a forecast of 0.2 mm/h maps to ~2.5 mm/h at"
-        " 30 min), while the test block decays. Measured once for `bom_lagrangian_tr`: CSI at"
-        " 1 mm/h over 10–60 min fell from 0.98x to 0.62x LK and the 60-min bias rose from 1.8 to"
-        " 6.4, although MSE improved slightly (0.80x LK). Calibration needs a validation period"
-        " that resembles the use period; with one day of data there is none.",
-        "- **Time reversal.** The training windows mostly grow while the test block decays;"
-        " `bom_lagrangian_tr` also trains on windows played backwards (growth ↔ decay).",
-        "- **Wet-area loss.** `bom_lagrangian_tr_bias` adds to the MSE the squared difference"
-        " between the forecast's soft wet fraction and the observed one at 0.5, 1 and 5 mm/h"
-        " (`mse+bias`). With `area_weight: 1` the 60-min frequency bias at 1 mm/h falls from 1.80"
-        " to 1.41 and the 60-min CSI rises from 0.474 to 0.499, but CSI at 10–30 min drops by"
-        " about 0.01, so the 10–60 min mean stays at 0.98x LK. A single try with `area_weight: 4`"
-        " (bias 1.39 at 60 min, MSE 0.97x LK) did no better, so 1 is committed. Both weights"
-        " were judged on the test block: treat that choice as tuned on test. The remaining"
-        " over-forecast at 50–60 min is not blur alone: best.pt is chosen on the validation"
-        " block (00:00–02:50), where rain develops, while the test block decays.",
-        "- **Multi-source model.** `multi_source` serves BoM, FMI, KNMI and OPERA with one network."
-        " Their timesteps (10, 5, 5, 15 min) share no step shorter than 30 min without"
-        " interpolating frames in time, so the experiment keeps the clock-aligned frames every"
-        " 30 min: 3 inputs (1.5 h), leads 30 and 60 min. Test blocks: BoM 08:00–11:50, the whole"
-        " FMI 2016-09-28 event (the FMI 2017 day is validation, so FMI is a radar the network"
-        " never trains on), KNMI 04:30–07:35 and OPERA 21:00–23:45; training gets about 30"
-        " windows, most of the BoM ones dry. Scores per source are pooled over that source's test"
-        " windows only. OPERA, the one source where the model stays below LK, has two training"
-        " windows (18:00–20:30): they give almost half of the 699 training patches, but of one"
-        " evening, on a grid whose 2-km pixels are four times as wide as BoM's; more OPERA"
-        " hours are the obvious next step. With `dry_share: 0.1` (as in the BoM experiments) the"
-        " model laid 0.1–0.5 mm/h of drizzle over most of OPERA's dry area at 60 min: its"
-        " training patches were 90 % wet, a full composite is mostly dry. `dry_share: 0.3`"
-        " removed the drizzle (map below) and moved no source's CSI at 1 mm/h by more than"
-        " 0.013 (OPERA 0.392/0.250 became 0.398/0.259; KNMI 0.415/0.319 became 0.403/0.306).",
-        "- **Leakage.** Motion for the Lagrangian frame comes from the input frames only; the test"
-        " block (08:00–11:50) is separated from training and validation by a 30-min buffer, and"
-        " normalization statistics come from the training windows only.",
-        "- **On a GPU** (measured once on an NVIDIA H200, `benchmarks/bench_gpu.py`, results in"
-        " `benchmarks/results/gpu_nvidia_h200.json`) the same configs run unchanged. One training"
-        " step of the `bom_lagrangian_tr` model (batch 8, 6 + 6 frames of 128²) takes 19 ms in"
-        " fp32, 22 ms with the automatic bf16 AMP + channels_last (this 32-channel model is too"
-        " small for tensor cores to pay off) and 9.6 ms with `torch.compile`: the 600 steps are"
-        " 6–14 s of compute instead of ~6 minutes on 2 CPU cores. A full-domain forecast takes"
-        " 7 ms on the BoM grid and 18 ms on OPERA's 2200 x 1900 grid. What the extra compute"
-        " buys was measured with `bom_lagrangian_gpu` (above: twice the channels, 2000 steps in"
-        " 84 s on the H200): better MSE and CSI up to 30 min, but a stronger over-forecast at"
-        " 50–60 min and no gain in the 10–60 min mean. With one day of radar the limit is data,"
-        " not compute.",
-        "- **Multi-source loss.** `multi_source` was also trained once with `mse+bias`: there the"
-        " wet-area term dried the forecasts below LK's frequency bias at every source, and CSI"
-        " at 1 mm/h fell just below LK at 30 and 60 min everywhere (BoM 0.694/0.538 vs"
-        " 0.697/0.543, FMI 0.383/0.286 vs 0.401/0.300, KNMI 0.380/0.282 vs 0.390/0.289, OPERA"
-        " 0.398/0.253 vs 0.410/0.263), so the committed config uses plain MSE. That choice was"
-        " made on the test blocks.",
+        "Analysis of earlier runs, with the numbers they measured, is hand-written in"
+        " [`skill_notes.md`](skill_notes.md); this generated page holds only numbers that the"
+        " runs above wrote.",
         "",
     ]
     if results.get("routes"):
