@@ -54,7 +54,7 @@ def ingest(
     """Ingest a catalog source into a CF zarr cube of rain rate (mm/h)."""
     from .config import load_catalog
     from .ingest import ingest as run_ingest
-    from .io.cube import open_cube
+    from .io.cube import describe_cube, open_cube
     from .io.radar import FrameReadError
 
     try:
@@ -248,21 +248,6 @@ def predict(
     except (ConfigError, FileNotFoundError) as err:
         _fail(err)
     typer.echo(result.summary())
-
-
-def describe_cube(ds) -> str:
-    """A short human summary of a cube."""
-    rain = ds["rain_rate"]
-    valid = ds["frame_valid"].values
-    wet = float((rain >= 0.1).mean().compute())
-    peak = float(rain.max().compute())
-    return (
-        f"grid {ds.sizes['y']}x{ds.sizes['x']}, {ds.sizes['time']} times "
-        f"({str(ds.time.values[0])[:16]} .. {str(ds.time.values[-1])[:16]}, "
-        f"{ds.attrs['timestep_minutes']} min), {int(valid.sum())} valid frames\n"
-        f"rain >= 0.1 mm/h: {wet:.1%} of pixels, max {peak:.1f} mm/h\n"
-        f"crs: {ds['crs'].attrs.get('grid_mapping_name', '?')}"
-    )
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from .config import ConfigError, StrictModel, expand_env, load_yaml, parse_model
 
 Section = TypeVar("Section", bound=BaseModel)
 
-STAGE_SECTIONS = ("patches", "train", "evaluate", "export", "predict")
+STAGE_SECTIONS = ("patches", "train", "evaluate", "export")
 
 
 class ExperimentConfig(StrictModel):
@@ -48,7 +48,6 @@ class ExperimentConfig(StrictModel):
     train: dict = Field(default_factory=dict)
     evaluate: dict = Field(default_factory=dict)
     export: dict = Field(default_factory=dict)
-    predict: dict = Field(default_factory=dict)
     forecast_methods: dict = Field(
         default_factory=dict,
         description="named forecast-method variants (blending, probability matching), see "

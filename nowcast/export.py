@@ -79,22 +79,6 @@ def forecast_to_dataset(
     return _dataset([forecast], provenance, latlon, multi=False)
 
 
-def forecasts_to_dataset(
-    forecasts: Sequence[xr.DataArray], provenance: dict | None = None, latlon: bool = True
-) -> xr.Dataset:
-    """CF-1.8 Dataset of several forecasts on one grid and lead-time axis.
-
-    Dims are ``(forecast_reference_time, lead_time, y, x)``; ``time`` becomes a 2-D auxiliary
-    coordinate ``(forecast_reference_time, lead_time)``.
-
-    Raises
-    ------
-    ValueError
-        If the forecasts differ in grid, CRS or lead times, or share a reference time.
-    """
-    return _dataset(list(forecasts), provenance, latlon, multi=True)
-
-
 def _dataset(
     forecasts: list[xr.DataArray], provenance: dict | None, latlon: bool, multi: bool
 ) -> xr.Dataset:

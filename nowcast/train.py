@@ -59,6 +59,7 @@ from nowcast.checkpoint import (
     training_pixel_sizes,
 )
 from nowcast.config import ConfigError, StrictModel
+from nowcast.devices import resolve_device
 from nowcast.experiment import ExperimentConfig, load_experiment, stage_config
 from nowcast.models import DEFAULT_MODEL, build_model, get_method
 
@@ -158,33 +159,6 @@ class TrainingDivergedError(RuntimeError):
             f"this state, the last good one is {last_checkpoint} (resume from it with a lower "
             f"learning rate, a stronger grad_clip or amp: off)"
         )
-
-
-def resolve_device(device: str | torch.device | None = None, local_rank: int | None = None):
-    """Pick the training device: CUDA, else Apple MPS, else the CPU.
-
-    Parameters
-    ----------
-    device : str or torch.device, optional
-        Explicit device; a bare ``"cuda"`` gets the index ``local_rank``.
-    local_rank : int, optional
-        This process's GPU index under torchrun.
-
-    Returns
-    -------
-    torch.device
-        The device.
-    """
-    if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank or 0)
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank or 0)
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

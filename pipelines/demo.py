@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 from nowcast.checkpoint import PRETRAINED_CHECKPOINT
-from nowcast.cli import describe_cube
 from nowcast.data import DataUnavailableError, fetch_sample_data
 from nowcast.evaluate import evaluate
 from nowcast.experiment import ExperimentConfig, load_experiment
 from nowcast.export import export
 from nowcast.ingest import ingest
-from nowcast.io.cube import open_cube
+from nowcast.io.cube import describe_cube, open_cube
 from nowcast.patches import build_patches
 from nowcast.train import train
 

@@ -322,3 +322,18 @@ def estimate_frame_bytes(samples: list[np.ndarray]) -> float:
     for index, frame in enumerate(samples):
         array[index] = frame
     return (array.nbytes_stored() - empty) / len(samples)
+
+
+def describe_cube(ds) -> str:
+    """A short human summary of a cube."""
+    rain = ds["rain_rate"]
+    valid = ds["frame_valid"].values
+    wet = float((rain >= 0.1).mean().compute())
+    peak = float(rain.max().compute())
+    return (
+        f"grid {ds.sizes['y']}x{ds.sizes['x']}, {ds.sizes['time']} times "
+        f"({str(ds.time.values[0])[:16]} .. {str(ds.time.values[-1])[:16]}, "
+        f"{ds.attrs['timestep_minutes']} min), {int(valid.sum())} valid frames\n"
+        f"rain >= 0.1 mm/h: {wet:.1%} of pixels, max {peak:.1f} mm/h\n"
+        f"crs: {ds['crs'].attrs.get('grid_mapping_name', '?')}"
+    )

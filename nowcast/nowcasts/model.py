@@ -18,15 +18,11 @@ import xarray as xr
 from torch import nn
 
 from nowcast import transforms
+from nowcast.devices import resolve_device
 from nowcast.nowcasts.utils import check_inputs, input_timestep, to_forecast
 from nowcast.windows import counted_back, frame_stride, stride_note
 
 LOGGER = logging.getLogger(__name__)
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class ModelNowcast:
@@ -77,7 +73,7 @@ class ModelNowcast:
         frame: str = "eulerian",
         calibrated: bool = True,
     ) -> None:
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         if (checkpoint is None) == (model is None):
             raise ValueError("give either a checkpoint path or an in-memory model")
         if checkpoint is not None:
@@ -218,27 +214,3 @@ class ModelNowcast:
             ) from None
         LOGGER.info(stride_note(source, step, self.timestep_minutes))
         return inputs.isel(time=kept)
-
-
-def forecast(
-    inputs: xr.DataArray, n_leadtimes: int, checkpoint: str | os.PathLike, **kwargs
-) -> xr.DataArray:
-    """One-off model forecast (loads the checkpoint on every call; prefer :class:`ModelNowcast`).
-
-    Parameters
-    ----------
-    inputs : xarray.DataArray
-        Rain rate (time, y, x) in mm/h.
-    n_leadtimes : int
-        Number of lead times.
-    checkpoint : str or path-like
-        Checkpoint file.
-    **kwargs
-        Passed to :class:`ModelNowcast` (e.g. ``device``).
-
-    Returns
-    -------
-    xarray.DataArray
-        Forecast (lead_time, y, x) in mm/h.
-    """
-    return ModelNowcast(checkpoint, **kwargs)(inputs, n_leadtimes)
