@@ -233,6 +233,7 @@ def _present(source: SourceConfig, start, end) -> dict[datetime, str | None]:
         raise ConfigError(
             f"source '{source.name}': no files match "
             f"{source.resolved_root}/{source.path_fmt}/{source.fn_pattern}.{source.fn_ext}"
+            "; for the pysteps sample sources run `nowcast data` (or `make data`)"
         )
     return found
 

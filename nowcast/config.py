@@ -23,16 +23,43 @@ class ConfigError(ValueError):
     """A configuration file or entry is invalid."""
 
 
+#: The environment variable naming the sample-data folder (see :func:`default_data_root`).
+DATA_ROOT_VARIABLE = "NOWCAST_DATA_ROOT"
+
+
+def default_data_root() -> Path:
+    """Where ``nowcast data`` puts the sample data when ``NOWCAST_DATA_ROOT`` is not set.
+
+    In a development checkout (the package next to ``Makefile`` and ``pyproject.toml``) it is
+    the Makefile's default, ``../shared/data/pysteps-data`` from the checkout; in an installed
+    package, ``pysteps-data`` in the user's cache folder (pooch's ``os_cache``).
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "Makefile").is_file() and (checkout / "pyproject.toml").is_file():
+        return checkout.parent / "shared" / "data" / "pysteps-data"
+    import pooch  # lazy: only when the data root is needed
+
+    return Path(pooch.os_cache("nowcast")) / "pysteps-data"
+
+
+def data_root() -> Path:
+    """``$NOWCAST_DATA_ROOT``, else :func:`default_data_root`."""
+    return Path(os.environ.get(DATA_ROOT_VARIABLE) or default_data_root())
+
+
 def expand_env(text: str) -> str:
     """Expand ``${VAR}`` and ``${VAR:-default}`` in a string.
 
     Unlike :func:`os.path.expandvars`, an unset variable without default is an error instead of
     being left in place, so a path never silently points at ``${NOWCAST_DATA_ROOT}/...``.
+    ``NOWCAST_DATA_ROOT`` itself defaults to :func:`default_data_root`.
     """
 
     def _sub(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
         value = os.environ.get(name, default)
+        if value is None and name == DATA_ROOT_VARIABLE:
+            value = str(default_data_root())
         if value is None:
             raise ConfigError(f"environment variable {name} is not set (used in {text!r})")
         return value

@@ -13,7 +13,8 @@ from pathlib import Path
 import pooch
 
 from .catalog import list_frames
-from .config import Catalog, ConfigError, load_catalog
+from .config import Catalog, load_catalog
+from .config import data_root as config_data_root
 
 PYSTEPS_DATA_REF = os.environ.get("PYSTEPS_DATA_REF", "eaa59fb")
 BASE_URL = f"https://github.com/pySTEPS/pysteps-data/raw/{PYSTEPS_DATA_REF}/"
@@ -38,14 +39,8 @@ class FetchResult:
 
 
 def data_root() -> str:
-    """``NOWCAST_DATA_ROOT``, the directory holding the pysteps-data layout."""
-    root = os.environ.get("NOWCAST_DATA_ROOT")
-    if not root:
-        raise ConfigError(
-            "NOWCAST_DATA_ROOT is not set: point it at a directory for the pysteps sample data "
-            "(e.g. export NOWCAST_DATA_ROOT=$PWD/data/pysteps-data) and run `make data`"
-        )
-    return root
+    """The directory holding the pysteps-data layout (see :func:`nowcast.config.data_root`)."""
+    return str(config_data_root())
 
 
 def sample_files(catalog: Catalog, sources: list[str] | None = None) -> list[str]:

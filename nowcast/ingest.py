@@ -115,7 +115,14 @@ def source_grid(source: SourceConfig, frames: list[FrameRef]) -> Grid:
                 raise
             except FrameReadError as err:
                 errors.append(str(err))
-    detail = f" ({errors[0]})" if errors else ""
+    if errors:
+        detail = f" ({errors[0]})"
+    else:
+        first = next((frame.path for frame in frames if frame.path), None)
+        detail = (
+            f" (none exists, e.g. {first}; for the pysteps sample sources run `nowcast data` "
+            "or `make data`)"
+        )
     raise ConfigError(f"source '{source.name}': no readable file in the time range{detail}")
 
 

@@ -164,3 +164,36 @@ def test_wildcard_pattern_ingests_real_files(catalog, tmp_path):
     ds_a, ds_b = open_cube(a.path), open_cube(b.path)
     xr.testing.assert_identical(ds_a.rain_rate.load(), ds_b.rain_rate.load())
     assert np.all(ds_b.frame_valid.values)
+
+
+def test_data_root_defaults_to_the_makefile_folder_in_a_checkout(monkeypatch):
+    """Without NOWCAST_DATA_ROOT, `nowcast ingest bom` finds the data where `make data` puts it."""
+    from nowcast.config import default_data_root, expand_env, load_catalog
+
+    monkeypatch.delenv("NOWCAST_DATA_ROOT", raising=False)
+    checkout = Path(__file__).resolve().parent.parent
+    expected = checkout.parent / "shared" / "data" / "pysteps-data"  # the Makefile's default
+    assert default_data_root() == expected
+    assert expand_env("${NOWCAST_DATA_ROOT}/radar/bom") == f"{expected}/radar/bom"
+    assert load_catalog()["bom"].resolved_root == f"{expected}/radar/bom"
+    # Other variables without a default are still an error naming the variable.
+    monkeypatch.delenv("NOWCAST_NO_SUCH_VARIABLE", raising=False)
+    with pytest.raises(ConfigError, match="NOWCAST_NO_SUCH_VARIABLE is not set"):
+        expand_env("${NOWCAST_NO_SUCH_VARIABLE}/x")
+
+
+def test_missing_files_say_which_command_fetches_the_data(tmp_path):
+    from nowcast.catalog import plan_frames
+    from nowcast.config import load_catalog
+
+    update = {"root_path": str(tmp_path), "start": None, "end": None}
+    source = load_catalog()["bom"].model_copy(update=update)
+    with pytest.raises(ConfigError, match="run `nowcast data`"):
+        plan_frames(source)
+    # A source with a fixed time range (as the sample sources have): ingest names a path too.
+    from nowcast.catalog import list_frames
+    from nowcast.ingest import source_grid
+
+    ranged = load_catalog()["bom"].model_copy(update={"root_path": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"none exists, e\.g\. .*run `nowcast data`"):
+        source_grid(ranged, list_frames(ranged))
