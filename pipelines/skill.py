@@ -39,6 +39,7 @@ SKILL_EXPERIMENTS = [
     "pipelines/configs/bom_lagrangian_tr_bias.yaml",
     "pipelines/configs/bom_lagrangian_tr_pinball.yaml",
     "pipelines/configs/bom_lagrangian_tr_bmse.yaml",
+    "pipelines/configs/bom_lagrangian_tr_dbz.yaml",
     "pipelines/configs/multi_source.yaml",
 ]
 COMPARE_BASE = "pipelines/configs/bom.yaml"

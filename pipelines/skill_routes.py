@@ -44,6 +44,7 @@ ROUTE_MODELS = {
     DEFAULT_MODEL: "pipelines/pretrained/bom_lagrangian_convlstm.pt",
     "bom_lagrangian_tr_pinball": "runs/bom_lagrangian_tr_pinball/checkpoints/best.pt",
     "bom_lagrangian_tr_bmse": "runs/bom_lagrangian_tr_bmse/checkpoints/best.pt",
+    "bom_lagrangian_tr_dbz": "runs/bom_lagrangian_tr_dbz/checkpoints/best.pt",
 }
 
 
