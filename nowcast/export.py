@@ -26,7 +26,7 @@ from .config import ConfigError, StrictModel
 from .experiment import ExperimentConfig, load_experiment, stage_config
 from .forecast import FORECAST_ATTRS, forecast_crs
 from .io.cube import crs_variable, latlon_grid
-from .storage import atomic_write_file
+from .storage import atomic_write_file, file_sha256
 from .windows import on_time_grid
 
 VARIABLE = "rain_rate"
@@ -330,7 +330,6 @@ def experiment_forecasts(
         parse_variants,
     )
     from .patch_store import PatchStore
-    from .predict import file_sha256
 
     store = PatchStore.open(experiment.patch_store)
     windows = store.windows(settings.split)

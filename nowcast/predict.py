@@ -6,7 +6,6 @@ forecast can be issued as soon as a new file lands, without re-ingesting.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +19,7 @@ from .catalog import FrameRef, frame_path, plan_frames
 from .config import Catalog, ConfigError, load_catalog
 from .io.cube import build_cube, cube_path, open_cube
 from .nowcasts.utils import cube_inputs
+from .storage import file_sha256
 from .windows import cube_timestep, input_times, stride_note
 
 
@@ -43,14 +43,6 @@ class PredictResult:
             f"{note}nowcast from {self.reference_time}\n  NetCDF: {self.netcdf}\n"
             f"  map: {self.map_png}\n  timing: {timing}"
         )
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _required_times(reference: pd.Timestamp, n_frames: int, step: int) -> list[pd.Timestamp]:

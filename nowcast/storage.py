@@ -8,6 +8,7 @@ which is the best those systems offer, and the temporary name still marks unfini
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -266,3 +267,12 @@ def free_bytes(path: str | os.PathLike) -> int | None:
     while not probe.exists():
         probe = probe.parent
     return shutil.disk_usage(probe).free
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 hex digest of a local file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
