@@ -639,7 +639,12 @@ def report_text(
     lines = [
         f"# Evaluation of experiment `{experiment.name}`",
         "",
-        f"Split `{config.split}`; methods: {', '.join(methods)}"
+        (
+            f"Catalog source `{summary['zero_shot']['source']}` (zero-shot)"
+            if summary.get("zero_shot")
+            else f"Split `{config.split}`"
+        )
+        + f"; methods: {', '.join(methods)}"
         + (f" (checkpoint `{summary['checkpoint']}`)" if summary.get("checkpoint") else "")
         + ".",
         f"Lead times {summary['lead_times'][0]:g} to {summary['lead_times'][-1]:g} min every "

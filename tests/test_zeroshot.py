@@ -191,6 +191,7 @@ def test_evaluate_source_on_a_synthetic_five_minute_source(tmp_path, capsys):
     assert "native grid" in report and "1000 m" in report
     assert "training pixel size is not recorded" in report  # an old-style checkpoint
     assert "one start every 5.0 min" in report
+    assert "Catalog source `synthetic` (zero-shot); methods:" in report and "Split" not in report
 
 
 def test_evaluate_source_errors_are_one_line(tmp_path):
