@@ -22,7 +22,7 @@ ARGS ?=
 
 STAMP := $(VENV)/.installed
 
-.PHONY: system-deps setup data ingest patches train evaluate evaluate-source export predict skill compare test lint format bench demo clean
+.PHONY: system-deps setup data ingest patches train evaluate evaluate-source calibrate export predict skill compare test lint format bench demo clean
 
 # System libraries from Debian: udunits2 for the CF checker, GSHHS coastlines for offline maps.
 # Installed when we are root with apt-get (CI, containers); otherwise a note is printed.
@@ -66,6 +66,9 @@ evaluate: $(STAMP)
 # make evaluate-source SOURCE=fmi_2016 START=2016-09-28T15:00 END=2016-09-28T17:00
 evaluate-source: $(STAMP)
 	$(NOWCAST) evaluate --source $(SOURCE) $(if $(START),--start $(START)) $(if $(END),--end $(END)) $(ARGS)
+
+calibrate: $(STAMP)
+	$(NOWCAST) calibrate $(CONFIG) $(ARGS)
 
 export: $(STAMP)
 	$(NOWCAST) export $(CONFIG) $(ARGS)

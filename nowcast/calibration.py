@@ -1,90 +1,70 @@
-"""Isotonic calibration of forecast intensities on the validation split (scikit-learn).
+"""The calibrate stage: isotonic curves of a checkpoint, fitted on the validation windows.
 
 A network trained with a squared error on little data smears light rain over dry areas and damps
-peaks. Per lead time, an isotonic (monotone) regression of the observed on the forecast rain
-rate, fitted on the validation windows only, maps forecast intensities back to what was observed
-at them. Being monotone it keeps the forecast's ranking and spatial structure; it removes the
-systematic drizzle that inflates the frequency bias.
+peaks. :func:`calibrate` runs the raw model on the validation split's full-domain windows and
+fits, per lead time, an isotonic regression of the observed on the forecast rain rate
+(:mod:`nowcast.nowcasts.isotonic`). The curves go to a separate **calibration file** (JSON,
+written atomically) that records the sha256 of the checkpoint it was fitted on; the checkpoint
+itself is never modified. Evaluate, export and predict apply a calibration only where a config
+or a command names the file, through a forecast-method variant::
 
-The fitted curves are stored in the checkpoint (``calibration``: per lead time the isotonic
-thresholds ``x``/``y``) and applied by :class:`nowcast.nowcasts.model.ModelNowcast` with
-``numpy.interp``, which is what ``IsotonicRegression.predict`` computes.
+    forecast_methods:
+      model_isotonic:
+        method: model
+        postprocess: {method: isotonic, file: runs/bom/calibration.json}
+
+:func:`load_calibration` refuses a file fitted on another checkpoint. A checkpoint written before
+calibration files existed, with a ``calibration`` key, is read as if it were a calibration file
+(name the checkpoint as the file), with a deprecation message.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .experiment import ExperimentConfig
+from . import __version__
+from .checkpoint import load_checkpoint
+from .config import ConfigError
+from .experiment import ExperimentConfig, load_experiment
+from .nowcasts.isotonic import apply_calibration, fit_isotonic
+from .nowcasts.model import ModelNowcast
 from .nowcasts.utils import window_inputs
 from .patch_store import PatchStore
+from .storage import atomic_write_file, file_sha256
 from .windows import cube_time_indices, valid_times
+
+__all__ = [
+    "CALIBRATION_FILE",
+    "apply_calibration",
+    "calibrate",
+    "calibration_path",
+    "fit_isotonic",
+    "load_calibration",
+]
 
 #: (forecast, observation) pairs kept per lead time and window, to bound memory and fit time.
 MAX_PAIRS_PER_WINDOW = 50_000
+#: File name of a calibration in the run folder.
+CALIBRATION_FILE = "calibration.json"
+#: ``kind`` of a calibration file.
+CALIBRATION_KIND = "nowcast-isotonic-calibration"
 
 
-def fit_isotonic(forecast: np.ndarray, observed: np.ndarray) -> dict:
-    """Fit observed = f(forecast), f monotone increasing and >= 0.
-
-    Returns
-    -------
-    dict
-        ``{"x": [...], "y": [...]}``: the regression's thresholds (``X_thresholds_``,
-        ``y_thresholds_``).
-    """
-    model = IsotonicRegression(y_min=0.0, increasing=True, out_of_bounds="clip")
-    model.fit(forecast, observed)
-    return {"x": model.X_thresholds_.tolist(), "y": model.y_thresholds_.tolist()}
+def calibration_path(experiment: ExperimentConfig) -> Path:
+    """``<run_dir>/calibration.json``."""
+    return Path(experiment.run_path) / CALIBRATION_FILE
 
 
-def apply_calibration(rain_rate: np.ndarray, calibration: list[dict]) -> np.ndarray:
-    """Apply per-lead isotonic curves to a forecast (lead, y, x); NaN stays NaN."""
-    calibrated = np.array(rain_rate, dtype=np.float32, copy=True)
-    for lead, curve in enumerate(calibration[: calibrated.shape[0]]):
-        calibrated[lead] = np.interp(calibrated[lead], curve["x"], curve["y"])
-    return np.where(np.isfinite(rain_rate), calibrated, np.nan).astype(np.float32)
-
-
-def remove_calibration(checkpoint: str | Path) -> bool:
-    """Drop a checkpoint's calibration (atomically); True if it had one."""
-    state = load_checkpoint(checkpoint)
-    if state.pop("calibration", None) is None:
-        return False
-    save_checkpoint(checkpoint, state)
-    return True
-
-
-def calibrate(
-    experiment: ExperimentConfig, checkpoint: str | Path | None = None, seed: int = 0
-) -> dict:
-    """Fit the isotonic calibration of a checkpoint on the experiment's validation windows
-    and store it in the checkpoint (atomically).
-
-    Parameters
-    ----------
-    experiment : ExperimentConfig
-    checkpoint : str or Path, optional
-        Default ``<run_dir>/checkpoints/best.pt``.
-    seed : int
-        Seed of the pair subsampling.
-
-    Returns
-    -------
-    dict
-        ``{"checkpoint", "n_windows", "n_pairs"}``.
-    """
-    from .nowcasts.model import ModelNowcast
-
-    checkpoint = Path(checkpoint or Path(experiment.run_path) / "checkpoints" / "best.pt")
-    remove_calibration(checkpoint)  # calibrate the raw model, never a calibrated one
-    state = load_checkpoint(checkpoint)
-    method = ModelNowcast(checkpoint=checkpoint)
+def _pairs(experiment: ExperimentConfig, method: ModelNowcast, seed: int) -> tuple[list, int]:
+    """(forecast, observed) samples per lead on the validation windows, and the window count."""
     windows = PatchStore.open(experiment.patch_store).windows("val")
+    if windows.empty:
+        raise ConfigError(f"calibrate: {experiment.patch_store} has no validation windows")
     rng = np.random.default_rng(seed)
     step = int(method.timestep_minutes)
     n_leads = method.n_target_frames
@@ -100,12 +80,101 @@ def calibrate(
             keep = rng.choice(ok, size=min(MAX_PAIRS_PER_WINDOW, ok.size), replace=False)
             pairs[lead][0].append(fc[keep])
             pairs[lead][1].append(obs[keep])
-    state["calibration"] = [
-        fit_isotonic(np.concatenate(fc), np.concatenate(obs)) for fc, obs in pairs
-    ]
-    save_checkpoint(checkpoint, state)
-    return {
+    return pairs, len(windows)
+
+
+def calibrate(
+    config: str | Path | ExperimentConfig,
+    checkpoint: str | Path | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
+) -> dict:
+    """Fit the isotonic calibration of a checkpoint on the validation windows; write the file.
+
+    Parameters
+    ----------
+    config : str, Path or ExperimentConfig
+        The experiment (its patch store lists the validation windows).
+    checkpoint : str or Path, optional
+        Default ``<run_dir>/checkpoints/best.pt``; read only.
+    out : str or Path, optional
+        The calibration file; default ``<run_dir>/calibration.json``.
+    seed : int
+        Seed of the pair subsampling.
+
+    Returns
+    -------
+    dict
+        ``{"path", "checkpoint", "checkpoint_sha256", "n_windows", "n_pairs"}``.
+    """
+    experiment = config if isinstance(config, ExperimentConfig) else load_experiment(config)
+    checkpoint = Path(checkpoint or Path(experiment.run_path) / "checkpoints" / "best.pt")
+    if not checkpoint.is_file():
+        raise ConfigError(f"calibrate: checkpoint not found: {checkpoint}; run `nowcast train`")
+    # The raw model: a legacy calibration stored in the checkpoint is not applied here.
+    method = ModelNowcast(checkpoint=checkpoint, calibrated=False)
+    pairs, n_windows = _pairs(experiment, method, seed)
+    curves = [fit_isotonic(np.concatenate(fc), np.concatenate(obs)) for fc, obs in pairs]
+    path = Path(out or calibration_path(experiment))
+    payload = {
+        "kind": CALIBRATION_KIND,
         "checkpoint": str(checkpoint),
-        "n_windows": len(windows),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "experiment": experiment.name,
+        "split": "val",
+        "n_windows": n_windows,
         "n_pairs": int(sum(np.concatenate(fc).size for fc, _ in pairs)),
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "nowcast_version": __version__,
+        "curves": curves,
     }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(payload)))
+    keys = ("checkpoint", "checkpoint_sha256", "n_windows", "n_pairs")
+    return {"path": str(path), **{key: payload[key] for key in keys}}
+
+
+def load_calibration(path: str | Path, checkpoint: str | Path) -> list[dict]:
+    """The curves of a calibration file, checked against the checkpoint they calibrate.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file written by :func:`calibrate`, or a legacy checkpoint with a ``calibration`` key.
+    checkpoint : str or Path
+        The checkpoint the curves are applied to.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or not a calibration, or was fitted on another checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"calibration file not found: {path}; run `nowcast calibrate CONFIG`")
+    if path.suffix == ".pt":
+        curves = load_checkpoint(path).get("calibration")
+        if not curves:
+            raise ConfigError(f"{path}: a checkpoint without a calibration is no calibration file")
+        warnings.warn(
+            f"{path}: a calibration stored in a checkpoint is deprecated; `nowcast calibrate` "
+            "writes a separate calibration file",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        fitted_on = file_sha256(path)
+    else:
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: not a calibration file ({err})") from None
+        if not isinstance(payload, dict) or payload.get("kind") != CALIBRATION_KIND:
+            raise ConfigError(f"{path}: not a calibration file (kind is not {CALIBRATION_KIND})")
+        curves, fitted_on = payload["curves"], payload["checkpoint_sha256"]
+    applied_to = file_sha256(checkpoint)
+    if applied_to != fitted_on:
+        raise ConfigError(
+            f"{path} was fitted on checkpoint sha256 {fitted_on[:12]}…, not on {checkpoint} "
+            f"(sha256 {applied_to[:12]}…); run `nowcast calibrate` for this checkpoint"
+        )
+    return curves

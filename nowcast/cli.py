@@ -191,6 +191,28 @@ def evaluate(
 
 
 @app.command()
+def calibrate(
+    config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
+    checkpoint: Path = typer.Option(None, help="default <run_dir>/checkpoints/best.pt"),
+    out: Path = typer.Option(None, help="calibration file; default <run_dir>/calibration.json"),
+) -> None:
+    """Fit isotonic curves of the model on the validation windows into a calibration file."""
+    import json
+
+    from .calibration import calibrate as run_calibrate
+
+    try:
+        summary = run_calibrate(config, checkpoint=checkpoint, out=out)
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(
+        "apply it with a forecast method: postprocess: {method: isotonic, file: "
+        f"{summary['path']}}}"
+    )
+
+
+@app.command()
 def export(
     config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
 ) -> None:
@@ -222,6 +244,9 @@ def predict(
     config: Path = typer.Option(
         None, help="experiment config whose forecast_methods declares --method"
     ),
+    calibration: Path = typer.Option(
+        None, help="calibration file of the checkpoint (nowcast calibrate): isotonic model"
+    ),
 ) -> None:
     """Issue a nowcast from the newest (or --at) frames: CF NetCDF + forecast map PNG."""
     from .checkpoint import PRETRAINED_CHECKPOINT
@@ -234,6 +259,12 @@ def predict(
         _fail(ConfigError("give --at TIME or --latest"))
     try:
         variants = load_experiment(config).forecast_methods if config else None
+        if calibration is not None:
+            if config is not None or method != "model":
+                raise ConfigError("predict: --calibration replaces --config/--method")
+            method = "model_isotonic"
+            postprocess = {"method": "isotonic", "file": str(calibration)}
+            variants = {method: {"method": "model", "postprocess": postprocess}}
         result = run_predict(
             source,
             checkpoint,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from nowcast.calibration import calibrate, remove_calibration
+from nowcast.calibration import calibrate
 from nowcast.evaluate import evaluate
 from nowcast.experiment import ExperimentConfig, load_experiment
 from nowcast.ingest import ingest
@@ -89,11 +89,16 @@ def run_experiment(
         train_seconds = previous["train_seconds"]
     calibration = None
     if calibrated:
+        # The calibrated model is its own forecast method, beside the raw one.
         start = time.perf_counter()
         calibration = calibrate(experiment)
         calibration["seconds"] = time.perf_counter() - start
-    else:
-        remove_calibration(Path(experiment.run_path) / "checkpoints" / "best.pt")
+        variant = {"method": "model", "postprocess": {"method": "isotonic"}}
+        variant["postprocess"]["file"] = calibration["path"]
+        methods = list(experiment.evaluate.get("methods") or ["persistence", "extrapolation"])
+        section = {**experiment.evaluate, "methods": [*methods, "model_isotonic"]}
+        update = {"forecast_methods": {**experiment.forecast_methods, "model_isotonic": variant}}
+        experiment = experiment.model_copy(update={**update, "evaluate": section})
     outputs = evaluate(experiment)
     folder = FIGURES / experiment.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -176,9 +181,8 @@ def _cell(row) -> str:
 
 def score_table(metrics: pd.DataFrame, score: str, threshold=None, source=None) -> list[str]:
     leads = sorted(metrics["lead_time"].unique())
-    methods = [
-        m for m in ["persistence", "extrapolation", "sprog", "model"] if m in set(metrics["method"])
-    ]
+    known = ["persistence", "extrapolation", "sprog", "model", "model_isotonic"]
+    methods = [m for m in known if m in set(metrics["method"])]
     lines = [
         "| method | " + " | ".join(f"{lead} min" for lead in leads) + " |",
         "|---|" + "---|" * len(leads),
@@ -301,7 +305,7 @@ def write_doc(results: dict) -> None:
             f"- Model: `{json.dumps(result['model'])}`, frame: {result['frame']}, "
             f"time-reversed windows: {'yes' if result.get('time_reversal') else 'no'}, "
             f"isotonic calibration on the validation windows: "
-            f"{'yes' if result.get('calibration') else 'no'}",
+            f"{'yes (method `model_isotonic`)' if result.get('calibration') else 'no'}",
             f"- Training: {result['steps']} steps in {result['train_seconds'] / 60:.1f} min on "
             f"{result['hardware']} (stopped by: {result['stop_reason']})",
             f"- Reproduce: `{result['command']}`",
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--evaluate-only",
         action="store_true",
-        help="keep the trained checkpoints; re-calibrate and re-evaluate",
+        help="keep the trained checkpoints; re-evaluate (and re-calibrate with --calibrate)",
     )
     parser.add_argument(
         "--routes",

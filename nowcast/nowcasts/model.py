@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from nowcast import transforms
 from nowcast.devices import resolve_device
+from nowcast.nowcasts.isotonic import apply_calibration
 from nowcast.nowcasts.utils import check_inputs, input_timestep, to_forecast
 from nowcast.windows import counted_back, frame_stride, stride_note
 
@@ -38,8 +40,9 @@ class ModelNowcast:
     normalization : dict, optional
         ``{"method": name, "params": {...}}`` as the patch store records it.
     calibrated : bool, optional
-        Apply the checkpoint's isotonic calibration when it has one (see
-        :mod:`nowcast.calibration`), by default True.
+        Apply the isotonic calibration that checkpoints written before calibration files
+        stored in themselves (deprecated, with a warning), by default True. New calibrations
+        are files (:mod:`nowcast.calibration`) applied by a forecast-method variant.
     frame : {"eulerian", "lagrangian"}, optional
         For an in-memory model: whether it works in the Lagrangian frame of its inputs (from a
         checkpoint this is read from the checkpoint).
@@ -76,6 +79,7 @@ class ModelNowcast:
         self.device = resolve_device(device)
         if (checkpoint is None) == (model is None):
             raise ValueError("give either a checkpoint path or an in-memory model")
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
         if checkpoint is not None:
             from nowcast.checkpoint import load_model
 
@@ -85,6 +89,14 @@ class ModelNowcast:
             timestep_minutes = meta["timestep_minutes"]
             frame = meta.get("frame", "eulerian")
             self.calibration = meta.get("calibration") if calibrated else None
+            if self.calibration:
+                warnings.warn(
+                    f"{checkpoint}: applying the isotonic calibration stored in the checkpoint "
+                    "(deprecated: `nowcast calibrate` writes a separate calibration file, "
+                    "named by a forecast method's `postprocess: {method: isotonic, file: ...}`)",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
             self.n_target_frames = int(meta["n_target_frames"])
             self.model_name = meta["model_name"]
         else:
@@ -143,8 +155,6 @@ class ModelNowcast:
 
             rain = outputs_from_lagrangian(rain, velocity).astype(np.float32)
         if self.calibration:
-            from nowcast.calibration import apply_calibration
-
             rain = apply_calibration(rain, self.calibration)
         return rain
 
@@ -193,7 +203,11 @@ class ModelNowcast:
             )
         rain_rate = inputs.values[-self.n_input_frames :]
         values = self.predict_values(rain_rate, velocity)[: int(n_leadtimes)]
-        return to_forecast(values, inputs, step, self.name)
+        forecast = to_forecast(values, inputs, step, self.name)
+        if self.checkpoint is not None:
+            # Which weights made it: a calibration file is checked against this checkpoint.
+            forecast.attrs["model_checkpoint"] = self.checkpoint
+        return forecast
 
     def _at_model_step(self, inputs: xr.DataArray, step: float) -> xr.DataArray:
         """Inputs at the model's timestep by :func:`nowcast.windows.frame_stride`'s rule.

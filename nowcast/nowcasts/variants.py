@@ -26,20 +26,27 @@ Steps, in this order:
    pysteps S-PROG's ``probmatching_method="mean"`` does. The target of every lead is the last
    observed frame (``last_input``), or the extrapolation forecast of that lead
    (``extrapolation``: the observed distribution restricted to the pixels LK can still see).
+   ``isotonic`` applies the per-lead curves of a calibration file written by
+   ``nowcast calibrate`` (``file:``; only for the model, whose checkpoint the file must have
+   been fitted on, see :mod:`nowcast.calibration`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import xarray as xr
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pysteps.postprocessing.probmatching import nonparam_match_empirical_cdf
 
+from nowcast.calibration import load_calibration
 from nowcast.config import ConfigError, StrictModel, format_validation_error
 from nowcast.nowcasts.interface import registered_methods
+from nowcast.nowcasts.isotonic import apply_calibration
 
 #: Rain rate (mm/h) above which a pixel is wet for the ``mean`` matching (the dB threshold of
 #: the pysteps baselines, see :data:`nowcast.nowcasts.extrapolation.DB_THRESHOLD`).
@@ -63,12 +70,23 @@ class Blend(StrictModel):
 
 
 class Postprocess(StrictModel):
-    """``postprocess:`` probability matching of every lead time."""
+    """``postprocess:`` probability matching of every lead time, or an isotonic calibration."""
 
-    method: Literal["cdf", "mean"] = Field(description="cdf or mean probability matching")
-    target: Literal["last_input", "extrapolation"] = Field(
-        "last_input", description="distribution matched at every lead time"
+    method: Literal["cdf", "mean", "isotonic"] = Field(
+        description="cdf or mean probability matching, or isotonic (a calibration file)"
     )
+    target: Literal["last_input", "extrapolation"] = Field(
+        "last_input", description="distribution matched at every lead time (cdf, mean)"
+    )
+    file: str | None = Field(
+        None, description="isotonic: the calibration file written by `nowcast calibrate`"
+    )
+
+    @model_validator(mode="after")
+    def _file_for_isotonic(self) -> Postprocess:
+        if (self.method == "isotonic") != (self.file is not None):
+            raise ValueError("'file' names the calibration of method isotonic, and only that")
+        return self
 
 
 class MethodSpec(StrictModel):
@@ -77,6 +95,13 @@ class MethodSpec(StrictModel):
     method: str = Field(description="registered base method, e.g. model")
     blend: Blend | None = None
     postprocess: Postprocess | None = None
+
+    @model_validator(mode="after")
+    def _isotonic_calibrates_the_model(self) -> MethodSpec:
+        isotonic = self.postprocess is not None and self.postprocess.method == "isotonic"
+        if isotonic and (self.method != "model" or self.blend is not None):
+            raise ValueError("isotonic calibration applies to method 'model' without a blend")
+        return self
 
     def bases(self) -> list[str]:
         """Registered methods this variant needs, base first."""
@@ -216,7 +241,10 @@ def apply_variant(
     if spec.blend is not None:
         other = np.asarray(forecasts[spec.blend.method].values, dtype=np.float32)
         values = blend_values(values, other, spec.blend.weights)
-    if spec.postprocess is not None:
+    if spec.postprocess is not None and spec.postprocess.method == "isotonic":
+        curves = _calibration_curves(spec.postprocess.file, base.attrs.get("model_checkpoint"))
+        values = apply_calibration(values, curves)
+    elif spec.postprocess is not None:
         if spec.postprocess.target == "extrapolation":
             target = np.asarray(forecasts["extrapolation"].values, dtype=np.float32)
         else:
@@ -227,6 +255,19 @@ def apply_variant(
     result.attrs["method"] = name
     result.attrs["method_config"] = spec.model_dump_json(exclude_none=True)
     return result
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_curves(path: str, checkpoint: str, stamp: tuple) -> tuple:
+    return tuple(load_calibration(path, checkpoint))
+
+
+def _calibration_curves(path: str, checkpoint: str | None) -> list[dict]:
+    """The curves of a calibration file, checked once per file and checkpoint version."""
+    if checkpoint is None:
+        raise ConfigError(f"isotonic calibration {path}: the base forecast names no checkpoint")
+    stamp = tuple(Path(p).stat().st_mtime_ns if Path(p).exists() else 0 for p in (path, checkpoint))
+    return list(_cached_curves(str(path), str(checkpoint), stamp))
 
 
 def forecast_variants(
