@@ -268,3 +268,17 @@ def test_cube_inputs_reads_the_frames_before_the_reference_time(tmp_path):
     assert forecast.attrs["radar_source"] == "synthetic"
     with pytest.raises(KeyError):
         cube_inputs(cube, cube["time"].values[-1] + np.timedelta64(10, "m"), 2)
+
+
+def test_pysteps_imports_without_its_banner():
+    """Stages printed pysteps' "configuration file found" banner once per process and worker."""
+    import subprocess
+    import sys
+
+    code = "import nowcast.nowcasts.sprog, pysteps; print(pysteps.rcparams['silent_import'])"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert quiet.stdout.strip() == "False"  # pysteps' own setting is untouched
+    loud = subprocess.run(
+        [sys.executable, "-c", "import pysteps"], capture_output=True, text=True, check=True
+    )
+    assert "Pysteps configuration file found" in loud.stdout  # what the finder removes
