@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from nowcast.calibration import calibrate
-from nowcast.evaluate import evaluate
+from nowcast.evaluate import evaluate, markdown_table
 from nowcast.experiment import ExperimentConfig, load_experiment
 from nowcast.ingest import ingest
 from nowcast.patches import build_patches
@@ -183,14 +183,12 @@ def score_table(metrics: pd.DataFrame, score: str, threshold=None, source=None) 
     leads = sorted(metrics["lead_time"].unique())
     known = ["persistence", "extrapolation", "sprog", "model", "model_isotonic"]
     methods = [m for m in known if m in set(metrics["method"])]
-    lines = [
-        "| method | " + " | ".join(f"{lead} min" for lead in leads) + " |",
-        "|---|" + "---|" * len(leads),
+    rows = [
+        [method]
+        + [_cell(_value(metrics, method, score, lead, threshold, source)) for lead in leads]
+        for method in methods
     ]
-    for method in methods:
-        cells = [_cell(_value(metrics, method, score, lead, threshold, source)) for lead in leads]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+    return markdown_table(["method", *(f"{lead} min" for lead in leads)], rows).splitlines()
 
 
 def target_check(metrics: pd.DataFrame) -> list[str]:

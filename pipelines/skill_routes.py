@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from nowcast.blend_fit import fit_blend_weights
-from nowcast.evaluate import evaluate
+from nowcast.evaluate import evaluate, markdown_table
 from nowcast.experiment import ExperimentConfig, load_experiment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -353,7 +353,7 @@ def target_lines(result: dict) -> list[str]:
     return lines
 
 
-def route_row(model: str, method: str, model_result: dict, selected: bool) -> str:
+def route_row(model: str, method: str, model_result: dict, selected: bool) -> list[str]:
     """One row of the route table."""
     tables = _tables(model_result)
     bom, val, zero_shot = tables["test"], tables["val"], tables["zero_shot"]
@@ -366,30 +366,44 @@ def route_row(model: str, method: str, model_result: dict, selected: bool) -> st
     bias = [_series(bom, method, "BIAS", t) for t in (1.0, 5.0)]
     val_targets = bom_targets(val, method) + moonshot_targets(val, method)
     test_targets = all_targets(bom, zero_shot, method)
-    return (
-        f"| `{model}` | `{method}`{' **(selected)**' if selected else ''} | {_describe(spec)} | "
-        f"{ratios} | {_ratio_of_means(bom, method, 'MSE'):.2f} | "
-        f"{np.nanmin(bias[0]):.2f}–{np.nanmax(bias[0]):.2f} | "
-        f"{np.nanmin(bias[1]):.2f}–{np.nanmax(bias[1]):.2f} | "
-        f"{np.nanmax(_series(bom, method, 'DRY_FA', 0.5)):.1%} | {all_pixels} | {fmi} | "
-        f"{sum(t['met'] for t in val_targets)} of {len(val_targets)} | "
-        f"{sum(t['met'] for t in test_targets)} of {len(test_targets)} |"
-    )
+    return [
+        f"`{model}`",
+        f"`{method}`" + (" **(selected)**" if selected else ""),
+        _describe(spec),
+        ratios,
+        f"{_ratio_of_means(bom, method, 'MSE'):.2f}",
+        f"{np.nanmin(bias[0]):.2f}–{np.nanmax(bias[0]):.2f}",
+        f"{np.nanmin(bias[1]):.2f}–{np.nanmax(bias[1]):.2f}",
+        f"{np.nanmax(_series(bom, method, 'DRY_FA', 0.5)):.1%}",
+        all_pixels,
+        fmi,
+        f"{sum(t['met'] for t in val_targets)} of {len(val_targets)}",
+        f"{sum(t['met'] for t in test_targets)} of {len(test_targets)}",
+    ]
 
 
 def route_table(result: dict) -> list[str]:
     """One row per checkpoint and route: test-block ratios, zero-shot, and targets met."""
-    lines = [
-        "| checkpoint | route | configuration | CSI 1 / 5 / 10 mm/h ÷ LK | MSE ÷ LK | "
-        "bias 1 mm/h | bias 5 mm/h | max dry FA | all-pixels CSI 1 / 10 ÷ LK | "
-        f"{ZERO_SHOT_SOURCE} CSI 1 / 5 / 10 ÷ LK | targets met (val) | targets met (test) |",
-        "|" + "---|" * 12,
+    header = [
+        "checkpoint",
+        "route",
+        "configuration",
+        "CSI 1 / 5 / 10 mm/h ÷ LK",
+        "MSE ÷ LK",
+        "bias 1 mm/h",
+        "bias 5 mm/h",
+        "max dry FA",
+        "all-pixels CSI 1 / 10 ÷ LK",
+        f"{ZERO_SHOT_SOURCE} CSI 1 / 5 / 10 ÷ LK",
+        "targets met (val)",
+        "targets met (test)",
     ]
-    for model, model_result in result["models"].items():
-        for method in model_result["routes"]:
-            selected = [model, method] == list(result["selected"])
-            lines.append(route_row(model, method, model_result, selected))
-    return lines
+    rows = [
+        route_row(model, method, model_result, [model, method] == list(result["selected"]))
+        for model, model_result in result["models"].items()
+        for method in model_result["routes"]
+    ]
+    return markdown_table(header, rows).splitlines()
 
 
 def _describe(spec: dict | None) -> str:

@@ -282,3 +282,16 @@ def test_pysteps_imports_without_its_banner():
         [sys.executable, "-c", "import pysteps"], capture_output=True, text=True, check=True
     )
     assert "Pysteps configuration file found" in loud.stdout  # what the finder removes
+
+
+def test_methods_declare_whether_they_use_motion():
+    from nowcast.nowcasts import METHOD_NEEDS, registered_methods, uses_motion
+
+    assert set(METHOD_NEEDS) == set(registered_methods())
+    assert uses_motion("extrapolation") and uses_motion("SPROG")
+    assert not uses_motion("persistence") and not uses_motion("model")
+
+    class Lagrangian:  # a built method says so itself, as a Lagrangian-frame model does
+        uses_motion = True
+
+    assert uses_motion("model", Lagrangian())

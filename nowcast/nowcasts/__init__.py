@@ -16,8 +16,22 @@ model           a trained network: ``get_method("model")(checkpoint=path)`` -> c
 =============== ==========================================================================
 """
 
-from nowcast.nowcasts.interface import BASELINES, get_method, registered_methods
+from nowcast.nowcasts.interface import (
+    BASELINES,
+    METHOD_NEEDS,
+    get_method,
+    registered_methods,
+    uses_motion,
+)
 from nowcast.nowcasts.model import ModelNowcast
 from nowcast.nowcasts.utils import cube_inputs
 
-__all__ = ["BASELINES", "ModelNowcast", "cube_inputs", "get_method", "registered_methods"]
+__all__ = [
+    "BASELINES",
+    "METHOD_NEEDS",
+    "ModelNowcast",
+    "cube_inputs",
+    "get_method",
+    "registered_methods",
+    "uses_motion",
+]

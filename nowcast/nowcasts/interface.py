@@ -17,6 +17,31 @@ _METHODS: dict[str, Callable] = {
 #: Methods that are ready to call; ``model`` must first be built from a checkpoint.
 BASELINES = ("persistence", "extrapolation", "sprog")
 
+#: What a method declares besides its inputs. ``uses_motion``: it advects along the
+#: Lucas-Kanade motion of its inputs and accepts it as ``velocity=``, so an evaluation estimates
+#: the field once per window and shares it (and needs 3 input frames). For ``model`` it depends
+#: on the checkpoint: a built :class:`ModelNowcast` answers with its ``uses_motion`` attribute.
+METHOD_NEEDS: dict[str, dict[str, bool]] = {
+    "persistence": {"uses_motion": False},
+    "extrapolation": {"uses_motion": True},
+    "sprog": {"uses_motion": True},
+    "model": {"uses_motion": False},
+}
+
+
+def uses_motion(name: str, method: Callable | None = None) -> bool:
+    """Whether a method advects along the inputs' motion field (see :data:`METHOD_NEEDS`).
+
+    Parameters
+    ----------
+    name : str
+        Registered method name.
+    method : callable, optional
+        The built method, which may say so itself (a Lagrangian-frame model does).
+    """
+    declared = METHOD_NEEDS.get(name.lower(), {}).get("uses_motion", False)
+    return bool(declared or getattr(method, "uses_motion", False))
+
 
 def registered_methods() -> list[str]:
     """Return the sorted names of the registered forecast methods."""

@@ -114,6 +114,8 @@ class ModelNowcast:
         if frame not in ("eulerian", "lagrangian"):
             raise ValueError(f"unknown frame {frame!r}; expected 'eulerian' or 'lagrangian'")
         self.frame = frame
+        # The registry's METHOD_NEEDS: a Lagrangian-frame model advects along the LK motion.
+        self.uses_motion = frame == "lagrangian"
 
     def predict_values(
         self, rain_rate: np.ndarray, velocity: np.ndarray | None = None

@@ -1,0 +1,340 @@
+"""Forecast and score windows: which windows, every method on one, their accumulators."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from nowcast import nowcasts as forecast_methods
+from nowcast import windows as window_rules
+from nowcast.config import ConfigError
+from nowcast.evaluate.setup import (
+    MAP_RAIN_THRESHOLD,
+    EvaluateConfig,
+    ForecastSetup,
+    Window,
+    WindowScores,
+)
+from nowcast.evaluate.tables import DRY_RAIN, FALSE_ALARM_RAIN, MASKED_FAMILIES, stack_starts
+from nowcast.experiment import ExperimentConfig, stage_config
+from nowcast.forecast import make_forecast
+from nowcast.io.cube import cube_path, open_cube
+from nowcast.nowcasts.extrapolation import motion_field
+from nowcast.nowcasts.variants import (
+    base_methods,
+    forecast_variants,
+)
+from nowcast.verification import (
+    ScoreAccumulator,
+)
+from nowcast.verification import get_method as score_family
+
+# windows
+
+
+def store_windows(path: str, split: str) -> tuple[pd.DataFrame, dict]:
+    """Windows of a split from the patch store, and the store's frame settings.
+
+    Returns
+    -------
+    tuple
+        A table (source, cube_path, reference_time) and ``{"n_input_frames", "n_target_frames",
+        "timestep_minutes", "normalization"}``.
+    """
+    from nowcast.patch_store import PatchStore
+
+    store = PatchStore.open(path)
+    table = store.windows(split)
+    table["source"] = table["source"].astype(str)
+    table["reference_time"] = table["reference_time"].astype("datetime64[ns]")
+    info = {
+        "n_input_frames": store.n_input_frames,
+        "n_target_frames": store.n_target_frames,
+        "timestep_minutes": store.timestep_minutes,
+        "normalization": store.normalization,
+    }
+    return table[["source", "cube_path", "reference_time"]], info
+
+
+def cube_windows(experiment: ExperimentConfig, split: str) -> tuple[pd.DataFrame, dict]:
+    """Windows of a split derived from the cubes, as ``nowcast patches`` would list them.
+
+    Uses the experiment's ``patches`` section (frame counts, resampling, split blocks, buffer)
+    and :mod:`nowcast.windows`, which the patch builder uses too, so the windows are those the
+    store would hold.
+    """
+    from nowcast.patches import PatchesConfig
+
+    patches_config = stage_config(experiment, "patches", PatchesConfig)
+    timelines = []
+    for source in experiment.sources:
+        path = cube_path(experiment.cube_root, source)
+        timelines.append(
+            window_rules.Timeline.from_cube(
+                source, path, open_cube(path), patches_config.resample_minutes
+            )
+        )
+    n_input, n_target = window_rules.frame_counts(
+        timelines, patches_config.n_input_frames, patches_config.n_target_frames
+    )
+    tables = []
+    for timeline in timelines:
+        labels = window_rules.split_labels(timeline, patches_config)
+        listed = window_rules.list_windows(timeline, labels, n_input, n_target)
+        tables.append(listed[listed["split"] == split])
+    info = {
+        "n_input_frames": n_input,
+        "n_target_frames": n_target,
+        "timestep_minutes": int(timelines[0].timestep),
+        "normalization": None,
+    }
+    table = pd.concat(tables, ignore_index=True)
+    return table[["source", "cube_path", "reference_time"]], info
+
+
+def plan_windows(table: pd.DataFrame, stride: int, max_windows: int | None) -> list[Window]:
+    """Windows to evaluate, per source in time order, thinned by ``stride`` and ``max_windows``."""
+    windows = []
+    for source, group in table.groupby("source", sort=False):
+        group = group.sort_values("reference_time")
+        times = group["reference_time"].to_numpy(dtype="datetime64[ns]")
+        for index in window_rules.select_windows(times, stride, max_windows):
+            windows.append(Window(source, group["cube_path"].iloc[index], times[index]))
+    return windows
+
+
+# forecasts and scores of one window
+
+
+@functools.lru_cache(maxsize=4)
+def _model_method(checkpoint: str, device: str | None, modified: float):
+    # One model per process and checkpoint version (``modified`` is the file's mtime).
+    return forecast_methods.get_method("model")(checkpoint=checkpoint, device=device)
+
+
+def run_methods(inputs: xr.DataArray, setup: ForecastSetup) -> dict[str, xr.DataArray]:
+    """Forecast with every method of ``setup`` from the same inputs.
+
+    The Lucas-Kanade motion field is estimated once and shared by ``extrapolation`` and
+    ``sprog`` (unless their ``method_kwargs`` choose another motion method). Variants
+    (``setup.variants``, :mod:`nowcast.nowcasts.variants`) are built from their bases'
+    forecasts, which run once even when several variants share them.
+
+    Parameters
+    ----------
+    inputs : xarray.DataArray
+        Input frames (time, y, x), see :func:`nowcast.nowcasts.cube_inputs`.
+    setup : ForecastSetup
+        Methods, their keyword arguments and the number of lead times.
+
+    Returns
+    -------
+    dict of xarray.DataArray
+        Method name to Forecast.
+    """
+    velocity = None
+    forecasts = {}
+    for name in base_methods(setup.methods, setup.variants):
+        kwargs = dict(setup.method_kwargs.get(name, {}))
+        if name == "model":
+            modified = os.path.getmtime(setup.checkpoint)
+            method = _model_method(setup.checkpoint, setup.device, modified)
+        else:
+            method = forecast_methods.get_method(name)
+        # One LK field per window, shared by every method that advects (a Lagrangian model too).
+        if forecast_methods.uses_motion(name, method) and "motion_method" not in kwargs:
+            if velocity is None:
+                velocity = motion_field(np.asarray(inputs.values))
+            kwargs.setdefault("velocity", velocity)
+        forecasts[name] = method(inputs, setup.n_leadtimes, **kwargs)
+    return forecast_variants(setup.methods, setup.variants, forecasts, inputs)
+
+
+def observed_frames(
+    cube: xr.Dataset, reference_time, n_leadtimes: int, timestep_minutes: int
+) -> xr.DataArray:
+    """The observations at the lead times of a forecast, in the Forecast layout.
+
+    Returns
+    -------
+    xarray.DataArray
+        Rain rate (lead_time, y, x) with the method attribute ``observed``.
+    """
+    times = window_rules.valid_times(reference_time, n_leadtimes, timestep_minutes)
+    indices = window_rules.cube_time_indices(cube, times, "observations")
+    values = cube["rain_rate"].isel(time=indices).compute(scheduler="synchronous")
+    return make_forecast(
+        values.values, pd.Timestamp(reference_time), timestep_minutes, cube, method="observed"
+    )
+
+
+def accumulate_scores(
+    forecasts: dict[str, np.ndarray],
+    observed: np.ndarray,
+    lead_times,
+    thresholds,
+    scales,
+) -> dict[str, dict[str, ScoreAccumulator]]:
+    """Score several forecasts of one start on their common mask.
+
+    Parameters
+    ----------
+    forecasts : dict of numpy.ndarray
+        Method name to forecast (n_leadtimes, y, x) in mm/h.
+    observed : numpy.ndarray
+        Observations (n_leadtimes, y, x).
+    lead_times : sequence of float
+        Lead times in minutes.
+    thresholds : sequence of float
+        Thresholds (mm/h) of the categorical scores and the FSS.
+    scales : sequence of int
+        FSS window sizes (pixels).
+
+    Returns
+    -------
+    dict
+        Method name to ``{"det_cat", "det_cont", "fss"}`` pooled accumulators. Only pixels where
+        the observation and every forecast are finite count (for the FSS the others are
+        non-events in every field alike). Also the :data:`MASKED_FAMILIES`: ``*_allobs`` on
+        every valid observation, and ``dry_area`` when ``extrapolation`` is among the forecasts.
+    """
+    observed_raw = observed
+    valid = np.isfinite(observed)
+    for values in forecasts.values():
+        valid &= np.isfinite(values)
+    observed = np.where(valid, observed, np.nan)
+    coordinates = {
+        "det_cat": (lead_times, thresholds),
+        "det_cont": (lead_times,),
+        "fss": (lead_times, thresholds, scales),
+    }
+    observed_all = np.where(np.isfinite(observed_raw), observed_raw, np.nan)
+    dry = None
+    if "extrapolation" in forecasts:
+        lk = forecasts["extrapolation"]
+        dry = valid & (observed_raw < DRY_RAIN) & (lk < DRY_RAIN)
+    scores = {}
+    for name, raw in forecasts.items():
+        values = np.where(valid, raw, np.nan)
+        scores[name] = {}
+        for family_name, coords in coordinates.items():
+            family = score_family(family_name)
+            scores[name][family_name] = family.accum(family.init(*coords), values, observed)
+        # pysteps' convention: no data in a forecast is no rain where there is an observation.
+        filled = np.where(np.isfinite(raw), raw, 0.0)
+        for key, coords in (
+            ("det_cat_allobs", coordinates["det_cat"]),
+            ("det_cont_allobs", coordinates["det_cont"]),
+        ):
+            family = score_family(MASKED_FAMILIES[key][0])
+            scores[name][key] = family.accum(family.init(*coords), filled, observed_all)
+        if dry is not None:
+            family = score_family("det_cat")
+            scores[name]["dry_area"] = family.accum(
+                family.init(lead_times, (FALSE_ALARM_RAIN,)),
+                np.where(dry, raw, np.nan),
+                np.where(dry, observed_raw, np.nan),
+            )
+    return scores
+
+
+def score_window(window: Window, setup: ForecastSetup) -> WindowScores:
+    """Forecast and score one window with every method (a Dask task).
+
+    Parameters
+    ----------
+    window : Window
+        Source, cube and reference time.
+    setup : ForecastSetup
+        Methods, frame counts, thresholds and scales.
+
+    Returns
+    -------
+    WindowScores
+        Pooled accumulators per method and family, and the window's observed wet fraction.
+    """
+    cube = open_cube(window.cube_path)
+    inputs = forecast_methods.cube_inputs(
+        cube, window.reference_time, setup.n_input_frames, setup.timestep_minutes
+    )
+    observed = observed_frames(
+        cube, window.reference_time, setup.n_leadtimes, setup.timestep_minutes
+    ).values
+    forecasts = run_methods(inputs, setup)
+    accumulators = accumulate_scores(
+        {name: forecast.values for name, forecast in forecasts.items()},
+        observed,
+        setup.lead_times,
+        setup.thresholds,
+        setup.scales,
+    )
+    finite = np.isfinite(observed)
+    n_valid = int(finite.sum())
+    wet = int(np.count_nonzero(observed[finite] >= MAP_RAIN_THRESHOLD))
+    return WindowScores(window, accumulators, wet / max(n_valid, 1), n_valid / observed.size)
+
+
+# patches
+
+
+def score_store_patches(
+    store: str, config: EvaluateConfig, setup: ForecastSetup
+) -> dict[str, dict[str, dict[str, ScoreAccumulator]]]:
+    """Per-patch accumulators of the store's patches of the split (in this process).
+
+    Patches are transformed back to rain rate (no-data from the masks) and every method forecasts
+    on the patch alone, as the network saw it in training; each patch counts as one start. At
+    most ``max_patches``, evenly spread over the split's patches.
+    """
+    from nowcast.patch_store import PatchStore
+
+    store = PatchStore.open(store)
+    transform, params = store.transform()
+
+    def rain_rate(values, mask) -> np.ndarray:
+        values = transform.inverse(np.asarray(values, dtype=np.float32), params)
+        return np.where(np.asarray(mask), values, np.nan).astype(np.float32)
+
+    in_split = store.samples(config.split)["sample"].to_numpy()
+    if in_split.size == 0:
+        raise ConfigError(f"the patch store has no patches in split '{config.split}'")
+    chosen = in_split[
+        np.unique(np.linspace(0, in_split.size - 1, config.max_patches).round().astype(int))
+    ]
+    cubes = {source: open_cube(path) for source, path in store.cube_paths.items()}
+    n_input = setup.n_input_frames
+    results = []
+    for index in chosen:
+        sample = store.sample(int(index))
+        cube = cubes[str(sample["source"].values)]
+        size = sample.sizes["y"]
+        y0, x0 = int(sample["y0"]), int(sample["x0"])
+        crop = cube.isel(y=slice(y0, y0 + size), x=slice(x0, x0 + size))
+
+        reference = np.datetime64(sample["reference_time"].values, "ns")
+        inputs = xr.DataArray(
+            rain_rate(sample["inputs"].values, sample["input_mask"].values),
+            dims=("time", "y", "x"),
+            coords={
+                "time": window_rules.input_times(reference, n_input, setup.timestep_minutes),
+                "y": crop["y"],
+                "x": crop["x"],
+            },
+            attrs={"crs_wkt": cube["crs"].attrs["crs_wkt"]},
+        )
+        observed = rain_rate(sample["targets"].values, sample["target_mask"].values)
+        forecasts = run_methods(inputs, setup)
+        accumulators = accumulate_scores(
+            {name: f.values for name, f in forecasts.items()},
+            observed[: setup.n_leadtimes],
+            setup.lead_times,
+            setup.thresholds,
+            setup.scales,
+        )
+        window = Window(str(sample["source"].values), "", reference)
+        results.append(WindowScores(window, accumulators, 0.0, 1.0))
+    return stack_starts(results, setup.methods)
