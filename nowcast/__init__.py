@@ -4,16 +4,17 @@ Radar composites -> CF zarr cube -> normalized patch store -> ConvLSTM -> verifi
 pysteps baselines -> maps and CF NetCDF.
 """
 
-import contextlib
-import importlib.abc
-import importlib.util
-import io
-import sys
+# Private aliases: a name like ``io`` here would clash with the subpackage ``nowcast.io``.
+import importlib.abc as _abc
+import importlib.util as _util
+import sys as _sys
+from contextlib import redirect_stdout as _redirect_stdout
+from io import StringIO as _StringIO
 
 __version__ = "0.1.0"
 
 
-class _QuietPystepsImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class _QuietPystepsImport(_abc.MetaPathFinder, _abc.Loader):
     """Import pysteps without its banner ("Pysteps configuration file found at: ...").
 
     pysteps prints the banner on import unless the user's pystepsrc sets ``silent_import``; it
@@ -26,8 +27,8 @@ class _QuietPystepsImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
         if name != "pysteps":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        _sys.meta_path.remove(self)
+        spec = _util.find_spec(name)
         if spec is None or spec.loader is None:
             return spec
         self._loader = spec.loader
@@ -38,11 +39,11 @@ class _QuietPystepsImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        with contextlib.redirect_stdout(io.StringIO()):
+        with _redirect_stdout(_StringIO()):
             self._loader.exec_module(module)
 
 
-if "pysteps" not in sys.modules and not any(
-    isinstance(finder, _QuietPystepsImport) for finder in sys.meta_path
+if "pysteps" not in _sys.modules and not any(
+    isinstance(finder, _QuietPystepsImport) for finder in _sys.meta_path
 ):
-    sys.meta_path.insert(0, _QuietPystepsImport())
+    _sys.meta_path.insert(0, _QuietPystepsImport())
