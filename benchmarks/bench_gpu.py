@@ -82,6 +82,7 @@ from benchmarks.common import RESULTS
 from nowcast import losses, transforms
 from nowcast.models import build_model, count_parameters, forward_flops
 from nowcast.train import (
+    StepParts,
     TrainConfig,
     build_loss,
     build_optimizer,
@@ -89,6 +90,7 @@ from nowcast.train import (
     resolve_amp_dtype,
     resolve_device,
     seed_everything,
+    train_step,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,10 +210,20 @@ def time_training_variant(
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, train_config, device)
     amp_dtype = amp_dtype_for(device) if variant.amp else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    forward = torch.compile(model) if variant.compile else model
-    loss_fn = build_loss(train_config, transforms.get_method("log1p"), LOG1P_PARAMS, device)
     needs_rain_rate = train_config.loss in losses.RAIN_RATE_LOSSES
+    log1p = transforms.get_method("log1p")
+    # The training loop's own step (nowcast.train.train_step), not a copy of it.
+    parts = StepParts(
+        model=torch.compile(model) if variant.compile else model,
+        raw_model=model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        loss_fn=build_loss(train_config, log1p, LOG1P_PARAMS, device),
+        device=device,
+        amp_dtype=amp_dtype,
+        grad_clip=train_config.grad_clip,
+        rain_rate=(lambda t: log1p.inverse(t, LOG1P_PARAMS)) if needs_rain_rate else None,
+    )
 
     generator = torch.Generator(device="cpu").manual_seed(0)
     n_in, n_out = model.n_input_frames, model.n_target_frames
@@ -220,23 +232,9 @@ def time_training_variant(
     targets = torch.rand((sizes.batch_size, n_out, 1, side, side), generator=generator)
     mask = (torch.rand(targets.shape, generator=generator) > 0.1).float()
     inputs, targets, mask = (t.to(device) for t in (inputs, targets, mask))
-    target_rain_rate = (
-        transforms.get_method("log1p").inverse(targets, LOG1P_PARAMS) if needs_rain_rate else None
-    )
 
     def step() -> float:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            prediction = forward(inputs)
-        loss = loss_fn(prediction.float(), targets, mask, target_rain_rate)
-        loss_value = loss.item()  # train() syncs here too (global_mean + the finiteness check)
-        scaler.scale(loss).backward()
-        if train_config.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss_value
+        return train_step(parts, inputs, targets, mask)
 
     synchronize(device)
     tic = time.perf_counter()

@@ -42,6 +42,7 @@ import torch
 from benchmarks.common import RESULTS, save
 from nowcast import losses
 from nowcast.models import build_model, count_parameters, forward_flops
+from nowcast.train import StepParts, train_step
 
 BATCH_SIZE = 4
 N_INPUT_FRAMES = 6
@@ -65,22 +66,27 @@ def synthetic_batch(generator: torch.Generator) -> tuple[torch.Tensor, ...]:
 def training_step(
     model: torch.nn.Module, batch: tuple[torch.Tensor, ...], channels_last: bool, compile: bool
 ) -> Callable[[], None]:
-    """Return a function that runs one training step of ``model`` on ``batch``."""
+    """Return a function that runs one training step of ``model`` on ``batch``.
+
+    The step is :func:`nowcast.train.train_step`, the one the training loop runs.
+    """
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = losses.get_method(LOSS)
+    parts = StepParts(
+        model=torch.compile(model) if compile else model,
+        raw_model=model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        loss_fn=losses.get_method(LOSS),
+        device=torch.device("cpu"),
+        grad_clip=GRAD_CLIP,
+        rain_rate=lambda targets: torch.expm1(targets * LOG1P_SCALE),
+    )
     inputs, targets, mask = batch
 
     def step() -> None:
-        prediction = forward(inputs)
-        target_rain_rate = torch.expm1(targets * LOG1P_SCALE)
-        loss = loss_fn(prediction.float(), targets, mask, target_rain_rate)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(parts, inputs, targets, mask)
 
     return step
 
