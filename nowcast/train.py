@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from nowcast import dataset as data
 from nowcast import losses
 from nowcast.checkpoint import (
     BEST,
@@ -376,7 +376,7 @@ def run_summary(
     }
 
 
-def load_data(experiment: ExperimentConfig, data, config: TrainConfig, distributed: bool):
+def load_data(experiment: ExperimentConfig, config: TrainConfig, distributed: bool):
     """Store facts, normalization and the train/val loaders of the experiment's patch store.
 
     Returns
@@ -396,8 +396,7 @@ def load_data(experiment: ExperimentConfig, data, config: TrainConfig, distribut
         augment=config.augment,
         distributed=distributed,
         seed=config.seed,
-        # Only passed when asked for, so data modules without the option keep working.
-        **({"time_reversal": True} if config.time_reversal else {}),
+        time_reversal=config.time_reversal,
     )
     if len(loaders["train"]) == 0:
         raise ValueError(f"the training split of {store} gives no batch of {config.batch_size}")
@@ -408,7 +407,6 @@ def train(
     config: str | os.PathLike | ExperimentConfig,
     resume: bool = False,
     device: str | torch.device | None = None,
-    data_module: Any = None,
     progress: bool = True,
     stop_requested: Callable[[int], bool] | None = None,
 ) -> dict:
@@ -427,9 +425,6 @@ def train(
         Continue from ``<run_dir>/checkpoints/last.pt``, by default False.
     device : str or torch.device, optional
         Training device; by default CUDA, else MPS, else the CPU.
-    data_module : object, optional
-        Provider of ``make_dataloaders``, ``load_normalization`` and ``store_info`` with the
-        contract of :mod:`nowcast.dataset` (the default); tests pass an in-memory fake.
     progress : bool, optional
         Show a tqdm progress bar (rank 0), by default True.
     stop_requested : callable, optional
@@ -458,7 +453,6 @@ def train(
     """
     experiment = config if isinstance(config, ExperimentConfig) else load_experiment(config)
     train_config = stage_config(experiment, "train", TrainConfig)
-    data = data_module if data_module is not None else importlib.import_module("nowcast.dataset")
     run_dir = Path(experiment.run_path)
     last_path = checkpoint_path(run_dir, LAST)
     if resume and not last_path.is_file():
@@ -486,9 +480,7 @@ def train(
         seed_everything(train_config.seed)
 
         # ---- data ------------------------------------------------------------------------
-        info, transform, normalization, loaders = load_data(
-            experiment, data, train_config, distributed
-        )
+        info, transform, normalization, loaders = load_data(experiment, train_config, distributed)
         train_loader, val_loader = loaders["train"], loaders["val"]
         steps_per_epoch = len(train_loader)
 

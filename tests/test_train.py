@@ -15,9 +15,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from nowcast import losses
+from nowcast import losses, transforms
 from nowcast import train as train_module
 from nowcast.checkpoint import (
     CHECKPOINT_KEYS,
@@ -28,16 +27,18 @@ from nowcast.checkpoint import (
     restore_rng_state,
 )
 from nowcast.config import Catalog, ConfigError, SourceConfig
+from nowcast.dataset import store_info
 from nowcast.experiment import ExperimentConfig
 from nowcast.train import TrainingDivergedError, train
 
-N_INPUT, N_TARGET, SIZE = 3, 2, 16
+N_INPUT, N_TARGET, SIZE = 3, 2, 32
 TINY_MODEL = {
     "name": "convlstm",
     "kwargs": {"patch_factor": 4, "hidden_channels": [8], "kernel_sizes": 3},
 }
-MAX_RAIN_RATE = 32.0  # mm/h; peak of the synthetic cells
-NO_DATA_ROWS = 3  # the top rows of every frame are outside the "radar range"
+MAX_RAIN_RATE = 32.0  # mm/h; scale of the log1p normalization in the loss tests
+LOG1P = transforms.get_method("log1p")
+NORMALIZATION = {"scale": math.log1p(MAX_RAIN_RATE)}
 
 
 @pytest.fixture(autouse=True)
@@ -48,110 +49,40 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
-# ---- an in-memory stand-in for nowcast.dataset ------------------------------------------
+# ---- a tiny real patch store ---------------------------------------------------------------
+
+#: Samples per split of the tiny store: 12 training samples in batches of 4 are 3 steps/epoch.
+N_TRAIN = 12
 
 
-class Log1pTransform:
-    """``log1p(R) / scale`` and its inverse, on tensors."""
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory) -> Path:
+    """A synthetic cube (moving cells) cut into a small real patch store, shared by the tests."""
+    from nowcast.ingest import ingest
+    from nowcast.patches import build_patches
 
-    def forward(self, rain_rate, params):
-        return torch.log1p(rain_rate) / params["scale"]
-
-    def inverse(self, values, params):
-        return torch.expm1(values * params["scale"]).clamp_min(0.0)
-
-
-NORMALIZATION = {"method": "log1p", "scale": math.log1p(MAX_RAIN_RATE)}
-
-
-def moving_cells(n_samples: int, n_frames: int, size: int, seed: int) -> torch.Tensor:
-    """Gaussian rain cells (mm/h) advected at a constant random velocity, (n, T, 1, y, x)."""
-    generator = torch.Generator().manual_seed(seed)
-    y = torch.arange(size, dtype=torch.float32).reshape(1, 1, size, 1)
-    x = torch.arange(size, dtype=torch.float32).reshape(1, 1, 1, size)
-    start = 4.0 + torch.rand(n_samples, 2, generator=generator) * (size - 8)
-    velocity = torch.rand(n_samples, 2, generator=generator) * 2.0 - 1.0
-    peak = 2.0 + torch.rand(n_samples, 1, 1, 1, generator=generator) * (MAX_RAIN_RATE - 2.0)
-    steps = torch.arange(n_frames, dtype=torch.float32)
-    centre_y = (start[:, :1] + velocity[:, :1] * steps).reshape(n_samples, n_frames, 1, 1)
-    centre_x = (start[:, 1:] + velocity[:, 1:] * steps).reshape(n_samples, n_frames, 1, 1)
-    cells = peak * torch.exp(-((y - centre_y) ** 2 + (x - centre_x) ** 2) / (2 * 3.0**2))
-    return cells.unsqueeze(2)
+    root = tmp_path_factory.mktemp("train_store")
+    source = SourceConfig(
+        name="synthetic",
+        importer="synthetic",
+        timestep=10,
+        importer_kwargs={"shape": [64, 64], "n_frames": 40, "seed": 3, "motion": [1.0, 0.5]},
+    )
+    ingest(
+        "synthetic",
+        str(root / "cubes"),
+        catalog=Catalog(sources={"synthetic": source}),
+        scheduler="threads",
+        progress=False,
+    )
+    store = build_patches(make_experiment(root), scheduler="threads", progress=False)
+    # The step counts below assume it: 12 training samples, 3 batches of 4 per epoch.
+    assert store_info(store)["counts"]["samples"]["train"] == N_TRAIN
+    return root
 
 
-class CellDataset(Dataset):
-    """Samples ``(inputs, targets, target_mask)`` in normalised space, as the patch store gives.
-
-    With ``augment`` a random horizontal flip drawn from torch's global generator, so that
-    exact resumption has to restore that generator.
-    """
-
-    def __init__(self, n_samples: int, seed: int, augment: bool, poison: bool = False):
-        rain_rate = moving_cells(n_samples, N_INPUT + N_TARGET, SIZE, seed)
-        mask = torch.ones_like(rain_rate)
-        mask[..., :NO_DATA_ROWS, :] = 0.0
-        normalized = Log1pTransform().forward(rain_rate, NORMALIZATION) * mask  # zero-filled
-        self.inputs = normalized[:, :N_INPUT]
-        if poison:
-            self.inputs = torch.full_like(self.inputs, math.nan)
-        self.targets = normalized[:, N_INPUT:]
-        self.masks = mask[:, N_INPUT:]
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def __getitem__(self, index: int):
-        sample = (self.inputs[index], self.targets[index], self.masks[index])
-        if self.augment and torch.rand(()) < 0.5:
-            sample = tuple(frames.flip(-1) for frames in sample)
-        return sample
-
-
-class FakePatchData:
-    """The ``nowcast.dataset`` contract (make_dataloaders, load_normalization, store_info)."""
-
-    def __init__(self, n_train: int = 12, n_val: int = 4, poison: bool = False):
-        self.n_train, self.n_val, self.poison = n_train, n_val, poison
-
-    def make_dataloaders(
-        self, store_path, batch_size, num_workers=0, augment=True, distributed=False, seed=0
-    ):
-        splits = {
-            "train": CellDataset(self.n_train, seed=1, augment=augment, poison=self.poison),
-            "val": CellDataset(self.n_val, seed=2, augment=False),
-            "test": CellDataset(self.n_val, seed=3, augment=False),
-        }
-        loaders = {}
-        for name, dataset in splits.items():
-            shuffle = name == "train"
-            sampler = (
-                DistributedSampler(dataset, shuffle=shuffle, seed=seed) if distributed else None
-            )
-            loaders[name] = DataLoader(
-                dataset,
-                batch_size,
-                shuffle=shuffle if sampler is None else None,
-                sampler=sampler,
-                num_workers=num_workers,
-                drop_last=shuffle,
-                generator=torch.Generator().manual_seed(seed),
-            )
-        return loaders
-
-    def load_normalization(self, store_path):
-        return Log1pTransform(), dict(NORMALIZATION)
-
-    def store_info(self, store_path):
-        return {
-            "n_input_frames": N_INPUT,
-            "n_target_frames": N_TARGET,
-            "timestep_minutes": 10,
-            "normalization": dict(NORMALIZATION),
-        }
-
-
-def make_experiment(root: Path, run: str = "run", **train_section) -> ExperimentConfig:
+def make_experiment(root: Path, run: str = "run", store: Path | None = None, **train_section):
+    """An experiment on the tiny store under ``store`` (default ``root``), run in ``root/run``."""
     section = {
         "model": TINY_MODEL,
         "optimizer": {"lr": 3e-3},
@@ -164,17 +95,28 @@ def make_experiment(root: Path, run: str = "run", **train_section) -> Experiment
         "seed": 0,
     }
     section.update(train_section)
+    store = store or root
     return ExperimentConfig(
         name="cells",
         sources=["synthetic"],
-        patch_dir=str(root / "patches"),
+        cube_dir=str(store / "cubes"),
+        patch_dir=str(store / "patches"),
         run_dir=str(root / run),
+        patches={
+            "n_input_frames": N_INPUT,
+            "n_target_frames": N_TARGET,
+            "patch_size": SIZE,
+            "stride": SIZE // 2,
+            "split_fractions": {"train": 0.6, "val": 0.2, "test": 0.2},
+            "buffer_minutes": 10,
+            "min_wet_fraction": 0.05,
+            "max_samples_per_split": N_TRAIN,
+        },
         train=section,
     )
 
 
 def run_training(experiment: ExperimentConfig, **kwargs) -> dict:
-    kwargs.setdefault("data_module", FakePatchData())
     return train(experiment, device="cpu", progress=False, **kwargs)
 
 
@@ -215,7 +157,7 @@ def test_config_error_names_field(tmp_path, section, field):
         yaml.safe_dump({"name": "cells", "sources": ["synthetic"], "train": section})
     )
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as error:
-        train(config_file, device="cpu", data_module=FakePatchData(), progress=False)
+        train(config_file, device="cpu", progress=False)
     assert str(config_file) in str(error.value)
 
 
@@ -226,9 +168,9 @@ def test_config_error_names_field(tmp_path, section, field):
         ({"amp": "fp16"}, "amp"),  # fp16 needs a GPU
     ],
 )
-def test_config_error_found_at_build_time_names_field(tmp_path, section, field):
+def test_config_error_found_at_build_time_names_field(store_root, tmp_path, section, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        run_training(make_experiment(tmp_path, **section))
+        run_training(make_experiment(tmp_path, store=store_root, **section))
     assert not checkpoint_path(tmp_path / "run").exists()
 
 
@@ -241,7 +183,7 @@ def _loss_inputs(seed: int = 0):
     prediction = torch.rand(shape, generator=generator)
     target = torch.rand(shape, generator=generator)
     mask = (torch.rand(shape, generator=generator) > 0.3).float()
-    target_rain_rate = Log1pTransform().inverse(target, NORMALIZATION)
+    target_rain_rate = LOG1P.inverse(target, NORMALIZATION)
     return prediction, target, mask, target_rain_rate
 
 
@@ -249,9 +191,7 @@ def _bound_loss(name: str):
     """The registered loss, with normalised wet thresholds bound where it needs them."""
     loss_fn = losses.get_method(name)
     if name in losses.THRESHOLD_LOSSES:
-        thresholds = Log1pTransform().forward(
-            torch.tensor(losses.WET_AREA_THRESHOLDS), NORMALIZATION
-        )
+        thresholds = LOG1P.forward(torch.tensor(losses.WET_AREA_THRESHOLDS), NORMALIZATION)
         return functools.partial(loss_fn, wet_thresholds=thresholds)
     return loss_fn
 
@@ -368,15 +308,22 @@ def test_wet_area_loss_penalises_frequency_bias():
         losses.get_method("mse+bias")(prediction, target, mask)
 
 
-def test_loss_kwargs_must_fit_the_loss(tmp_path):
-    experiment = make_experiment(tmp_path, loss="mse+bias", loss_kwargs={"area_wieght": 2.0})
+def test_loss_kwargs_must_fit_the_loss(store_root, tmp_path):
+    experiment = make_experiment(
+        tmp_path, store=store_root, loss="mse+bias", loss_kwargs={"area_wieght": 2.0}
+    )
     with pytest.raises(ConfigError, match="loss_kwargs"):
         run_training(experiment)
 
 
-def test_wet_area_loss_trains(tmp_path):
+def test_wet_area_loss_trains(store_root, tmp_path):
     experiment = make_experiment(
-        tmp_path, epochs=None, max_steps=6, loss="mse+bias", loss_kwargs={"area_weight": 2.0}
+        tmp_path,
+        store=store_root,
+        epochs=None,
+        max_steps=6,
+        loss="mse+bias",
+        loss_kwargs={"area_weight": 2.0},
     )
     summary = run_training(experiment)
     assert summary["steps"] == 6 and math.isfinite(summary["best_val_loss"])
@@ -393,9 +340,15 @@ def test_balanced_loss_needs_rain_rate_and_unknown_loss_lists_names():
 # ---- training ---------------------------------------------------------------------------
 
 
-def test_loss_decreases_and_logs(tmp_path):
+def test_loss_decreases_and_logs(store_root, tmp_path):
     experiment = make_experiment(
-        tmp_path, epochs=None, max_steps=30, optimizer={"lr": 1e-2}, loss="mse", augment=False
+        tmp_path,
+        store=store_root,
+        epochs=None,
+        max_steps=30,
+        optimizer={"lr": 1e-2},
+        loss="mse",
+        augment=False,
     )
     summary = run_training(experiment)
     assert summary["stop_reason"] == "max_steps" and summary["steps"] == 30
@@ -414,16 +367,17 @@ def test_loss_decreases_and_logs(tmp_path):
 
 
 @pytest.mark.parametrize("stop_at", [4, 6])  # mid-epoch, and at an epoch end (3 steps/epoch)
-def test_resume_continues_exactly(tmp_path, stop_at):
-    uninterrupted = run_training(make_experiment(tmp_path, run="whole"))
+def test_resume_continues_exactly(store_root, tmp_path, stop_at):
+    uninterrupted = run_training(make_experiment(tmp_path, store=store_root, run="whole"))
     first = run_training(
-        make_experiment(tmp_path, run="split"), stop_requested=lambda step: step == stop_at
+        make_experiment(tmp_path, store=store_root, run="split"),
+        stop_requested=lambda step: step == stop_at,
     )
     assert first["stop_reason"] == "stop_requested" and first["steps"] == stop_at
     stopped = load_checkpoint(checkpoint_path(tmp_path / "split"))
     assert (stopped["epoch"], stopped["batch_index"]) == divmod(stop_at, 3)
 
-    resumed = run_training(make_experiment(tmp_path, run="split"), resume=True)
+    resumed = run_training(make_experiment(tmp_path, store=store_root, run="split"), resume=True)
     assert resumed["steps"] == uninterrupted["steps"] == 9
     whole = load_checkpoint(checkpoint_path(tmp_path / "whole"))
     split = load_checkpoint(checkpoint_path(tmp_path / "split"))
@@ -441,39 +395,50 @@ def test_resume_continues_exactly(tmp_path, stop_at):
     )
 
 
-def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path):
-    summary = run_training(make_experiment(tmp_path, max_minutes=1e-9))
+def test_time_budget_stops_cleanly_with_a_checkpoint(store_root, tmp_path):
+    summary = run_training(make_experiment(tmp_path, store=store_root, max_minutes=1e-9))
     assert summary["stop_reason"] == "time_budget" and summary["steps"] == 1
     checkpoint = load_checkpoint(checkpoint_path(tmp_path / "run"))
     assert (checkpoint["step"], checkpoint["epoch"], checkpoint["batch_index"]) == (1, 0, 1)
     with pytest.raises(FileExistsError, match="--resume"):
-        run_training(make_experiment(tmp_path))
+        run_training(make_experiment(tmp_path, store=store_root))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(store_root, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    run_training(make_experiment(tmp_path, epochs=1))
+    run_training(make_experiment(tmp_path, store=store_root, epochs=1))
     last_path, best_path = checkpoint_path(run_dir), checkpoint_path(run_dir, "best")
     good_last, good_best = load_checkpoint(last_path), load_checkpoint(best_path)
     assert good_last["step"] == 3
 
     # Checkpoint after every step: a loop that saved before checking would overwrite last.pt.
-    experiment = make_experiment(tmp_path, epochs=2, checkpoint_every=1)
+    experiment = make_experiment(tmp_path, store=store_root, epochs=2, checkpoint_every=1)
     with pytest.raises(TrainingDivergedError, match="step 4: loss is nan") as error:
-        run_training(experiment, resume=True, data_module=FakePatchData(poison=True))
+        # A loss that turns NaN (as it would on poisoned data), from the resumed step on.
+        monkeypatch.setattr(
+            train_module,
+            "build_loss",
+            lambda *args: lambda prediction, *rest: prediction.sum() * math.nan,
+        )
+        run_training(experiment, resume=True)
     assert error.value.step == 4 and str(last_path) in str(error.value)
     assert_same_tensors(load_checkpoint(last_path)["model_state"], good_last["model_state"])
     assert_same_tensors(load_checkpoint(best_path)["model_state"], good_best["model_state"])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
 
-def test_checkpoint_round_trip_with_weights_only(tmp_path):
+def test_checkpoint_round_trip_with_weights_only(store_root, tmp_path):
     run_dir = tmp_path / "run"
-    run_training(make_experiment(tmp_path, epochs=1, schedule="plateau", loss="mse+mae"))
+    run_training(
+        make_experiment(tmp_path, store=store_root, epochs=1, schedule="plateau", loss="mse+mae")
+    )
     path = checkpoint_path(run_dir)
     checkpoint = torch.load(path, weights_only=True)
     assert set(CHECKPOINT_KEYS) <= set(checkpoint)
-    assert checkpoint["normalization"] == NORMALIZATION
+    assert (
+        checkpoint["normalization"]
+        == store_info(make_experiment(store_root).patch_store)["normalization"]
+    )
     assert (checkpoint["n_input_frames"], checkpoint["n_target_frames"]) == (N_INPUT, N_TARGET)
     assert checkpoint["timestep_minutes"] == 10
     assert checkpoint["config"]["loss"] == "mse+mae"
@@ -511,7 +476,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, root: Path) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, root: Path, store: Path) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -528,18 +493,18 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: Path) -> None:
         return built[-1]
 
     train_module.build_model = keep_model  # this process only: to read its final weights
-    summary = run_training(make_experiment(root, epochs=2, checkpoint_every=1))
+    summary = run_training(make_experiment(root, store=store, epochs=2, checkpoint_every=1))
     torch.save({"summary": summary, "state": built[0].state_dict()}, root / f"rank{rank}.pt")
 
 
-def test_ddp_two_processes_gloo(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+def test_ddp_two_processes_gloo(store_root, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), tmp_path, store_root), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert_same_tensors(results[1]["state"], results[0]["state"])
     summaries = [result["summary"] for result in results]
     assert [s["world_size"] for s in summaries] == [2, 2]
-    # 12 samples over 2 ranks with batches of 4: 1 step per epoch.
-    assert [s["steps"] for s in summaries] == [2, 2]
+    # 12 samples over 2 ranks: 6 each, in batches of 4 and 2, so 2 steps per epoch.
+    assert [s["steps"] for s in summaries] == [4, 4]
     assert summaries[0]["checkpoints_written"] > 0 and summaries[1]["checkpoints_written"] == 0
     assert summaries[0]["val"] == summaries[1]["val"]  # reduced over both shards
     checkpoint = load_checkpoint(checkpoint_path(tmp_path / "run"))
