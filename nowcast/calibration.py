@@ -21,17 +21,15 @@ calibration files existed, with a ``calibration`` key, is read as if it were a c
 from __future__ import annotations
 
 import json
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .checkpoint import load_checkpoint
 from .config import ConfigError
 from .experiment import ExperimentConfig, load_experiment
-from .nowcasts.isotonic import apply_calibration, fit_isotonic
+from .nowcasts.isotonic import CALIBRATION_KIND, apply_calibration, fit_isotonic, load_calibration
 from .nowcasts.model import ModelNowcast
 from .nowcasts.utils import window_inputs
 from .patch_store import PatchStore
@@ -51,8 +49,6 @@ __all__ = [
 MAX_PAIRS_PER_WINDOW = 50_000
 #: File name of a calibration in the run folder.
 CALIBRATION_FILE = "calibration.json"
-#: ``kind`` of a calibration file.
-CALIBRATION_KIND = "nowcast-isotonic-calibration"
 
 
 def calibration_path(experiment: ExperimentConfig) -> Path:
@@ -132,49 +128,3 @@ def calibrate(
     atomic_write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(payload)))
     keys = ("checkpoint", "checkpoint_sha256", "n_windows", "n_pairs")
     return {"path": str(path), **{key: payload[key] for key in keys}}
-
-
-def load_calibration(path: str | Path, checkpoint: str | Path) -> list[dict]:
-    """The curves of a calibration file, checked against the checkpoint they calibrate.
-
-    Parameters
-    ----------
-    path : str or Path
-        A file written by :func:`calibrate`, or a legacy checkpoint with a ``calibration`` key.
-    checkpoint : str or Path
-        The checkpoint the curves are applied to.
-
-    Raises
-    ------
-    ConfigError
-        If the file is missing or not a calibration, or was fitted on another checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"calibration file not found: {path}; run `nowcast calibrate CONFIG`")
-    if path.suffix == ".pt":
-        curves = load_checkpoint(path).get("calibration")
-        if not curves:
-            raise ConfigError(f"{path}: a checkpoint without a calibration is no calibration file")
-        warnings.warn(
-            f"{path}: a calibration stored in a checkpoint is deprecated; `nowcast calibrate` "
-            "writes a separate calibration file",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        fitted_on = file_sha256(path)
-    else:
-        try:
-            payload = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{path}: not a calibration file ({err})") from None
-        if not isinstance(payload, dict) or payload.get("kind") != CALIBRATION_KIND:
-            raise ConfigError(f"{path}: not a calibration file (kind is not {CALIBRATION_KIND})")
-        curves, fitted_on = payload["curves"], payload["checkpoint_sha256"]
-    applied_to = file_sha256(checkpoint)
-    if applied_to != fitted_on:
-        raise ConfigError(
-            f"{path} was fitted on checkpoint sha256 {fitted_on[:12]}…, not on {checkpoint} "
-            f"(sha256 {applied_to[:12]}…); run `nowcast calibrate` for this checkpoint"
-        )
-    return curves

@@ -43,10 +43,9 @@ import xarray as xr
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pysteps.postprocessing.probmatching import nonparam_match_empirical_cdf
 
-from nowcast.calibration import load_calibration
 from nowcast.config import ConfigError, StrictModel, format_validation_error
 from nowcast.nowcasts.interface import registered_methods
-from nowcast.nowcasts.isotonic import apply_calibration
+from nowcast.nowcasts.isotonic import apply_calibration, load_calibration
 
 #: Rain rate (mm/h) above which a pixel is wet for the ``mean`` matching (the dB threshold of
 #: the pysteps baselines, see :data:`nowcast.nowcasts.extrapolation.DB_THRESHOLD`).
