@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from nowcast import __version__
+from nowcast.io.cube import cube_pixel_size, open_cube
 from nowcast.models import build_model
 from nowcast.storage import atomic_write_file
 
@@ -269,8 +270,6 @@ def training_pixel_sizes(cube_paths: Mapping[str, str]) -> dict[str, float]:
     dict
         Source name to pixel size (metres); a cube that cannot be opened is left out.
     """
-    from nowcast.io.cube import cube_pixel_size, open_cube
-
     sizes = {}
     for source, path in dict(cube_paths or {}).items():
         try:

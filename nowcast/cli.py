@@ -1,4 +1,8 @@
-"""The ``nowcast`` command line: one command per pipeline stage, named like its Make target."""
+"""The ``nowcast`` command line: one command per pipeline stage, named like its Make target.
+
+Each command imports its stage inside the function (start-up time): the stages bring torch,
+pysteps, xarray and Dask, and ``nowcast --help`` or a one-stage command should not load them all.
+"""
 
 from __future__ import annotations
 

@@ -26,6 +26,10 @@ from .config import ConfigError, StrictModel
 from .experiment import ExperimentConfig, load_experiment, stage_config
 from .forecast import FORECAST_ATTRS, forecast_crs
 from .io.cube import crs_variable, latlon_grid
+from .nowcasts import get_method
+from .nowcasts.utils import window_inputs
+from .nowcasts.variants import base_methods, check_method_names, forecast_variants, parse_variants
+from .patch_store import PatchStore
 from .storage import atomic_write_file, file_sha256
 from .windows import on_time_grid
 
@@ -321,16 +325,6 @@ def experiment_forecasts(
     provenance : dict
         ``checkpoint_sha256`` when a model made forecasts.
     """
-    from .nowcasts import get_method
-    from .nowcasts.utils import window_inputs
-    from .nowcasts.variants import (
-        base_methods,
-        check_method_names,
-        forecast_variants,
-        parse_variants,
-    )
-    from .patch_store import PatchStore
-
     store = PatchStore.open(experiment.patch_store)
     windows = store.windows(settings.split)
     if windows.empty:

@@ -15,7 +15,7 @@ import numpy as np
 from pysteps import extrapolation
 from scipy.ndimage import map_coordinates
 
-from .nowcasts.extrapolation import motion_field
+from .motion import motion_field
 
 __all__ = [
     "motion_field",

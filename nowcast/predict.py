@@ -17,9 +17,14 @@ import xarray as xr
 
 from .catalog import FrameRef, frame_path, plan_frames
 from .config import Catalog, ConfigError, load_catalog
+from .export import write_forecast_netcdf
+from .ingest import read_frame_status, source_grid
 from .io.cube import build_cube, cube_path, open_cube
+from .nowcasts import get_method
 from .nowcasts.utils import cube_inputs
+from .nowcasts.variants import base_methods, check_method_names, forecast_variants, parse_variants
 from .storage import file_sha256
+from .visualization import plot_forecast_panels
 from .windows import cube_timestep, input_times, stride_note
 
 
@@ -80,8 +85,6 @@ def inputs_from_files(
     catalog: Catalog, source_name: str, at: datetime | None, n_input_frames: int, timestep: int
 ) -> xr.DataArray:
     """Read the input frames straight from the raw files of a catalog source."""
-    from .ingest import read_frame_status, source_grid
-
     source = catalog[source_name]
     if at is None:
         # The segment plan lists only the stretches with data: an archive of events months apart
@@ -164,16 +167,6 @@ def predict(
     -------
     PredictResult
     """
-    from .export import write_forecast_netcdf
-    from .nowcasts import get_method
-    from .nowcasts.variants import (
-        base_methods,
-        check_method_names,
-        forecast_variants,
-        parse_variants,
-    )
-    from .visualization import plot_forecast_panels
-
     variants = parse_variants(forecast_methods)
     name = method.lower()
     check_method_names([name], variants, "predict --method")

@@ -25,10 +25,12 @@ import xarray as xr
 
 from nowcast import storage
 from nowcast import windows as window_rules
+from nowcast.catalog import plan_frames
 from nowcast.checkpoint import PRETRAINED_CHECKPOINT, load_checkpoint
 from nowcast.config import Catalog, ConfigError, load_catalog
 from nowcast.evaluate import EvaluateConfig, plan_evaluation, score_and_write
 from nowcast.experiment import ExperimentConfig
+from nowcast.ingest import ingest, source_grid
 from nowcast.io.cube import cube_path, cube_pixel_size, open_cube
 
 #: Methods scored by ``nowcast evaluate --source``.
@@ -59,8 +61,6 @@ def ensure_cube(
     path = cube_path(cube_dir, source)
     if storage.exists(path):
         return path
-    from nowcast.ingest import ingest
-
     print(f"{source}: no cube at {path}; ingesting it first (as `nowcast ingest {source}`)")
     return ingest(source, cube_dir, catalog=catalog, scheduler=scheduler, progress=progress).path
 
@@ -100,9 +100,6 @@ def source_windows(
 
 def _raw_pixel_size(source_name: str, catalog: Catalog) -> float | None:
     # The grid of one raw file of the source (the first one present).
-    from nowcast.catalog import plan_frames
-    from nowcast.ingest import source_grid
-
     source = catalog[source_name]
     plan = plan_frames(source)
     present = [f for f, ok in zip(plan.frames, plan.present, strict=True) if ok]

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from nowcast import nowcasts as forecast_methods
+from nowcast import visualization
 from nowcast.config import ConfigError
 from nowcast.evaluate.scoring import observed_frames, run_methods
 from nowcast.evaluate.setup import EvaluateConfig, ForecastSetup, Window, WindowScores
@@ -28,8 +29,6 @@ def draw_figures(
     animation_method: str,
 ) -> dict[str, list[str]]:
     """Score curves, map panels and an animation per source; paths relative to ``folder``."""
-    from nowcast import visualization
-
     figure_dir = folder / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, list[str]] = {}

@@ -23,11 +23,13 @@ from nowcast.evaluate.tables import DRY_RAIN, FALSE_ALARM_RAIN, MASKED_FAMILIES,
 from nowcast.experiment import ExperimentConfig, stage_config
 from nowcast.forecast import make_forecast
 from nowcast.io.cube import cube_path, open_cube
-from nowcast.nowcasts.extrapolation import motion_field
+from nowcast.motion import motion_field
 from nowcast.nowcasts.variants import (
     base_methods,
     forecast_variants,
 )
+from nowcast.patch_store import PatchStore
+from nowcast.patches import PatchesConfig
 from nowcast.verification import (
     ScoreAccumulator,
 )
@@ -45,8 +47,6 @@ def store_windows(path: str, split: str) -> tuple[pd.DataFrame, dict]:
         A table (source, cube_path, reference_time) and ``{"n_input_frames", "n_target_frames",
         "timestep_minutes", "normalization"}``.
     """
-    from nowcast.patch_store import PatchStore
-
     store = PatchStore.open(path)
     table = store.windows(split)
     table["source"] = table["source"].astype(str)
@@ -67,8 +67,6 @@ def cube_windows(experiment: ExperimentConfig, split: str) -> tuple[pd.DataFrame
     and :mod:`nowcast.windows`, which the patch builder uses too, so the windows are those the
     store would hold.
     """
-    from nowcast.patches import PatchesConfig
-
     patches_config = stage_config(experiment, "patches", PatchesConfig)
     timelines = []
     for source in experiment.sources:
@@ -290,8 +288,6 @@ def score_store_patches(
     on the patch alone, as the network saw it in training; each patch counts as one start. At
     most ``max_patches``, evenly spread over the split's patches.
     """
-    from nowcast.patch_store import PatchStore
-
     store = PatchStore.open(store)
     transform, params = store.transform()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from nowcast import __version__, storage
+from nowcast.checkpoint import load_checkpoint
 from nowcast.config import ConfigError
 from nowcast.evaluate.figures import draw_figures
 from nowcast.evaluate.report import report_text
@@ -24,8 +25,8 @@ from nowcast.evaluate.setup import EVALUATION_DIR, EvaluateConfig, ForecastSetup
 from nowcast.evaluate.tables import METRIC_COLUMNS, differences_table, metrics_table, stack_starts
 from nowcast.experiment import ExperimentConfig, load_experiment, stage_config
 from nowcast.io.cube import open_cube
+from nowcast.motion import N_MOTION_FRAMES
 from nowcast.nowcasts import uses_motion
-from nowcast.nowcasts.extrapolation import N_MOTION_FRAMES
 from nowcast.nowcasts.variants import (
     base_methods,
     check_method_names,
@@ -71,8 +72,6 @@ def resolve_methods(
 
 
 def _check_model(checkpoint: str, info: dict, n_leadtimes: int) -> None:
-    from nowcast.checkpoint import load_checkpoint
-
     meta = load_checkpoint(checkpoint)
     problems = []
     if int(meta["timestep_minutes"]) != info["timestep_minutes"]:

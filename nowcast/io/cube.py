@@ -16,6 +16,7 @@ import xarray as xr
 
 from .. import __version__
 from ..config import ConfigError
+from ..storage import exists, filesystem
 from .radar import Grid
 
 RAIN_RATE_ATTRS = {
@@ -201,8 +202,6 @@ def open_cube(path: str, chunks: dict | str | None = None) -> xr.Dataset:
     ConfigError
         If nothing is at ``path`` or it is not a nowcast cube.
     """
-    from ..storage import exists
-
     if not exists(path):
         raise ConfigError(f"no cube at {path}: run `nowcast ingest SOURCE` first")
     with warnings.catch_warnings():
@@ -283,8 +282,6 @@ def stored_time_chunks(path: str, n_time_chunks: int) -> list[str]:
 
     Chunks that hold only NaN are not stored, so the listing is of what exists.
     """
-    from ..storage import filesystem
-
     array = _rain_rate_array(path, mode="r")
     n_y, n_x = array.cdata_shape[1:]
     wanted = {

@@ -19,7 +19,9 @@ import xarray as xr
 from torch import nn
 
 from nowcast import transforms
+from nowcast.checkpoint import load_model
 from nowcast.devices import resolve_device
+from nowcast.lagrangian import inputs_to_lagrangian, motion_field, outputs_from_lagrangian
 from nowcast.nowcasts.isotonic import apply_calibration
 from nowcast.nowcasts.utils import check_inputs, input_timestep, to_forecast
 from nowcast.windows import counted_back, frame_stride, stride_note
@@ -81,8 +83,6 @@ class ModelNowcast:
             raise ValueError("give either a checkpoint path or an in-memory model")
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         if checkpoint is not None:
-            from nowcast.checkpoint import load_model
-
             model, meta = load_model(checkpoint, self.device)
             normalization = meta["normalization"]
             n_input_frames = meta["n_input_frames"]
@@ -138,8 +138,6 @@ class ModelNowcast:
         params = self.normalization["params"]
         rain_rate = np.clip(np.asarray(rain_rate, dtype=np.float32), 0.0, None)
         if self.frame == "lagrangian":
-            from nowcast.lagrangian import inputs_to_lagrangian, motion_field
-
             if velocity is None:
                 velocity = motion_field(rain_rate)
             no_data = ~np.isfinite(rain_rate)
@@ -153,8 +151,6 @@ class ModelNowcast:
             rain = self.transform.inverse(prediction, params)
         rain = torch.clamp(rain, min=0.0).cpu().numpy().astype(np.float32)
         if self.frame == "lagrangian":
-            from nowcast.lagrangian import outputs_from_lagrangian
-
             rain = outputs_from_lagrangian(rain, velocity).astype(np.float32)
         if self.calibration:
             rain = apply_calibration(rain, self.calibration)

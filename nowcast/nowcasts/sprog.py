@@ -16,7 +16,7 @@ import xarray as xr
 from pysteps.nowcasts import sprog as pysteps_sprog
 from pysteps.utils.transformation import dB_transform
 
-from nowcast.nowcasts.extrapolation import (
+from nowcast.motion import (
     DB_THRESHOLD,
     DB_ZEROVALUE,
     N_MOTION_FRAMES,

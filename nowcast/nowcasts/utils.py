@@ -6,6 +6,7 @@ import numpy as np
 import xarray as xr
 
 from nowcast.forecast import make_forecast
+from nowcast.io.cube import cube_path, open_cube
 from nowcast.windows import cube_time_indices, input_times
 
 
@@ -156,8 +157,6 @@ def window_inputs(cube_dir: str, windows, n_input_frames: int, timestep_minutes:
     Each source's cube is opened once (``windows`` has ``source`` and ``reference_time``
     columns, as :func:`nowcast.patches.evaluation_windows` returns).
     """
-    from nowcast.io.cube import cube_path, open_cube
-
     cubes = {}
     for window in windows.itertuples():
         if window.source not in cubes:

@@ -190,7 +190,8 @@ class PatchStore:
         then each frame of each sample reads the box its displaced points fall in, which is
         about the patch, somewhere within ``margin`` pixels of it.
         """
-        # torch only here: the store's tables and Eulerian samples do not need it.
+        # torch only here (start-up time): the store's tables and Eulerian samples do not
+        # need it.
         import torch
 
         from .. import warp

@@ -12,6 +12,7 @@ import xarray as xr
 import zarr
 
 from .. import windows as window_rules
+from ..parallel import show_progress
 from ..windows import SPLITS
 from .layout import (
     FRAMES_GROUP,
@@ -40,6 +41,8 @@ def window_motions(
     The motion is :func:`nowcast.lagrangian.motion_field` of the full-resolution input frames,
     as at forecast time; one window's frames and full motion are in memory at a time.
     """
+    # Lazy (start-up time): nowcast.lagrangian brings pysteps and torch, which an Eulerian
+    # build and the Dask workers reading its frames never need.
     from ..lagrangian import coarse_motion, motion_field
 
     with quiet_zarr():
@@ -158,7 +161,7 @@ def _lazy_motion(plan, starts: np.ndarray, stride: int, n_input: int):
     import dask
     import dask.array as da
 
-    from ..lagrangian import coarse_grid_shape
+    from ..lagrangian import coarse_grid_shape  # lazy: pysteps and torch (see above)
 
     shape = coarse_grid_shape(plan.rain_rate.shape[1:], stride)
     cube_starts = plan.timeline.cube_index[starts]
@@ -250,8 +253,6 @@ def write_store(content: StoreContent, path: str, client, progress: bool) -> Non
     memory is bounded by a shard whatever the archive length), then the Lagrangian ``margin``
     from the largest motion written.
     """
-    from ..parallel import show_progress
-
     with quiet_zarr():
         content.root.to_zarr(path, mode="w", consolidated=False, zarr_format=3)
         writes, speeds = [], []
