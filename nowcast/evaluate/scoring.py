@@ -270,10 +270,16 @@ def score_window(window: Window, setup: ForecastSetup) -> WindowScores:
         setup.thresholds,
         setup.scales,
     )
+    return WindowScores(window, accumulators, *observed_fractions(observed))
+
+
+def observed_fractions(observed: np.ndarray) -> tuple[float, float]:
+    """The wet share of the valid observed pixels (>= :data:`MAP_RAIN_THRESHOLD`) and the
+    valid share of all pixels."""
     finite = np.isfinite(observed)
     n_valid = int(finite.sum())
     wet = int(np.count_nonzero(observed[finite] >= MAP_RAIN_THRESHOLD))
-    return WindowScores(window, accumulators, wet / max(n_valid, 1), n_valid / observed.size)
+    return wet / max(n_valid, 1), n_valid / observed.size
 
 
 # patches
@@ -331,6 +337,8 @@ def score_store_patches(
             setup.thresholds,
             setup.scales,
         )
-        window = Window(str(sample["source"].values), "", reference)
-        results.append(WindowScores(window, accumulators, 0.0, 1.0))
+        source = str(sample["source"].values)
+        window = Window(source, store.cube_paths[source], reference)
+        fractions = observed_fractions(observed[: setup.n_leadtimes])
+        results.append(WindowScores(window, accumulators, *fractions))
     return stack_starts(results, setup.methods)
