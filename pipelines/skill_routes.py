@@ -353,6 +353,29 @@ def target_lines(result: dict) -> list[str]:
     return lines
 
 
+def targets_met(result: dict, model: str, method: str) -> int:
+    """How many targets (of :func:`all_targets`) a checkpoint's route meets on the test data."""
+    tables = _tables(result["models"][model])
+    return sum(t["met"] for t in all_targets(tables["test"], tables["zero_shot"], method))
+
+
+def shipping_lines(result: dict) -> list[str]:
+    """The shipping rule, applied: a new default only if it meets more targets."""
+    selected, default = tuple(result["selected"]), tuple(result["default"])
+    new, old = targets_met(result, *selected), targets_met(result, *default)
+    verdict = (
+        "it meets more, so it would replace the default"
+        if new > old
+        else "it does not meet more, so the pretrained default stays"
+    )
+    return [
+        f"Shipping rule: the route selected on validation, `{selected[0]}` / `{selected[1]}`, "
+        f"meets {new} targets on the test data; the default `{default[0]}` / `{default[1]}` "
+        f"meets {old}; {verdict}.",
+        "",
+    ]
+
+
 def route_row(model: str, method: str, model_result: dict, selected: bool) -> list[str]:
     """One row of the route table."""
     tables = _tables(model_result)
@@ -445,6 +468,7 @@ def routes_section(result: dict) -> list[str]:
         "",
         "### Targets",
         "",
+        *shipping_lines(result),
         *target_lines(result),
         *[f"![{Path(f).stem}]({f})" for f in result["models"][model]["figures"]],
         "",
