@@ -153,6 +153,11 @@ def run_routes(config: str = ROUTES_CONFIG, models: dict | None = None) -> dict:
     candidates = [(model, r["best_route"]) for model, r in results.items()]
     val = {model: pd.read_csv(REPO / r["metrics"]["val"]) for model, r in results.items()}
     selected = select_route(val, candidates)
+    for model, model_result in results.items():
+        if model != selected[0]:  # only the selected checkpoint's figures are shown
+            for figure in model_result["figures"]:
+                (REPO / "docs" / figure).unlink(missing_ok=True)
+            model_result["figures"] = []
     return {
         "config": config,
         "command": "python -m pipelines.skill --routes",
