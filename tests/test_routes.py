@@ -87,3 +87,28 @@ def test_selection_prefers_more_targets_met():
     )
     table = table.drop_duplicates(subset=["method", "score", "threshold", "lead_time"])
     assert select_route({"a": table}, [("a", "route"), ("a", "blurry")]) == ("a", "route")
+
+
+def test_shipping_rule_needs_more_targets_than_the_default(tmp_path):
+    from pipelines.skill_routes import shipping_lines, targets_met
+
+    good, plain = _table(0.6, 1.1, [0.01] * 6), _table(0.45, 1.3, [0.03] * 6)
+    paths = {}
+    for name, table in (("good", good), ("plain", plain)):
+        paths[name] = tmp_path / f"{name}.csv"
+        table.to_csv(paths[name], index=False)
+
+    def model(path):
+        return {"metrics": {"test": str(path), "zero_shot": str(path)}}
+
+    result = {
+        "models": {"new": model(paths["good"]), "old": model(paths["plain"])},
+        "selected": ["new", "route"],
+        "default": ["old", "route"],
+    }
+    # The good table meets the 7 BoM targets, the 3 zero-shot ones and both moonshot targets.
+    assert targets_met(result, "new", "route") == 12
+    assert targets_met(result, "old", "route") == 1  # only MSE
+    assert "it meets more, so it would replace the default" in shipping_lines(result)[0]
+    result["selected"] = ["old", "route"]
+    assert "does not meet more, so the pretrained default stays" in shipping_lines(result)[0]
