@@ -21,6 +21,17 @@ def _data_root() -> Path:
     return Path(root)
 
 
+@pytest.fixture
+def single_torch_thread():
+    """One torch thread for the test (exact, comparable numbers; no oversubscription)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The pysteps sample data; a test that needs it fails if it is missing (CI=true or not)."""

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from conftest import synthetic_catalog
 from pysteps.verification.detcatscores import det_cat_fct
 from pysteps.verification.detcontscores import det_cont_fct
@@ -51,12 +50,7 @@ EVALUATE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def synthetic_experiment(root: Path, **evaluate) -> ExperimentConfig:

@@ -31,12 +31,7 @@ TINY_KWARGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def moving_blobs(batch: int, n_frames: int, height: int, width: int, seed: int = 0):

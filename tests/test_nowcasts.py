@@ -38,12 +38,7 @@ def frames() -> xr.DataArray:
     return synthetic_frames(10)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_registry_lists_methods_for_unknown_name():

@@ -41,12 +41,7 @@ LOG1P = transforms.get_method("log1p")
 NORMALIZATION = {"scale": math.log1p(MAX_RAIN_RATE)}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # ---- a tiny real patch store ---------------------------------------------------------------

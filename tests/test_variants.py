@@ -153,7 +153,9 @@ def test_evaluate_scores_a_variant_from_its_base_forecast(cube_root, tmp_path):
     payload = json.loads(Path(outputs["metrics_json"]).read_text())
     assert payload["forecast_methods"]["persistence_cdf"]["postprocess"]["method"] == "cdf"
     report = Path(outputs["report"]).read_text()
-    assert '- `persistence_cdf`: `{"method": "persistence", "postprocess": {"method": "cdf"' in report
+    assert (
+        '- `persistence_cdf`: `{"method": "persistence", "postprocess": {"method": "cdf"' in report
+    )
     metrics = pd.read_csv(outputs["metrics_csv"])
     assert set(metrics["method"]) == {"persistence", "persistence_cdf"}
     # CDF matching persistence to its own last frame changes nothing but ties: same MSE.

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import xarray as xr
 from conftest import REPO, synthetic_catalog
 from test_predict import residual_checkpoint
@@ -25,12 +24,7 @@ from nowcast.zeroshot import evaluate_source, training_pixel_size
 N_INPUT, N_TARGET = 3, 2
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def five_minute_catalog(**kwargs) -> Catalog:
@@ -149,22 +143,27 @@ def test_predict_on_a_five_minute_source_with_a_ten_minute_model(tmp_path):
 # evaluate --source
 
 
-def test_evaluate_source_on_a_synthetic_five_minute_source(tmp_path, capsys):
-    catalog = five_minute_catalog(n_frames=16)
+def evaluate_five_minute_source(tmp_path: Path, **kwargs) -> dict:
+    """evaluate_source on the 5-minute synthetic source, starts 00:25 .. 00:50, to ``zero/``."""
     checkpoint = residual_checkpoint(tmp_path / "model.pt", n_input=N_INPUT, n_target=N_TARGET)
-    out = tmp_path / "zero"
-    outputs = evaluate_source(
+    return evaluate_source(
         "synthetic",
-        catalog=catalog,
+        catalog=five_minute_catalog(n_frames=16),
         checkpoint=checkpoint,
         start=pd.Timestamp("2000-01-01T00:25").to_pydatetime(),
         end=pd.Timestamp("2000-01-01T00:50").to_pydatetime(),
-        out_dir=out,
+        out_dir=tmp_path / "zero",
         cube_dir=str(tmp_path / "cubes"),
         scheduler="threads",
         progress=False,
         figures=False,
+        **kwargs,
     )
+
+
+def test_evaluate_source_on_a_synthetic_five_minute_source(tmp_path, capsys):
+    out = tmp_path / "zero"
+    outputs = evaluate_five_minute_source(tmp_path)
     printed = capsys.readouterr().out
     assert "ingesting it first" in printed  # no cube yet
     assert "every 2nd frame counted back" in printed
@@ -284,22 +283,8 @@ def test_pretrained_model_zero_shot_on_fmi_2016(catalog, tmp_path):
 
 
 def test_evaluate_source_thins_starts_with_window_stride(tmp_path):
-    catalog = five_minute_catalog(n_frames=16)
-    checkpoint = residual_checkpoint(tmp_path / "model.pt", n_input=N_INPUT, n_target=N_TARGET)
     out = tmp_path / "zero"
-    evaluate_source(
-        "synthetic",
-        catalog=catalog,
-        checkpoint=checkpoint,
-        start=pd.Timestamp("2000-01-01T00:25").to_pydatetime(),
-        end=pd.Timestamp("2000-01-01T00:50").to_pydatetime(),
-        out_dir=out,
-        cube_dir=str(tmp_path / "cubes"),
-        scheduler="threads",
-        progress=False,
-        figures=False,
-        window_stride=2,
-    )
+    evaluate_five_minute_source(tmp_path, window_stride=2)
     info = json.loads((out / "metrics.json").read_text())["sources"]["synthetic"]
     # Every second of the six 5-minute starts 00:25 .. 00:50.
     assert info["reference_times"] == [f"2000-01-01T00:{m}:00" for m in ("25", "35", "45")]
