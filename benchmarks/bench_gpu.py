@@ -79,12 +79,11 @@ import torch
 import yaml
 
 from benchmarks.common import RESULTS
-from nowcast import losses, transforms
+from nowcast import transforms
 from nowcast.models import build_model, count_parameters, forward_flops
 from nowcast.train import (
     StepParts,
     TrainConfig,
-    build_loss,
     build_optimizer,
     configure_backends,
     resolve_amp_dtype,
@@ -210,19 +209,16 @@ def time_training_variant(
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, train_config, device)
     amp_dtype = amp_dtype_for(device) if variant.amp else None
-    needs_rain_rate = train_config.loss in losses.RAIN_RATE_LOSSES
-    log1p = transforms.get_method("log1p")
     # The training loop's own step (nowcast.train.train_step), not a copy of it.
-    parts = StepParts(
-        model=torch.compile(model) if variant.compile else model,
-        raw_model=model,
-        optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        loss_fn=build_loss(train_config, log1p, LOG1P_PARAMS, device),
-        device=device,
-        amp_dtype=amp_dtype,
-        grad_clip=train_config.grad_clip,
-        rain_rate=(lambda t: log1p.inverse(t, LOG1P_PARAMS)) if needs_rain_rate else None,
+    parts = StepParts.for_config(
+        model,
+        optimizer,
+        train_config,
+        transforms.get_method("log1p"),
+        LOG1P_PARAMS,
+        device,
+        amp_dtype,
+        compiled=torch.compile(model) if variant.compile else model,
     )
 
     generator = torch.Generator(device="cpu").manual_seed(0)

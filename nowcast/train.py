@@ -41,7 +41,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from nowcast import dataset as data
-from nowcast import losses
 from nowcast.checkpoint import (
     BEST,
     LAST,
@@ -205,18 +204,15 @@ def build_run(
         raw_model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(raw_model, config, device)
     step_scheduler, plateau = build_schedulers(optimizer, config, total_steps)
-    needs_rain_rate = config.loss in losses.RAIN_RATE_LOSSES
-    parts = StepParts(
-        model=raw_model,
-        raw_model=raw_model,
-        optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        loss_fn=build_loss(config, transform, normalization, device),
-        device=device,
-        amp_dtype=amp_dtype,
-        grad_clip=config.grad_clip,
+    parts = StepParts.for_config(
+        raw_model,
+        optimizer,
+        config,
+        transform,
+        normalization,
+        device,
+        amp_dtype,
         scheduler=step_scheduler,
-        rain_rate=(lambda t: transform.inverse(t, normalization)) if needs_rain_rate else None,
         distributed=distributed,
     )
     run_dir = Path(experiment.run_path)

@@ -30,6 +30,7 @@ from nowcast.config import Catalog, ConfigError, SourceConfig
 from nowcast.dataset import store_info
 from nowcast.experiment import ExperimentConfig
 from nowcast.train import TrainingDivergedError, train
+from nowcast.training import step as step_module
 
 N_INPUT, N_TARGET, SIZE = 3, 2, 32
 TINY_MODEL = {
@@ -411,7 +412,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(store_root, tmp_path, mon
     with pytest.raises(TrainingDivergedError, match="step 4: loss is nan") as error:
         # A loss that turns NaN (as it would on poisoned data), from the resumed step on.
         monkeypatch.setattr(
-            train_module,
+            step_module,
             "build_loss",
             lambda *args: lambda prediction, *rest: prediction.sum() * math.nan,
         )

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from nowcast import losses
 from nowcast.training.config import TrainConfig, TrainingDivergedError
-from nowcast.training.setup import agree, global_mean
+from nowcast.training.setup import agree, build_loss, global_mean
 
 
 @dataclasses.dataclass
@@ -46,6 +47,34 @@ class StepParts:
     #: Called with the normalised targets when the loss needs them in mm/h, else None.
     rain_rate: Callable[[torch.Tensor], torch.Tensor] | None = None
     distributed: bool = False
+
+    @classmethod
+    def for_config(
+        cls,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: TrainConfig,
+        transform,
+        normalization: dict,
+        device: torch.device,
+        amp_dtype: torch.dtype | None = None,
+        **options,
+    ) -> StepParts:
+        """The parts of a ``train:`` section: its loss (with the rain rates it needs), gradient
+        clipping and a scaler for fp16; ``options`` are the other fields (e.g. ``scheduler``)."""
+        needs_rain_rate = config.loss in losses.RAIN_RATE_LOSSES
+        return cls(
+            model=options.pop("compiled", model),
+            raw_model=model,
+            optimizer=optimizer,
+            scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+            loss_fn=build_loss(config, transform, normalization, device),
+            device=device,
+            amp_dtype=amp_dtype,
+            grad_clip=config.grad_clip,
+            rain_rate=(lambda t: transform.inverse(t, normalization)) if needs_rain_rate else None,
+            **options,
+        )
 
 
 def train_step(parts: StepParts, inputs, targets, mask, step: int = 0, checkpoint=None) -> float:
