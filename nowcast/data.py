@@ -13,8 +13,7 @@ from pathlib import Path
 import pooch
 
 from .catalog import list_frames
-from .config import Catalog, load_catalog
-from .config import data_root as config_data_root
+from .config import Catalog, data_root, load_catalog
 
 PYSTEPS_DATA_REF = os.environ.get("PYSTEPS_DATA_REF", "eaa59fb")
 BASE_URL = f"https://github.com/pySTEPS/pysteps-data/raw/{PYSTEPS_DATA_REF}/"
@@ -36,11 +35,6 @@ class FetchResult:
             f"sample data in {self.data_root}: {len(self.present)} files verified, "
             f"{len(self.downloaded)} downloaded"
         )
-
-
-def data_root() -> str:
-    """The directory holding the pysteps-data layout (see :func:`nowcast.config.data_root`)."""
-    return str(config_data_root())
 
 
 def sample_files(catalog: Catalog, sources: list[str] | None = None) -> list[str]:
@@ -86,7 +80,7 @@ def fetch_sample_data(
         When a file is missing (or corrupt) locally and cannot be downloaded.
     """
     catalog = catalog or load_catalog()
-    root = data_root()
+    root = str(data_root())
     fetcher = pooch.create(path=root, base_url=BASE_URL, registry=_registry(), retry_if_failed=1)
     result = FetchResult(data_root=root)
     for name in sample_files(catalog, sources):

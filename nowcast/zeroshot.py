@@ -31,7 +31,7 @@ from nowcast.config import Catalog, ConfigError, load_catalog
 from nowcast.evaluate import EvaluateConfig, plan_evaluation, score_and_write
 from nowcast.experiment import ExperimentConfig
 from nowcast.ingest import ingest, source_grid
-from nowcast.io.cube import cube_path, cube_pixel_size, open_cube
+from nowcast.io.cube import cube_path, cube_pixel_size, open_cube, pixel_size
 
 #: Methods scored by ``nowcast evaluate --source``.
 SOURCE_METHODS = ("persistence", "extrapolation", "sprog", "model")
@@ -105,8 +105,8 @@ def _raw_pixel_size(source_name: str, catalog: Catalog) -> float | None:
     present = [f for f, ok in zip(plan.frames, plan.present, strict=True) if ok]
     if not present:
         return None
-    x = np.asarray(source_grid(source, present[:3]).x, dtype=float)
-    return float(abs(x[1] - x[0])) if x.size > 1 else None
+    size = pixel_size(source_grid(source, present[:3]).x)
+    return size if np.isfinite(size) else None
 
 
 def training_pixel_size(meta: dict, catalog: Catalog, cube_dir: str) -> tuple[dict, str]:

@@ -15,6 +15,7 @@ The targets and the route table of ``docs/skill.md`` are computed here from thos
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -324,8 +325,14 @@ def _difference_interval(differences: pd.DataFrame, method: str, threshold: floa
     return "; ".join(cells)
 
 
+@functools.lru_cache(maxsize=64)
+def _read_metrics(path: str) -> pd.DataFrame:
+    # Every row and target of the document reads the same few files: read each once.
+    return pd.read_csv(path)
+
+
 def _tables(model_result: dict) -> dict[str, pd.DataFrame]:
-    return {key: pd.read_csv(REPO / path) for key, path in model_result["metrics"].items()}
+    return {key: _read_metrics(str(REPO / path)) for key, path in model_result["metrics"].items()}
 
 
 def target_lines(result: dict) -> list[str]:

@@ -24,7 +24,7 @@ from nowcast.evaluate.scoring import (
 from nowcast.evaluate.setup import EVALUATION_DIR, EvaluateConfig, ForecastSetup, Window
 from nowcast.evaluate.tables import METRIC_COLUMNS, differences_table, metrics_table, stack_starts
 from nowcast.experiment import ExperimentConfig, load_experiment, stage_config
-from nowcast.io.cube import open_cube
+from nowcast.io.cube import cube_pixel_size, open_cube
 from nowcast.motion import N_MOTION_FRAMES
 from nowcast.nowcasts import uses_motion
 from nowcast.nowcasts.variants import (
@@ -86,11 +86,6 @@ def _check_model(checkpoint: str, info: dict, n_leadtimes: int) -> None:
         problems.append(f"predicts {meta['n_target_frames']} lead times, {n_leadtimes} asked")
     if problems:
         raise ConfigError(f"evaluate: checkpoint {checkpoint} does not fit: {'; '.join(problems)}")
-
-
-def _pixel_size(cube_path_: str) -> float:
-    x = open_cube(cube_path_)["x"].values
-    return float(abs(x[1] - x[0])) if x.size > 1 else float("nan")
 
 
 def _records(table: pd.DataFrame) -> list[dict]:
@@ -280,7 +275,7 @@ def score_and_write(
         path = at_source[0].window.cube_path
         summary["sources"][source] = {
             "cube": path,
-            "pixel_size_m": _pixel_size(path),
+            "pixel_size_m": cube_pixel_size(open_cube(path)),
             "n_windows": len(times),
             "first": pd.Timestamp(times[0]).isoformat(),
             "last": pd.Timestamp(times[-1]).isoformat(),

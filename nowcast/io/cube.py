@@ -214,10 +214,15 @@ def open_cube(path: str, chunks: dict | str | None = None) -> xr.Dataset:
     return ds
 
 
+def pixel_size(x) -> float:
+    """Pixel size in metres from a grid's ``x`` coordinates (NaN for a one-column grid)."""
+    x = np.asarray(x, dtype=float)
+    return float(abs(x[1] - x[0])) if x.size > 1 else float("nan")
+
+
 def cube_pixel_size(ds: xr.Dataset) -> float:
     """Pixel size of a cube in metres (the spacing of ``x``; NaN for a one-column grid)."""
-    x = np.asarray(ds["x"].values, dtype=float)
-    return float(abs(x[1] - x[0])) if x.size > 1 else float("nan")
+    return pixel_size(ds["x"].values)
 
 
 def cube_crs(ds: xr.Dataset) -> pyproj.CRS:
