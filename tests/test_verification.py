@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import warnings
 
+import numba
 import numpy as np
 import pandas as pd
 import pytest
@@ -47,7 +48,7 @@ from nowcast.verification import (
 )
 from nowcast.verification.detcat import DEFAULT_SCORES as CAT_SCORES
 from nowcast.verification.detcat import contingency_counts
-from nowcast.verification.detcont import continuous_sums
+from nowcast.verification.detcont import ContinuousErrors, continuous_sums
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -299,8 +300,8 @@ def test_contingency_counts_equal_per_threshold_counts_with_ties_and_nans(dtype)
 
 
 def test_continuous_sums_of_a_large_float32_frame_match_float64_sums():
-    # 300 x 301 pixels are not a multiple of the 64 rows of the blocked sum, so the remainder
-    # path is used; the tolerance is below what a single float32 accumulator achieves.
+    # Errors are formed in float32, as in det_cont_fct, and summed in float64: float32 errors and
+    # their squares are exact in float64, so the sums agree with float64 sums to rounding.
     rng = np.random.default_rng(12)
     shape = (2, 300, 301)
     observation = np.where(rng.random(shape) < 0.4, rng.gamma(0.6, 8.0, shape), 0.0)
@@ -309,7 +310,6 @@ def test_continuous_sums_of_a_large_float32_frame_match_float64_sums():
     forecast, observation = forecast.astype(np.float32), observation.astype(np.float32)
     sums = continuous_sums(forecast, observation)
     for lead in range(shape[0]):
-        # Errors are formed in the input dtype, as in det_cont_fct; only the sums differ.
         error = (forecast[lead] - observation[lead]).astype(np.float64)
         valid = np.isfinite(error)
         error = error[valid]
@@ -317,16 +317,107 @@ def test_continuous_sums_of_a_large_float32_frame_match_float64_sums():
         assert sums["n"][lead] == valid.sum()
         # The signed errors cancel, so their tolerance scales with the absolute errors.
         np.testing.assert_allclose(
-            sums["sum_error"][lead], error.sum(), rtol=0, atol=1e-8 * np.abs(error).sum()
-        )
-        np.testing.assert_allclose(sums["sum_absolute_error"][lead], np.abs(error).sum(), rtol=1e-6)
-        np.testing.assert_allclose(sums["sum_squared_error"][lead], (error**2).sum(), rtol=1e-6)
-        np.testing.assert_allclose(
-            sums["sum_weighted_absolute_error"][lead], (weights * np.abs(error)).sum(), rtol=1e-6
+            sums["sum_error"][lead], error.sum(), rtol=0, atol=1e-12 * np.abs(error).sum()
         )
         np.testing.assert_allclose(
-            sums["sum_weighted_squared_error"][lead], (weights * error**2).sum(), rtol=1e-6
+            sums["sum_absolute_error"][lead], np.abs(error).sum(), rtol=1e-12
         )
+        np.testing.assert_allclose(sums["sum_squared_error"][lead], (error**2).sum(), rtol=1e-12)
+        np.testing.assert_allclose(
+            sums["sum_weighted_absolute_error"][lead], (weights * np.abs(error)).sum(), rtol=1e-12
+        )
+        np.testing.assert_allclose(
+            sums["sum_weighted_squared_error"][lead], (weights * error**2).sum(), rtol=1e-12
+        )
+
+
+@pytest.fixture
+def two_numba_threads():
+    """Up to two numba threads (the kernels split frames over that many); restored after."""
+    before = numba.get_num_threads()
+    yield min(2, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(before)
+
+
+def test_counts_and_sums_do_not_depend_on_the_number_of_threads(two_numba_threads):
+    # Six frames of 300 x 301 pixels are split over two threads, and 90300 pixels are not a
+    # multiple of the kernel's 512-pixel block.
+    rng = np.random.default_rng(13)
+    shape = (3, 2, 300, 301)
+    observation = np.where(rng.random(shape) < 0.4, rng.gamma(0.6, 8.0, shape), 0.0)
+    forecast = np.where(rng.random(shape) < 0.7, observation, rng.gamma(0.6, 8.0, shape))
+    forecast[0, 1, 100:140] = np.nan
+    observation[2, 0, :, -3:] = np.inf
+    forecast, observation = forecast.astype(np.float32), observation.astype(np.float32)
+    thresholds = [0.1, 1.0, 2.0, 5.0, 10.0]
+    results = {}
+    for n_threads in (1, two_numba_threads):
+        numba.set_num_threads(n_threads)
+        results[n_threads] = (
+            contingency_counts(forecast, observation, thresholds),
+            continuous_sums(forecast, observation),
+        )
+    for one_thread, threads in zip(results[1], results[two_numba_threads], strict=True):
+        for name in one_thread:
+            np.testing.assert_array_equal(threads[name], one_thread[name], err_msg=name)
+    counts = results[1][0]
+    for index in [(0, 1), (2, 0)]:
+        fct, obs = forecast[index], observation[index]
+        valid = np.isfinite(fct) & np.isfinite(obs)
+        for k, threshold in enumerate(thresholds):
+            fct_event, obs_event = fct[valid] > threshold, obs[valid] > threshold
+            assert counts["hits"][index + (k,)] == np.sum(fct_event & obs_event)
+            assert counts["correct_negatives"][index + (k,)] == np.sum(~fct_event & ~obs_event)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int16])
+def test_counts_and_sums_of_float16_and_integer_fields(dtype):
+    # float16 is computed in float32 and integers in float64; thresholds are still compared in
+    # the data's dtype: 0.3 is 0.300048828125 in float16, so a float16 value 0.3 is no event
+    # above 0.3, where a float32 comparison would make it one.
+    rng = np.random.default_rng(14)
+    values = np.array([0, 0.1, 0.3, 1, 2, 5, 10, 30, 40], dtype=np.float64)
+    forecast = rng.choice(values, (2, 9, 11)).astype(dtype)
+    observation = rng.choice(values, (2, 9, 11)).astype(dtype)
+    thresholds = [0.1, 0.3, 1.0, 5.0]
+    counts = contingency_counts(forecast, observation, thresholds)
+    sums = continuous_sums(forecast, observation)
+    for lead in range(2):
+        fct, obs = forecast[lead], observation[lead]
+        for k, threshold in enumerate(thresholds):
+            fct_event, obs_event = fct > threshold, obs > threshold
+            assert counts["hits"][lead, k] == np.sum(fct_event & obs_event)
+            assert counts["misses"][lead, k] == np.sum(~fct_event & obs_event)
+            assert counts["false_alarms"][lead, k] == np.sum(fct_event & ~obs_event)
+        error = fct.astype(np.float64) - obs.astype(np.float64)
+        weights = balanced_weights(obs.astype(np.float64))
+        assert sums["n"][lead] == error.size
+        np.testing.assert_allclose(sums["sum_squared_error"][lead], np.sum(error**2), rtol=1e-6)
+        np.testing.assert_allclose(
+            sums["sum_weighted_absolute_error"][lead], np.sum(weights * np.abs(error)), rtol=1e-6
+        )
+
+
+def test_frames_without_valid_pairs_count_nothing():
+    forecast = np.full((2, 5, 5), np.nan, dtype=np.float32)
+    forecast[1] = 3.0
+    observation = np.full((2, 5, 5), 3.0, dtype=np.float32)
+    observation[1, 0, :2] = [np.inf, -np.inf]
+    counts = contingency_counts(forecast, observation, [1.0, 3.0])
+    sums = continuous_sums(forecast, observation)
+    for name in ("hits", "misses", "false_alarms", "correct_negatives"):
+        np.testing.assert_array_equal(counts[name][0], [0, 0])
+    # Frame 1: 23 valid pairs of 3.0 and 3.0, an event above 1 and a tie (no event) at 3.
+    np.testing.assert_array_equal(counts["hits"][1], [23, 0])
+    np.testing.assert_array_equal(counts["correct_negatives"][1], [0, 23])
+    np.testing.assert_array_equal(sums["n"], [0, 23])
+    for name in ContinuousErrors.additive_fields[1:]:
+        np.testing.assert_array_equal(sums[name], [0.0, 0.0], err_msg=name)
+    scores = continuous_compute(
+        continuous_accum(continuous_init([10, 20]), forecast, observation), ("MSE", "BMAE")
+    )
+    assert np.isnan(scores["MSE"][0]) and scores["MSE"][1] == 0.0
+    assert np.isnan(scores["BMAE"][0])
 
 
 def test_merge_leaves_inputs_unchanged_and_rejects_other_coordinates():

@@ -4,7 +4,8 @@ Follows :mod:`pysteps.verification.detcontscores` (``det_cont_fct_init / accum /
 compute``) but keeps plain sums and counts instead of pysteps' running means, so a merge is an
 addition and the bootstrap can resample start times with one matrix product. Pairs where the
 forecast or the observation is not finite are ignored, as in ``det_cont_fct``. With no valid pair
-a score is NaN (pysteps reports 0 there because its running means start at 0).
+a score is NaN (pysteps reports 0 there because its running means start at 0). All sums of a
+frame come from one compiled pass over its pixels (:mod:`~nowcast.verification._kernels`).
 
 The balanced scores follow the HKO-7 benchmark (Shi et al., 2017, "Deep learning for
 precipitation nowcasting: a benchmark and a new model"): each squared (absolute) error is
@@ -26,9 +27,15 @@ from nowcast.verification._accumulator import (
     as_coordinate,
     as_float_pair,
     as_stack,
-    iter_frames,
     leading_shape,
     merge,
+)
+from nowcast.verification._kernels import (
+    as_frames,
+    in_kernel_dtype,
+    kernel_dtype,
+    run_over_frames,
+    sum_errors,
 )
 
 #: Rain-rate bin edges (mm/h) of the HKO-7 balanced scores; a bin includes its lower edge.
@@ -142,98 +149,34 @@ def continuous_sums(forecast: np.ndarray, observation: np.ndarray) -> dict[str, 
     Returns
     -------
     dict of numpy.ndarray
-        The additive fields of :class:`ContinuousErrors`, each shaped (...).
+        The additive fields of :class:`ContinuousErrors`, each shaped (...). As in
+        ``det_cont_fct``, each error is formed in the input dtype (float16 input in float32);
+        the sums are float64.
     """
     forecast, observation = as_float_pair(forecast, observation)
-    n_pixels = forecast.shape[-2] * forecast.shape[-1]
+    dtype = kernel_dtype(forecast.dtype)
+    forecast_frames, observation_frames = as_frames(forecast, dtype), as_frames(observation, dtype)
+    n_frames, n_pixels = forecast_frames.shape
     names = ContinuousErrors.additive_fields
-    sums = np.empty(forecast.shape[:-2] + (len(names),))
-    # As in det_cont_fct, errors are computed in the input dtype; their sums are float64.
-    error = np.empty(n_pixels, dtype=forecast.dtype)
-    absolute_error = np.empty(n_pixels, dtype=forecast.dtype)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for index, forecast_frame, observation_frame in iter_frames(forecast, observation):
-            np.subtract(forecast_frame, observation_frame, out=error)
-            n_valid = n_pixels
-            sum_error = _blocked_sum(error)
-            if not np.isfinite(sum_error):
-                # A NaN or inf anywhere makes the sum non-finite; only then build the mask.
-                valid = np.isfinite(error)
-                n_valid = np.count_nonzero(valid)
-                error[~valid] = 0.0
-                observation_frame = np.where(valid, observation_frame, 0.0)
-                sum_error = _blocked_sum(error)
-            np.abs(error, out=absolute_error)
-            sum_absolute_error = _blocked_sum(absolute_error)
-            sum_squared_error = _blocked_sum(error, error)
-            extra_absolute, extra_squared = _extra_weighted_sums(observation_frame, error)
-            sums[index] = (
-                n_valid,
-                sum_error,
-                sum_absolute_error,
-                sum_squared_error,
-                HKO7_WEIGHTS[0] * sum_absolute_error + extra_absolute,
-                HKO7_WEIGHTS[0] * sum_squared_error + extra_squared,
-            )
+    sums = np.empty((n_frames, len(names)))
+    edges = tuple(in_kernel_dtype([edge for edge, _ in _WEIGHT_STEPS], forecast.dtype))
+    steps = tuple(float(step) for _, step in _WEIGHT_STEPS)
+    run_over_frames(
+        sum_errors,
+        n_frames,
+        n_pixels,
+        forecast_frames,
+        observation_frames,
+        float(HKO7_WEIGHTS[0]),
+        edges,
+        steps,
+        dtype.type(np.inf),
+        sums,
+    )
+    sums = sums.reshape(forecast.shape[:-2] + (len(names),))
     result = {name: sums[..., k] for k, name in enumerate(names)}
     result["n"] = result["n"].astype(np.int64)
     return result
-
-
-_SUM_ROWS = 64
-
-
-def _blocked_sum(values: np.ndarray, other: np.ndarray | None = None) -> float:
-    """Return sum(values) (or sum(values * other)) of 1-D arrays as a float64.
-
-    The array is viewed as at most 64 rows and reduced down the rows: numpy adds whole rows
-    with SIMD, so every column sums at most 64 terms in the input dtype, and the column sums
-    are added in float64. This is three times faster than ``values.sum()`` (pairwise, but not
-    vectorised across lanes) and as accurate for float32 frames: the error of a 64-term sum is a
-    few ulp, against ~1e-6 relative for a single float32 accumulator over a 512 x 512 frame
-    (which is what ``np.einsum`` and ``np.dot`` use).
-    """
-    n_rows = min(_SUM_ROWS, values.size)
-    if n_rows == 0:
-        return 0.0
-    n_columns = values.size // n_rows
-    n_main = n_rows * n_columns
-    main = values[:n_main].reshape(n_rows, n_columns)
-    if other is None:
-        columns = main.sum(axis=0)
-        rest = values[n_main:]
-    else:
-        # einsum multiplies and adds down the rows in one pass, without a squared-error array.
-        columns = np.einsum("ij,ij->j", main, other[:n_main].reshape(n_rows, n_columns))
-        rest = values[n_main:] * other[n_main:]
-    return float(np.sum(columns, dtype=np.float64) + np.sum(rest, dtype=np.float64))
-
-
-def _extra_weighted_sums(rain_rate: np.ndarray, error: np.ndarray) -> tuple[float, float]:
-    """Return sum((w - w0) |e|) and sum((w - w0) e^2) for HKO-7 weights w and base weight w0.
-
-    ``w - w0`` is zero below the first edge where the weight changes (2 mm/h), which is most
-    pixels, so the pixels above it are gathered once and weighted there. Measured on 512 x 512
-    radar frames: boolean indexing is the cheapest gather (``np.flatnonzero`` with ``np.take``
-    costs three times more), and on the gathered pixels ``astype`` of a comparison is the
-    cheapest indicator (``np.where``, ``np.take`` of a weight table and ``np.searchsorted``
-    cost 5 to 20 times more).
-    """
-    (first_edge, first_step), *other_steps = _WEIGHT_STEPS
-    heavier = rain_rate >= first_edge
-    # Most frames hold no heavy rain; any() is far cheaper than an empty gather.
-    if not heavier.any():
-        return 0.0, 0.0
-    rain_rate = rain_rate[heavier]
-    absolute_error = np.abs(error[heavier])
-    extra_weight = np.full(rain_rate.size, first_step, dtype=error.dtype)
-    for edge, step in other_steps:
-        extra_weight += step * (rain_rate >= edge).astype(error.dtype)
-    weighted_absolute_error = extra_weight * absolute_error
-    return (
-        _blocked_sum(weighted_absolute_error),
-        _blocked_sum(weighted_absolute_error, absolute_error),
-    )
 
 
 def continuous_accum(
