@@ -248,6 +248,9 @@ def make_checkpoint(
         # "lagrangian": the model maps inputs advected to the reference time onto targets
         # advected back to it (nowcast.lagrangian); inference must do the same.
         "frame": str(store_info.get("frame", "eulerian")),
+        # Pixels between the nodes of the coarse motion a Lagrangian model was trained on;
+        # inference estimates its motion on the same grid (nowcast.lagrangian).
+        "motion_stride": int(store_info.get("motion_stride") or 8),
         "step": int(step),
         "epoch": int(epoch),
         "batch_index": int(batch_index),

@@ -3,14 +3,14 @@
 A Lagrangian patch store keeps the frames in the Eulerian frame and, per window, the LK motion of
 its input frames on a coarse grid (:func:`nowcast.lagrangian.coarse_motion`). This module moves
 a batch of patches into the Lagrangian frame of their window at load time, reproducing
-:func:`nowcast.lagrangian.lagrangian_window` (full-domain advection with pysteps, then the patch
-cut out) on the patch alone:
+the full-domain advection of a window with pysteps' trajectories and scipy's reads (the
+reference in ``tests/lagrangian_reference.py``), then the patch cut out, on the patch alone:
 
 1. the coarse motion is upsampled bilinearly to the pixels (only those the trajectories visit);
 2. the semi-Lagrangian backward trajectories of the patch pixels are integrated exactly as
    ``pysteps.extrapolation.semilagrangian.extrapolate`` does (midpoint rule, one inner
    iteration, motion read with edge clamping, each step continuing from the previous
-   displacement as in :func:`nowcast.lagrangian.displacements`);
+   displacement, as pysteps' ``extrapolate(..., displacement_prev=...)`` chains steps);
 3. rain rate (NaN as 0) and validity are read at the displaced points by bilinear interpolation
    from a box per frame around its displaced patch (:func:`frame_boxes`, read from the store's
    zarr frames by :func:`read_frame_boxes`); points outside the radar domain read 0, as
@@ -31,9 +31,8 @@ import asyncio
 import numpy as np
 import torch
 import torch.nn.functional as F
-from zarr.core.sync import sync as zarr_sync
 
-#: A pixel is valid when its advected validity exceeds this (as in ``lagrangian_window``).
+#: A pixel is valid when its advected validity exceeds this (as in the reference window).
 VALID_THRESHOLD = 0.99
 
 
@@ -90,7 +89,7 @@ def displacements(coarse: torch.Tensor, stride: int, domain_shape, points, n_ste
     """Cumulative semi-Lagrangian displacements of ``points`` after 1, ..., ``n_steps`` steps.
 
     The scheme of ``pysteps.extrapolation.semilagrangian.extrapolate`` with ``n_iter=1``, chained
-    through ``displacement_prev`` as :func:`nowcast.lagrangian.displacements` does::
+    through ``displacement_prev`` from one step to the next::
 
         v = V(p + d);  v = V(p + d - v / 2);  d = d - v
 
@@ -129,7 +128,7 @@ def window_displacements(
 ) -> torch.Tensor:
     """Displacement bringing each frame of a window to the reference time (the last input).
 
-    As :func:`nowcast.lagrangian.window_moves`: input ``i`` moves forward by ``n_input - 1 - i``
+    Input ``i`` moves forward by ``n_input - 1 - i``
     steps, the reference frame stays, target ``k`` moves back by ``k + 1`` steps.
 
     Returns
@@ -147,11 +146,18 @@ def window_displacements(
 def patch_points(origins: torch.Tensor, patch_size: int, dtype=torch.float64) -> torch.Tensor:
     """Domain pixel coordinates (B, P, P, 2) as (x, y) of patches with ``origins`` (B, 2)
     given as (row, column)."""
-    offsets = torch.arange(patch_size, dtype=dtype)
+    grid = grid_points((patch_size, patch_size), dtype)
+    return grid + origins.flip(-1).to(dtype)[:, None, None, :]
+
+
+def grid_points(shape: tuple[int, int], dtype=torch.float64) -> torch.Tensor:
+    """Pixel coordinates (1, ny, nx, 2) as (x, y) of a grid of ``shape`` (ny, nx)."""
+    rows = torch.arange(shape[0], dtype=dtype)
+    columns = torch.arange(shape[1], dtype=dtype)
     grid = torch.stack(
-        [offsets[None, :].expand(patch_size, -1), offsets[:, None].expand(-1, patch_size)], -1
+        [columns[None, :].expand(shape[0], -1), rows[:, None].expand(-1, shape[1])], -1
     )
-    return grid[None] + origins.flip(-1).to(dtype)[:, None, None, :]
+    return grid[None]
 
 
 def frame_boxes(where: torch.Tensor, domain_shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,6 +235,8 @@ def read_frame_boxes(frames, starts: np.ndarray, low: np.ndarray, high: np.ndarr
     # All reads in one go on zarr's event loop: their file reads and decoding overlap
     # (10-25 % less time than one read after the other).
     # (``async_array`` is public in recent zarr, zarr-developers/zarr-python#3556; private before.)
+    from zarr.core.sync import sync as zarr_sync  # lazy: a nowcast's transport never reads zarr
+
     reader = getattr(frames, "async_array", None) or frames._async_array
     blocks = zarr_sync(_gather(reader.getitem(read[-1]) for read in reads))
     shape = np.maximum((high - low).max(axis=(0, 1)), 2)
@@ -244,6 +252,50 @@ async def _gather(coroutines) -> list:
     return await asyncio.gather(*coroutines)
 
 
+def sample_at(
+    fields: torch.Tensor,
+    box_origins: torch.Tensor,
+    where: torch.Tensor,
+    domain_shape: tuple[int, int],
+) -> torch.Tensor:
+    """Fields read bilinearly at domain points, as ``map_coordinates(order=1, mode="constant")``.
+
+    The one interpolation of the Lagrangian frame: the load-time warp of patches
+    (:func:`warp_frames`) and the full-domain transport of a nowcast
+    (:class:`nowcast.lagrangian.LagrangianFrame`) both read through it.
+
+    Parameters
+    ----------
+    fields : torch.Tensor
+        (N, C, H, W) values of a box of the domain (NaN-free; H and W at least 2).
+    box_origins : torch.Tensor
+        (N, 2) domain (row, column) of each box's first pixel.
+    where : torch.Tensor
+        (N, h, w, 2) domain pixel coordinates (x, y) to read.
+    domain_shape : tuple of int
+
+    Returns
+    -------
+    torch.Tensor
+        (N, C, h, w); 0 at points outside the domain (scipy's constant mode: even within a
+        pixel of its edge) and where a bilinear neighbour lies outside the box (zero padding).
+    """
+    height, width = fields.shape[-2:]
+    dtype, n_columns = where.dtype, where.shape[2]
+    # align_corners=True: -1 and 1 are the centres of the first and last pixel of the box.
+    # (x, y) operands repeated along a row of points, as in _motion_reader.
+    origins = box_origins.flip(-1).to(dtype)
+    scale = where.new_tensor([2.0 / (width - 1), 2.0 / (height - 1)]).repeat(n_columns)
+    rows = torch.sub(where.flatten(-2), origins.repeat(1, n_columns)[:, None])
+    grid = rows.mul_(scale).sub_(1.0).view(where.shape)
+    read = F.grid_sample(
+        fields.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    x, y = where[..., 0], where[..., 1]
+    inside = (x >= 0) & (x <= domain_shape[1] - 1) & (y >= 0) & (y <= domain_shape[0] - 1)
+    return torch.where(inside[:, None], read, 0.0)
+
+
 def warp_frames(
     stored: torch.Tensor,
     box_origins: torch.Tensor,
@@ -252,11 +304,11 @@ def warp_frames(
     n_input: int,
     to_rain_rate,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rain rate and validity read at the displaced points, as ``lagrangian_window`` does.
+    """Rain rate and validity read at the displaced points (the Lagrangian window of a patch).
 
     Bilinear (``map_coordinates(order=1, mode="constant", cval=0)``) of the rain rate with no
-    data as 0 and of the validity: one ``grid_sample`` of the two fields of each frame's box
-    (zero padding: a neighbour outside the box reads 0, as one outside the domain does).
+    data as 0 and of the validity: one :func:`sample_at` of the two fields of each frame's box
+    (a neighbour outside the box reads 0, as one outside the domain does).
 
     Parameters
     ----------
@@ -267,7 +319,7 @@ def warp_frames(
     box_origins : torch.Tensor
         (B, T, 2) domain (row, column) of each box's first pixel.
     where : torch.Tensor
-        (B, T, P, P, 2) domain pixel coordinates (x, y) to read, per frame: the patch pixels
+        (B, T, h, w, 2) domain pixel coordinates (x, y) to read, per frame: the patch pixels
         plus the frame's displacement (zero for the reference frame ``n_input - 1``, whose box
         starts at the patch origin).
     domain_shape : tuple of int
@@ -278,11 +330,11 @@ def warp_frames(
     Returns
     -------
     rain_rate, valid : torch.Tensor
-        (B, T, P, P): the moved rain rate, NaN where not valid, and its validity (advected
+        (B, T, h, w): the moved rain rate, NaN where not valid, and its validity (advected
         validity > 0.99 and a valid reference pixel).
     """
     batch, n_frames, height, width = stored.shape
-    size, dtype = where.shape[2], where.dtype
+    n_rows, n_columns, dtype = where.shape[2], where.shape[3], where.dtype
     # The two fields written in place and in float arithmetic, as torch's boolean ops
     # (isfinite, where) are 3-8x slower than float ones here: 14 ms instead of 35 ms for a
     # batch of 8 BoM samples, whose boxes hold 2.4x the values read.
@@ -293,27 +345,15 @@ def warp_frames(
     torch.sub(values, values, out=finite).add_(1.0).nan_to_num_(nan=0.0)
     values = values.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     torch.mul(to_rain_rate(values), finite, out=rain)
-    fields = fields.flatten(0, 1)
-    # align_corners=True: -1 and 1 are the centres of the first and last pixel of the box.
-    # (x, y) operands repeated along a row of points, as in _motion_reader.
-    origins = box_origins.flip(-1).to(dtype).expand(batch, n_frames, 2)
-    scale = where.new_tensor([2.0 / (width - 1), 2.0 / (height - 1)]).repeat(size)
-    rows = torch.sub(where.flatten(-2), origins.repeat(1, 1, size)[:, :, None])
-    grid = rows.mul_(scale).sub_(1.0).view(where.shape)
-    read = F.grid_sample(
-        fields, grid.flatten(0, 1), mode="bilinear", padding_mode="zeros", align_corners=True
-    ).unflatten(0, (batch, n_frames))
+    origins = box_origins.expand(batch, n_frames, 2).flatten(0, 1)
+    read = sample_at(fields.flatten(0, 1), origins, where.flatten(0, 1), domain_shape)
+    read = read.unflatten(0, (batch, n_frames))
     moved, validity = read[:, :, 0], read[:, :, 1]
     # The reference frame is the patch itself (the weights are 0 and 1): taken as stored rather
     # than through grid_sample's coordinate rounding, so it is unmoved exactly.
     reference = n_input - 1
-    moved[:, reference] = rain[:, reference, :size, :size]
-    validity[:, reference] = finite[:, reference, :size, :size]
-    # scipy's constant mode: a point outside the domain reads 0 even within a pixel of its edge.
-    x, y = where[..., 0], where[..., 1]
-    inside = (x >= 0) & (x <= domain_shape[1] - 1) & (y >= 0) & (y <= domain_shape[0] - 1)
-    moved = torch.where(inside, moved, 0.0)
-    validity = torch.where(inside, validity, 0.0)
+    moved[:, reference] = rain[:, reference, :n_rows, :n_columns]
+    validity[:, reference] = finite[:, reference, :n_rows, :n_columns]
     reference_valid = validity[:, reference] > 0.5
     valid = (validity > VALID_THRESHOLD) & reference_valid[:, None]
     return torch.where(valid, moved, torch.nan), valid

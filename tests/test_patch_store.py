@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lagrangian_reference as reference
 import numpy as np
 import pytest
 import zarr
@@ -13,7 +14,6 @@ from nowcast.config import Catalog, ConfigError, SourceConfig
 from nowcast.experiment import ExperimentConfig
 from nowcast.ingest import ingest
 from nowcast.io.cube import open_cube, write_cube
-from nowcast.lagrangian import lagrangian_window
 from nowcast.patch_store import PatchStore, normalize_frames
 from nowcast.patch_store import writer as store_writer
 from nowcast.patches import build_patches, open_patch_store
@@ -146,7 +146,7 @@ def _warp_errors(path, cube_paths, n_windows=None):
     for source, start in keys:
         cube = open_cube(cube_paths[source])
         t0 = _cube_start(cube, start)
-        moved, moved_valid = lagrangian_window(
+        moved, moved_valid = reference.lagrangian_window(
             cube["rain_rate"].values[t0 : t0 + n_frames], n_input
         )
         expected = normalize_frames(moved, store.normalization, "float32")

@@ -21,7 +21,7 @@ from torch import nn
 from nowcast import transforms
 from nowcast.checkpoint import load_model
 from nowcast.devices import resolve_device
-from nowcast.lagrangian import inputs_to_lagrangian, motion_field, outputs_from_lagrangian
+from nowcast.lagrangian import DEFAULT_MOTION_STRIDE, LagrangianFrame
 from nowcast.nowcasts.isotonic import apply_calibration
 from nowcast.nowcasts.utils import check_inputs, input_timestep, to_forecast
 from nowcast.windows import counted_back, frame_stride, stride_note
@@ -48,6 +48,10 @@ class ModelNowcast:
     frame : {"eulerian", "lagrangian"}, optional
         For an in-memory model: whether it works in the Lagrangian frame of its inputs (from a
         checkpoint this is read from the checkpoint).
+    motion_stride : int, optional
+        For an in-memory Lagrangian model: pixels between the nodes of the coarse motion grid
+        it was trained with (from a checkpoint: its ``motion_stride``, else
+        :data:`nowcast.lagrangian.DEFAULT_MOTION_STRIDE`).
     n_input_frames : int, optional
         Input frames the model reads.
     timestep_minutes : float, optional
@@ -76,6 +80,7 @@ class ModelNowcast:
         device: str | torch.device | None = None,
         name: str = "model",
         frame: str = "eulerian",
+        motion_stride: int = DEFAULT_MOTION_STRIDE,
         calibrated: bool = True,
     ) -> None:
         self.device = resolve_device(device)
@@ -88,6 +93,7 @@ class ModelNowcast:
             n_input_frames = meta["n_input_frames"]
             timestep_minutes = meta["timestep_minutes"]
             frame = meta.get("frame", "eulerian")
+            motion_stride = meta.get("motion_stride") or motion_stride
             self.calibration = meta.get("calibration") if calibrated else None
             if self.calibration:
                 warnings.warn(
@@ -114,6 +120,7 @@ class ModelNowcast:
         if frame not in ("eulerian", "lagrangian"):
             raise ValueError(f"unknown frame {frame!r}; expected 'eulerian' or 'lagrangian'")
         self.frame = frame
+        self.motion_stride = int(motion_stride)
         # The registry's METHOD_NEEDS: a Lagrangian-frame model advects along the LK motion.
         self.uses_motion = frame == "lagrangian"
 
@@ -138,20 +145,23 @@ class ModelNowcast:
         params = self.normalization["params"]
         rain_rate = np.clip(np.asarray(rain_rate, dtype=np.float32), 0.0, None)
         if self.frame == "lagrangian":
-            if velocity is None:
-                velocity = motion_field(rain_rate)
-            no_data = ~np.isfinite(rain_rate)
-            rain_rate = inputs_to_lagrangian(rain_rate, velocity).astype(np.float32)
-            rain_rate[no_data] = np.nan
+            # One set of trajectories moves the inputs in and the outputs out (nowcast.warp).
+            n_steps = max(rain_rate.shape[0] - 1, self.n_target_frames or 1)
+            lagrangian = LagrangianFrame.of_inputs(
+                rain_rate, self.motion_stride, n_steps, velocity=velocity
+            )
+            rain_rate = lagrangian.inputs_to_lagrangian(rain_rate)
         normalized = self.transform.forward(rain_rate, params)
         normalized = np.where(np.isfinite(normalized), normalized, 0.0).astype(np.float32)
         frames = torch.from_numpy(normalized)[None, :, None].to(self.device)
-        with torch.no_grad():
+        # inference_mode rather than no_grad: no autograd bookkeeping on the tensors at all.
+        with torch.inference_mode():
             prediction = self.model(frames)[0, :, 0].float()
             rain = self.transform.inverse(prediction, params)
-        rain = torch.clamp(rain, min=0.0).cpu().numpy().astype(np.float32)
-        if self.frame == "lagrangian":
-            rain = outputs_from_lagrangian(rain, velocity).astype(np.float32)
+            rain = torch.clamp(rain, min=0.0).cpu()
+            if self.frame == "lagrangian":
+                rain = lagrangian.outputs_from_lagrangian(rain)
+        rain = np.asarray(rain, dtype=np.float32)
         if self.calibration:
             rain = apply_calibration(rain, self.calibration)
         return rain
