@@ -1,4 +1,5 @@
-"""``make bench``: run every benchmark module (or those named on the command line)."""
+"""``make bench``: run every benchmark module (or those named on the command line), then print
+one table of every ratio (:mod:`benchmarks.summary`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import pkgutil
 import sys
 import traceback
 from pathlib import Path
+
+from benchmarks.summary import ratio_table
 
 
 def main(argv: list[str]) -> int:
@@ -23,6 +26,8 @@ def main(argv: list[str]) -> int:
         except Exception:  # one failing benchmark should not hide the others' numbers
             traceback.print_exc()
             failed.append(name)
+    print("\n=== ratios (each against its peer in the same run)")
+    print(ratio_table(set(names) - set(failed)))
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
     return 1 if failed else 0
