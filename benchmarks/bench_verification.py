@@ -7,7 +7,9 @@ Uses 36 frames of the BoM Rainfields sample (radar 66, 2020-10-31 from 04:00 UTC
 part of the day) when they are found under the data root, else a synthetic field of the same
 shape. The forecast is Eulerian persistence for 6 lead times from several start times; both paths
 compute the same pooled contingency-table scores per lead time and threshold and ME/MSE/MAE per
-lead time, and the numbers are checked to agree before the timings are reported. Timing follows
+lead time (and the FSS at the evaluate stage's window sizes, a separate row: it is most of the
+evaluate stage's scoring time), and the numbers are checked to agree before the timings are
+reported. Timing follows
 issue 15: wall time at 2 threads, the median of 5 interleaved runs (loop, ours, loop, ...) on
 the same inputs; the first call of ours (numba compiling or loading its cached kernels) is
 reported apart.
@@ -22,6 +24,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import xarray as xr
+from pysteps.verification import spatialscores
 from pysteps.verification.detcatscores import (
     det_cat_fct_accum,
     det_cat_fct_compute,
@@ -41,6 +44,9 @@ from nowcast.verification import (
     continuous_accum,
     continuous_compute,
     continuous_init,
+    fss_accum,
+    fss_compute,
+    fss_init,
 )
 
 BOM_DAY = Path("radar/bom/prcp-c10/66/2020/10/31")
@@ -52,6 +58,8 @@ START_STEP = 3
 THRESHOLDS = (0.1, 1.0, 2.0, 5.0, 10.0)
 CAT_SCORES = ("CSI", "POD", "FAR", "HSS", "ETS", "BIAS")
 CONT_SCORES = ("ME", "MSE", "MAE")
+#: FSS window sizes (pixels) of the evaluate stage's default configuration.
+FSS_SCALES = (1, 5, 10, 20)
 #: The issue's timing rule: wall time at 2 threads, median of 5 interleaved runs.
 THREADS = 2
 REPEATS = 5
@@ -130,6 +138,27 @@ def vectorised_scores(forecast: np.ndarray, observation: np.ndarray) -> dict[str
     return contingency_compute(table, CAT_SCORES) | continuous_compute(errors, CONT_SCORES)
 
 
+def loop_fss(forecast: np.ndarray, observation: np.ndarray) -> np.ndarray:
+    """Pooled FSS from pysteps, one ``fss_accum`` call per frame, threshold and scale."""
+    n_starts, n_leadtimes = forecast.shape[:2]
+    result = np.empty((n_leadtimes, len(THRESHOLDS), len(FSS_SCALES)))
+    for lead in range(n_leadtimes):
+        for k, threshold in enumerate(THRESHOLDS):
+            for m, scale in enumerate(FSS_SCALES):
+                fss = spatialscores.fss_init(threshold, scale)
+                for start in range(n_starts):
+                    spatialscores.fss_accum(fss, forecast[start, lead], observation[start, lead])
+                result[lead, k, m] = spatialscores.fss_compute(fss)
+    return result
+
+
+def vectorised_fss(forecast: np.ndarray, observation: np.ndarray) -> np.ndarray:
+    """Pooled FSS from one ``fss_accum`` call over the whole stack."""
+    lead_times = np.arange(1, forecast.shape[1] + 1) * TIMESTEP_MINUTES
+    sums = fss_accum(fss_init(lead_times, THRESHOLDS, FSS_SCALES), forecast, observation)
+    return fss_compute(sums)["FSS"]
+
+
 def _interleaved_wall_times(functions: dict, args: tuple, repeats: int) -> dict[str, list]:
     """Wall times of ``repeats`` rounds, each calling every function once in turn.
 
@@ -158,9 +187,10 @@ def bench(data_root: str | None) -> dict:
     -------
     dict
         ``loop_s`` and ``vectorised_s`` (medians of :data:`REPEATS` interleaved wall times,
-        with every time in ``*_times_s``), ``speedup`` (their ratio), ``first_call_s`` (our
-        first call: compiling or loading the cached kernels), ``threads``, ``load_average``,
-        ``data``, ``n_frame_pairs``, ``n_thresholds``.
+        with every time in ``*_times_s``), ``speedup`` (their ratio), the same for the FSS
+        (``fss_loop_s``, ``fss_s``, ``fss_speedup``), ``first_call_s`` (our first call:
+        compiling or loading the cached kernels), ``threads``, ``load_average``, ``data``,
+        ``n_frame_pairs``, ``n_thresholds``, ``fss_scales``.
     """
     rain_rate, source = load_rain_rate(data_root)
     forecast, observation = persistence_pairs(rain_rate)
@@ -175,25 +205,37 @@ def bench(data_root: str | None) -> dict:
             np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
         for name in CONT_SCORES:
             np.testing.assert_allclose(actual[name], expected[name], rtol=1e-6, err_msg=name)
+        # Our window counts are exact where the filter rounds: equal to rounding.
+        np.testing.assert_allclose(
+            vectorised_fss(forecast, observation), loop_fss(forecast, observation), rtol=1e-10
+        )
         times = _interleaved_wall_times(
-            {"loop": loop_scores, "vectorised": vectorised_scores},
+            {
+                "loop": loop_scores,
+                "vectorised": vectorised_scores,
+                "fss_loop": loop_fss,
+                "fss": vectorised_fss,
+            },
             (forecast, observation),
             REPEATS,
         )
-    loop_s, vectorised_s = np.median(times["loop"]), np.median(times["vectorised"])
+    medians = {name: float(np.median(values)) for name, values in times.items()}
     return {
         "data": source,
         "n_frame_pairs": int(forecast.shape[0] * forecast.shape[1]),
         "n_thresholds": len(THRESHOLDS),
+        "fss_scales": list(FSS_SCALES),
         "threads": threads,
         "repeats": REPEATS,
         "load_average": os.getloadavg(),
         "first_call_s": first_call_s,
-        "loop_times_s": times["loop"],
-        "vectorised_times_s": times["vectorised"],
-        "loop_s": float(loop_s),
-        "vectorised_s": float(vectorised_s),
-        "speedup": float(loop_s / vectorised_s),
+        **{f"{name}_times_s": values for name, values in times.items()},
+        "loop_s": medians["loop"],
+        "vectorised_s": medians["vectorised"],
+        "speedup": medians["loop"] / medians["vectorised"],
+        "fss_loop_s": medians["fss_loop"],
+        "fss_s": medians["fss"],
+        "fss_speedup": medians["fss_loop"] / medians["fss"],
     }
 
 
@@ -215,6 +257,12 @@ def main() -> dict:
                 ("nowcast accum, whole stack", f"{results['vectorised_s']:.4f} s"),
                 ("  its first call (compile / load kernels)", f"{results['first_call_s']:.2f} s"),
                 ("speedup", f"{results['speedup']:.1f}x  (target >= 20x, moonshot >= 50x)"),
+                (
+                    f"pysteps fss loop, scales {results['fss_scales']}",
+                    f"{results['fss_loop_s']:.3f} s",
+                ),
+                ("nowcast fss_accum, whole stack", f"{results['fss_s']:.4f} s"),
+                ("fss speedup", f"{results['fss_speedup']:.1f}x"),
             ]
         )
     )

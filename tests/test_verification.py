@@ -49,6 +49,7 @@ from nowcast.verification import (
 from nowcast.verification.detcat import DEFAULT_SCORES as CAT_SCORES
 from nowcast.verification.detcat import contingency_counts
 from nowcast.verification.detcont import ContinuousErrors, continuous_sums
+from nowcast.verification.spatial import fss_sums
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -203,6 +204,33 @@ def test_fss_equals_pysteps_pooled_over_starts(case):
                 )
 
 
+def test_fss_sums_equal_pysteps_for_even_zero_and_oversized_scales():
+    # Even windows sit off centre, scale 0 means no smoothing, and a 60-pixel window is larger
+    # than the 23 x 29 grid; NaN and inf are non-events. Window counts are exact, so the sums
+    # agree with pysteps' filtered fractions to rounding.
+    rng = np.random.default_rng(15)
+    shape = (2, 23, 29)
+    forecast = np.where(rng.random(shape) < 0.5, rng.gamma(0.6, 6.0, shape), 0.0)
+    observation = np.where(rng.random(shape) < 0.5, rng.gamma(0.6, 6.0, shape), 0.0)
+    forecast[0, 3:6, :4] = np.nan
+    observation[1, -2:, 5] = np.inf
+    thresholds, scales = [0.5, 2.0, 8.0], [0, 1, 2, 7, 10, 60]
+    sums = fss_sums(forecast.astype(np.float32), observation.astype(np.float32), thresholds, scales)
+    for lead in range(shape[0]):
+        for k, threshold in enumerate(thresholds):
+            for m, scale in enumerate(scales):
+                expected = pysteps_fss_init(threshold, scale)
+                pysteps_fss_accum(
+                    expected,
+                    forecast[lead].astype(np.float32),
+                    observation[lead].astype(np.float32),
+                )
+                for name in ("sum_fct_sq", "sum_fct_obs", "sum_obs_sq"):
+                    np.testing.assert_allclose(
+                        sums[name][lead, k, m], expected[name], rtol=1e-12, atol=1e-12, err_msg=name
+                    )
+
+
 @st.composite
 def start_splits(draw):
     """Two stacks sharing (n_leadtimes, y, x), with different numbers of starts."""
@@ -339,7 +367,7 @@ def two_numba_threads():
     numba.set_num_threads(before)
 
 
-def test_counts_and_sums_do_not_depend_on_the_number_of_threads(two_numba_threads):
+def test_scores_do_not_depend_on_the_number_of_threads(two_numba_threads):
     # Six frames of 300 x 301 pixels are split over two threads, and 90300 pixels are not a
     # multiple of the kernel's 512-pixel block.
     rng = np.random.default_rng(13)
@@ -356,6 +384,7 @@ def test_counts_and_sums_do_not_depend_on_the_number_of_threads(two_numba_thread
         results[n_threads] = (
             contingency_counts(forecast, observation, thresholds),
             continuous_sums(forecast, observation),
+            fss_sums(forecast, observation, thresholds[1:3], [1, 6]),
         )
     for one_thread, threads in zip(results[1], results[two_numba_threads], strict=True):
         for name in one_thread:

