@@ -14,8 +14,8 @@ short on a laptop. Without ``--out`` the results go to ``benchmarks/results/gpu_
 
 On the lent H100/H200 machine it runs through ``benchmarks/gpu_check.sh`` (about 3 to 4
 minutes, most of it compilation and the child processes' start-up). The sections run in the
-order train (eager variants), inference, end to end, compile (``--sections`` picks a subset),
-each recorded in the JSON (written again after every step, so a run cut short still leaves
+order train (eager variants), inference, nowcast, end to end, compile (``--sections`` picks a
+subset), each recorded in the JSON (written again after every step, so a run cut short still leaves
 what it measured) and summarised in a printed table:
 
 ``environment``
@@ -39,6 +39,10 @@ what it measured) and summarised in a printed table:
     Latency of one full-domain forecast (``n_input_frames`` in, ``n_target_frames`` out, batch
     1) under ``torch.inference_mode`` on the BoM grid (512 x 512) and the OPERA grid
     (2200 x 1900), in fp32, AMP, and AMP with channels_last; median of a few runs.
+``nowcast``
+    The shipped pretrained model's full-domain BoM nowcast, its motion and frame transport
+    included (as ``bench_evaluate`` times it on the CPU), eager and with ``torch.compile``
+    (``benchmarks/gpu_nowcast.py``), beside pysteps LK on the CPU.
 ``end_to_end``
     The project's own code path in child processes (``python -m nowcast.cli``): ``ingest
     synthetic``, ``patches`` and ``train`` of a copy of ``pipelines/configs/synthetic.yaml``
@@ -79,6 +83,7 @@ import torch
 import yaml
 
 from benchmarks.common import RESULTS
+from benchmarks.gpu_nowcast import bench_nowcast
 from nowcast import transforms
 from nowcast.models import build_model, count_parameters, forward_flops
 from nowcast.train import (
@@ -716,6 +721,16 @@ def print_table(report: dict) -> None:
             cells.append(fmt(rows.get("amp_channels_last", {}).get("median_s"), 1e3, 2))
             peak = rows.get("fp32", {}).get("peak_memory_mib")
             print(f"  {grid:<22}{cells[0]:>10}{cells[1]:>10}{cells[2]:>10}{fmt(peak, 1, 0):>10}")
+    section = report.get("nowcast")
+    if section:
+        print(f"\nnowcast ({section['model']}, motion and transport included), median, s:")
+        for mode in ("pysteps_lk_cpu", "eager", "compiled"):
+            row = section.get(mode)
+            if row:
+                detail = row.get("error") or (
+                    f"{fmt(row.get('median_s'), 1, 3)} (first call {fmt(row.get('first_s'), 1, 2)})"
+                )
+                print(f"  {mode:<16}{detail}")
     section = report.get("end_to_end")
     if section:
         steps = ", ".join(
@@ -761,8 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-timeout", type=float, default=240.0, help="per e2e command, s")
     parser.add_argument(
         "--sections",
-        default="train,inference,e2e,compile",
-        help="comma-separated subset of train, inference, e2e, compile (run in this order)",
+        default="train,inference,nowcast,e2e,compile",
+        help="comma-separated subset of train, inference, nowcast, e2e, compile (in this order)",
     )
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args(argv or [])
@@ -800,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         "inference": bench_inference,
         "e2e": bench_end_to_end,
         "compile": bench_compile,
+        "nowcast": bench_nowcast,
     }
     for name in args.sections.split(","):
         try:

@@ -59,6 +59,8 @@ class LagrangianFrame:
     dtype : torch.dtype, optional
         Precision of the trajectories and reads, by default float32 as in the patch store's
         load-time warp the models are trained on.
+    device : str or torch.device, optional
+        Where the transport runs, by default the CPU (a model on a GPU moves its frames there).
 
     Examples
     --------
@@ -67,7 +69,9 @@ class LagrangianFrame:
     >>> forecast = frame.outputs_from_lagrangian(outputs)
     """
 
-    def __init__(self, coarse, stride: int, domain_shape, n_steps: int, dtype=torch.float32):
+    def __init__(
+        self, coarse, stride: int, domain_shape, n_steps: int, dtype=torch.float32, device=None
+    ):
         self.domain_shape = tuple(int(n) for n in domain_shape)
         expected = coarse_grid_shape(self.domain_shape, stride)
         if tuple(np.shape(coarse)[1:]) != expected:
@@ -75,9 +79,9 @@ class LagrangianFrame:
                 f"coarse motion of shape {np.shape(coarse)} does not fit a "
                 f"{self.domain_shape} grid at stride {stride} (expected (2, *{expected}))"
             )
-        self.dtype = dtype
-        self.points = warp.grid_points(self.domain_shape, dtype)
-        coarse = torch.as_tensor(np.asarray(coarse), dtype=dtype)[None]
+        self.dtype, self.device = dtype, torch.device(device or "cpu")
+        self.points = warp.grid_points(self.domain_shape, dtype).to(self.device)
+        coarse = torch.as_tensor(np.asarray(coarse), dtype=dtype, device=self.device)[None]
         self.stride, self.coarse = int(stride), coarse
         self._forward = self._displacements(self.coarse, n_steps)
 
@@ -94,7 +98,13 @@ class LagrangianFrame:
 
     @classmethod
     def of_inputs(
-        cls, rain_rate: np.ndarray, stride: int, n_steps: int, velocity=None, dtype=torch.float32
+        cls,
+        rain_rate: np.ndarray,
+        stride: int,
+        n_steps: int,
+        velocity=None,
+        dtype=torch.float32,
+        device=None,
     ) -> LagrangianFrame:
         """The frame of input frames (time, y, x): their LK motion, on the coarse grid.
 
@@ -106,7 +116,7 @@ class LagrangianFrame:
             coarse = coarse_motion_field(rain_rate, stride)
         else:
             coarse = coarse_motion(velocity, stride)
-        return cls(coarse, stride, np.shape(rain_rate)[-2:], n_steps, dtype)
+        return cls(coarse, stride, np.shape(rain_rate)[-2:], n_steps, dtype, device)
 
     def _read(self, fields: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
         """Fields (T, C, y, x) read at the grid points plus ``moves`` (T, y, x, 2)."""
@@ -124,13 +134,13 @@ class LagrangianFrame:
             outside the domain) or the reference pixel is no data, as in the patch store.
         """
         n_input = frames.shape[0]
-        stored = torch.as_tensor(np.asarray(frames), dtype=self.dtype)[None]
+        stored = torch.as_tensor(np.asarray(frames), dtype=self.dtype, device=self.device)[None]
         moves = torch.cat([self.forward(n_input - 1).flip(0), torch.zeros_like(self.points)])
-        origins = torch.zeros((1, n_input, 2), dtype=torch.long)
+        origins = torch.zeros((1, n_input, 2), dtype=torch.long, device=self.device)
         moved, _ = warp.warp_frames(
             stored, origins, (self.points + moves)[None], self.domain_shape, n_input, _identity
         )
-        return moved[0].numpy().astype(np.float32, copy=False)
+        return moved[0].cpu().numpy().astype(np.float32, copy=False)
 
     def targets_to_lagrangian(self, targets: np.ndarray) -> np.ndarray:
         """Advect target frames (lead, y, x) back to the reference time (lead k by k steps).
@@ -138,15 +148,18 @@ class LagrangianFrame:
         Uses the backward trajectories (the motion negated), NaN as 0, 0 outside the domain.
         """
         moves = self._displacements(-self.coarse, targets.shape[0])
-        fields = torch.as_tensor(np.nan_to_num(np.asarray(targets)), dtype=self.dtype)
-        return self._read(fields[:, None], moves)[:, 0].numpy()
+        fields = torch.as_tensor(
+            np.nan_to_num(np.asarray(targets)), dtype=self.dtype, device=self.device
+        )
+        return self._read(fields[:, None], moves)[:, 0].cpu().numpy()
 
     def outputs_from_lagrangian(self, outputs) -> np.ndarray:
-        """Advect Lagrangian outputs (lead, y, x) forward to their valid times (lead k by k
-        steps), 0 where a trajectory starts outside the domain."""
-        fields = torch.as_tensor(outputs, dtype=self.dtype)[:, None]
+        """Advect Lagrangian outputs (lead, y, x; finite, NumPy or a tensor on any device)
+        forward to their valid times (lead k by k steps), 0 where a trajectory starts outside
+        the domain; a NumPy array."""
+        fields = torch.as_tensor(outputs, dtype=self.dtype, device=self.device)[:, None]
         moved = self._read(fields, self.forward(fields.shape[0]))
-        return moved[:, 0].numpy().astype(np.float32, copy=False)
+        return moved[:, 0].cpu().numpy().astype(np.float32, copy=False)
 
 
 def _identity(values):

@@ -59,7 +59,11 @@ class ModelNowcast:
         frame counted back from the last (:func:`nowcast.windows.frame_stride`); any other
         spacing is refused.
     device : str or torch.device, optional
-        Where the model runs; by default CUDA when available, else the CPU.
+        Where the model (and a Lagrangian model's frame transport) runs; by default CUDA when
+        available, else the CPU.
+    compile : bool, optional
+        Run the network through ``torch.compile`` (worth it on a GPU for repeated forecasts:
+        the first call compiles), by default False.
     name : str, optional
         Method name recorded in the forecasts, by default ``"model"``.
 
@@ -82,6 +86,7 @@ class ModelNowcast:
         frame: str = "eulerian",
         motion_stride: int = DEFAULT_MOTION_STRIDE,
         calibrated: bool = True,
+        compile: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         if (checkpoint is None) == (model is None):
@@ -112,6 +117,8 @@ class ModelNowcast:
             self.n_target_frames = getattr(model, "n_target_frames", None)
             self.model_name = type(model).__name__
         self.model = model.to(self.device).eval()
+        if compile:
+            self.model = torch.compile(self.model)
         self.normalization = dict(normalization)
         self.transform = transforms.get_method(self.normalization["method"])
         self.n_input_frames = int(n_input_frames)
@@ -148,7 +155,7 @@ class ModelNowcast:
             # One set of trajectories moves the inputs in and the outputs out (nowcast.warp).
             n_steps = max(rain_rate.shape[0] - 1, self.n_target_frames or 1)
             lagrangian = LagrangianFrame.of_inputs(
-                rain_rate, self.motion_stride, n_steps, velocity=velocity
+                rain_rate, self.motion_stride, n_steps, velocity=velocity, device=self.device
             )
             rain_rate = lagrangian.inputs_to_lagrangian(rain_rate)
         normalized = self.transform.forward(rain_rate, params)
@@ -158,9 +165,11 @@ class ModelNowcast:
         with torch.inference_mode():
             prediction = self.model(frames)[0, :, 0].float()
             rain = self.transform.inverse(prediction, params)
-            rain = torch.clamp(rain, min=0.0).cpu()
+            rain = torch.clamp(rain, min=0.0)
             if self.frame == "lagrangian":
                 rain = lagrangian.outputs_from_lagrangian(rain)
+            else:
+                rain = rain.cpu().numpy()
         rain = np.asarray(rain, dtype=np.float32)
         if self.calibration:
             rain = apply_calibration(rain, self.calibration)
