@@ -125,6 +125,31 @@ def _natural_earth(scale: str, category: str, name: str) -> cfeature.Feature | N
     return _shapefile_feature(local)
 
 
+class ShapefileFeature(cfeature.Feature):
+    """The geometries of a lon/lat shapefile, drawn only where they meet the map.
+
+    Not a :class:`cartopy.feature.ShapelyFeature`: cartopy projects every geometry of one of
+    those onto every map (to keep per-geometry colours stable under pan and zoom), while a
+    plain feature gets only the geometries that intersect the axes' extent, as cartopy's own
+    Natural Earth features do. For a radar map and the global GSHHS coastline that is a few
+    polygons instead of 790, and the same pixels: ``nowcast predict``'s map takes ~0.5 s less.
+
+    Parameters
+    ----------
+    geometries : iterable of shapely geometries
+        In longitude/latitude.
+    **kwargs
+        Drawing keyword arguments, as for any cartopy feature.
+    """
+
+    def __init__(self, geometries, **kwargs):
+        super().__init__(ccrs.PlateCarree(), **kwargs)
+        self._geometries = tuple(geometries)
+
+    def geometries(self):
+        return iter(self._geometries)
+
+
 def _shapefile_feature(path: Path) -> cfeature.Feature:
     """A feature of every geometry in a lon/lat shapefile."""
     # pyshp logs a line per GSHHS polygon made only of holes (harmless for outlines).
@@ -135,7 +160,7 @@ def _shapefile_feature(path: Path) -> cfeature.Feature:
         geometries = tuple(shapereader.Reader(path).geometries())
     finally:
         shapefile_logger.setLevel(level)
-    return cfeature.ShapelyFeature(geometries, ccrs.PlateCarree())
+    return ShapefileFeature(geometries)
 
 
 def _download_natural_earth(scale: str, category: str, name: str) -> Path | None:
