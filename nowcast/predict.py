@@ -34,20 +34,75 @@ class InputFramesError(ConfigError):
 
 @dataclass
 class PredictResult:
+    """What :func:`predict` wrote, and how long each of its stages took.
+
+    Attributes
+    ----------
+    netcdf, map_png : str
+        The files written.
+    reference_time : str
+        Time of the last input frame (ISO 8601).
+    seconds : dict of str to float
+        Wall seconds of each stage, in order: ``load_model`` (the checkpoint), ``read_inputs``,
+        ``model`` (motion, transport and network), ``netcdf`` and ``map``. Together they are
+        the work of a forecast; imports are not in any stage.
+    note : str, optional
+        How the model's timestep reads the source (:func:`nowcast.windows.stride_note`), if
+        not 1:1.
+    """
+
     netcdf: str
     map_png: str
     reference_time: str
     seconds: dict
-    #: How the model's timestep reads the source (:func:`nowcast.windows.stride_note`), if not 1:1.
     note: str | None = None
 
-    def summary(self) -> str:
+    @property
+    def work_seconds(self) -> float:
+        """Seconds of all the stages together."""
+        return sum(self.seconds.values())
+
+    def process_timings(self, startup: float, wall: float) -> dict:
+        """The stage timings within the process that ran them (``nowcast predict``).
+
+        Parameters
+        ----------
+        startup : float
+            Seconds from the process start to the start of the work (interpreter, imports,
+            configuration).
+        wall : float
+            Seconds from the process start to the end of the work.
+
+        Returns
+        -------
+        dict
+            ``stages_s`` (:attr:`seconds`), ``work_s`` (their sum), ``startup_s``, ``wall_s``
+            and ``overhead_s`` (``wall_s - work_s``: start-up and whatever no stage covers).
+        """
+        work = self.work_seconds
+        return {
+            "stages_s": dict(self.seconds),
+            "work_s": work,
+            "startup_s": startup,
+            "wall_s": wall,
+            "overhead_s": wall - work,
+        }
+
+    def summary(self, timings: dict | None = None) -> str:
+        """Lines for the user: files, stage timings and, given :meth:`process_timings`, the
+        process's start-up and wall time."""
         timing = ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items())
         note = f"note: {self.note}\n" if self.note else ""
-        return (
+        text = (
             f"{note}nowcast from {self.reference_time}\n  NetCDF: {self.netcdf}\n"
-            f"  map: {self.map_png}\n  timing: {timing}"
+            f"  map: {self.map_png}\n  timing: {timing} (work {self.work_seconds:.2f} s)"
         )
+        if timings is not None:
+            text += (
+                f"\n  process: start-up {timings['startup_s']:.2f} s (interpreter, imports), "
+                f"wall {timings['wall_s']:.2f} s, overhead {timings['overhead_s']:.2f} s"
+            )
+        return text
 
 
 def _required_times(reference: pd.Timestamp, n_frames: int, step: int) -> list[pd.Timestamp]:
