@@ -1,9 +1,10 @@
 """Ingest stage: catalog source -> CF zarr cube of rain rate (mm/h), streamed block by block.
 
 Memory does not grow with the archive: the store is created empty (metadata and coordinates),
-then each Dask task decodes one time chunk of frames and writes it into its region of the store
-itself. Only a small status record per frame comes back to the client, a bounded number of
-tasks is in flight, and every finished future is released at once.
+then each task decodes one time chunk of frames and writes it into its region of the store
+itself. Only a small status record per frame comes back, a bounded number of tasks is in
+flight, and every finished future is released at once. The tasks run on a Dask cluster or,
+for a small job (:data:`IN_PROCESS_MAX_FRAMES`), on a thread pool of this process.
 
 The store is built at ``<cube>.zarr.partial/cube.zarr`` and renamed to ``<cube>.zarr`` only
 when complete. Each finished block leaves ``<cube>.zarr.partial/blocks/<n>.json`` (its status
@@ -15,7 +16,6 @@ starts over. ``<cube>.zarr.lock`` keeps two ingests of one cube apart.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -47,13 +47,19 @@ from .io.cube import (
 )
 from .io.radar import FrameReadError, Grid, GridMismatchError, read_frame, read_grid
 from .io.synthetic import SyntheticParams, synthetic_frame, synthetic_grid
-from .parallel import dask_client
+from .parallel import IN_PROCESS, active_client, bounded_results, task_executor
 
 # Free space must exceed the estimate by this factor: compression varies with the weather.
 DISK_SAFETY_FACTOR = 1.5
 # Frames decoded to estimate the size: on the BoM day 3 evenly spread frames gave 26 % of the
 # stored size (dry morning), 8 gave 88 %, 16 gave 93 %.
 N_ESTIMATE_SAMPLES = 8
+# Jobs up to this many frames run in a thread pool of this process when no scheduler is given.
+# Decoding holds a process-wide netCDF lock (4.5 ms a BoM frame of ~12 ms CPU), so more cores
+# need worker processes, but a local cluster takes ~5 s to start and close: at 8 cores it pays
+# off from ~1700 frames. On 2 cores it never did (BoM, 720 frames: 18-23 s vs 46-52 s).
+IN_PROCESS_MAX_FRAMES = 2000
+IN_PROCESS_MAX_FRAMES_VARIABLE = "NOWCAST_INGEST_IN_PROCESS_MAX_FRAMES"
 
 
 @dataclass
@@ -219,7 +225,12 @@ def ingest(
     start, end : datetime, optional
         Restrict the time range (default: the catalog's, else all files found).
     scheduler : str, optional
-        Dask scheduler address, ``"threads"``, or None for a local cluster.
+        Where the blocks are decoded and written: a Dask scheduler address, ``"processes"``
+        (a new local process cluster), ``"threads"`` (an in-process Dask cluster),
+        ``"in-process"`` (a thread pool of this process, no cluster), or None: an active Dask
+        client if there is one, else in-process for a job of at most
+        :func:`in_process_max_frames` frames and a new local process cluster above that.
+        The store written is the same either way.
     strict : bool
         Make unreadable files fatal instead of skipping them.
     append : bool
@@ -479,46 +490,45 @@ def _finished_blocks(store: str, blocks: list[Block]) -> dict[int, list[dict]]:
 
 
 def _run_blocks(todo, done, source, grid, store, old_store, scheduler, strict, progress):
-    """Write the missing blocks on the cluster; return every frame's status in time order.
+    """Write the missing blocks; return every frame's status in time order.
 
-    At most a few tasks per worker thread are in flight, and each finished future is released
-    at once, so neither the workers nor the scheduler hold more than a few blocks.
+    At most two tasks per worker thread are in flight (:func:`nowcast.parallel.bounded_results`),
+    so neither the workers nor the scheduler hold more than a few blocks.
     """
-    from distributed import as_completed
-
     results = dict(done)
     for statuses in done.values():
         _check_statuses(statuses, strict)
     if todo:
-        with dask_client(scheduler) as client:
-            limit = max(2, 2 * sum(client.nthreads().values()))
-            grid_future = client.scatter(grid, broadcast=True)
-            queue = iter(todo)
-
-            index_of: dict[str, int] = {}
-
-            def submit(block: Block):
-                future = client.submit(
-                    _write_block, block, source, grid_future, store, old_store, pure=False
-                )
-                index_of[future.key] = block.index
-                return future
-
-            pending = as_completed([submit(b) for b in itertools.islice(queue, limit)])
+        with task_executor(_executor_kind(scheduler, todo)) as tasks:
+            args = (source, tasks.share(grid), store, old_store)
+            n = 2 * tasks.n_threads
+            finished = bounded_results(tasks.executor, _write_block, todo, *args, in_flight=n)
             bar = tqdm(total=len(todo), unit="block", desc="ingest", disable=not progress)
-            for future in pending:
-                statuses = future.result()
-                results[index_of.pop(future.key)] = statuses
-                future.release()
-                del future
+            for block, statuses in finished:
+                results[block.index] = statuses
                 _check_statuses(statuses, strict)
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending.add(submit(nxt))
                 bar.update()
             bar.close()
     order = sorted(results)
     return [s for index in order for s in results[index]]
+
+
+def in_process_max_frames() -> int:
+    """Largest job (frames to write) that runs in this process when no scheduler is given:
+    ``NOWCAST_INGEST_IN_PROCESS_MAX_FRAMES``, default :data:`IN_PROCESS_MAX_FRAMES`."""
+    value = os.environ.get(IN_PROCESS_MAX_FRAMES_VARIABLE, "").strip() or IN_PROCESS_MAX_FRAMES
+    if not str(value).isdigit():
+        raise ConfigError(f"{IN_PROCESS_MAX_FRAMES_VARIABLE}={value!r}: not a whole number")
+    return int(value)
+
+
+def _executor_kind(scheduler: str | None, todo: list[Block]) -> str | None:
+    """The ``scheduler`` for :func:`nowcast.parallel.task_executor`: as given, else an active
+    Dask client, else in-process for a small job and a new local cluster for a large one."""
+    if scheduler is not None or active_client() is not None:
+        return scheduler
+    n_frames = sum(len(block.items) for block in todo)
+    return IN_PROCESS if n_frames <= in_process_max_frames() else None
 
 
 def _check_statuses(statuses: list[dict], strict: bool) -> None:

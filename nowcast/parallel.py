@@ -1,9 +1,14 @@
-"""Dask cluster handling shared by the stages.
+"""Dask cluster handling shared by the stages, and the executor of a stage's tasks.
 
 By default a stage starts a ``LocalCluster`` with one single-threaded worker process per core
 (HDF5 and netCDF decoders hold a global lock, so threads would serialise them). ``scheduler``
 may instead be the address of an existing cluster (``tcp://host:8786``) to scale out, or
 ``"threads"`` for an in-process cluster (tests, notebooks).
+
+:func:`task_executor` hands a stage a :class:`concurrent.futures.Executor` instead of a client:
+a thread pool of this process (``scheduler="in-process"``: no cluster to start, which is most
+of a small job's time) or the executor of a distributed client (:meth:`Client.get_executor`).
+The stage's task loop (:func:`bounded_results`) is then one code path for both.
 
 A local cluster never spills to disk (``distributed.worker.memory.target/spill: False``): the
 stages keep their working set bounded instead, and a spilled archive would fill the disk. Its
@@ -16,17 +21,23 @@ itself, so the run directories are ours to clean.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import itertools
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_client
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: ``scheduler`` value of :func:`task_executor` for a thread pool of this process.
+IN_PROCESS = "in-process"
 
 
 def default_n_workers() -> int:
@@ -53,7 +64,7 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None):
             client.close()
         return
     if scheduler is None:
-        active = _active_client()
+        active = active_client()
         if active is not None:
             yield active
             return
@@ -117,13 +128,90 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _active_client() -> Client | None:
-    from distributed import get_client
-
+def active_client() -> Client | None:
+    """The Dask client this process already has (``Client(...)`` made earlier), or None."""
     try:
         return get_client()
     except ValueError:
         return None
+
+
+@dataclass
+class TaskExecutor:
+    """Where a stage's tasks run.
+
+    Attributes
+    ----------
+    executor : concurrent.futures.Executor
+        A thread pool of this process, or a distributed client's executor.
+    n_threads : int
+        Worker threads in all (sizes how many tasks to keep in flight).
+    share : callable
+        ``share(obj)`` returns what to pass to every task instead of ``obj``: ``obj`` itself
+        in-process, a future of ``obj`` already on every worker on a cluster (sent once).
+    """
+
+    executor: cf.Executor
+    n_threads: int
+    share: Callable[[object], object]
+
+
+@contextmanager
+def task_executor(scheduler: str | None = None, n_workers: int | None = None):
+    """Yield a :class:`TaskExecutor`, starting (and closing) what it needs.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        ``"in-process"`` for a thread pool of this process; anything else as for
+        :func:`dask_client` (None: an active client, else a new local process cluster).
+    n_workers : int, optional
+        Threads of the pool, or workers of a new local cluster; default one per core.
+    """
+    if scheduler == IN_PROCESS:
+        n_threads = n_workers or default_n_workers()
+        pool = cf.ThreadPoolExecutor(n_threads, thread_name_prefix="nowcast-task")
+        try:
+            yield TaskExecutor(pool, n_threads, lambda obj: obj)
+        finally:
+            # After an error, queued tasks are dropped; running ones finish their block.
+            pool.shutdown(wait=True, cancel_futures=True)
+        return
+    with dask_client(scheduler, n_workers) as client:
+        executor = client.get_executor(pure=False)
+        yield TaskExecutor(
+            executor,
+            sum(client.nthreads().values()),
+            lambda obj: client.scatter(obj, broadcast=True),
+        )
+
+
+def bounded_results(
+    executor: cf.Executor, fn: Callable, items: Iterable, *args, in_flight: int
+) -> Iterator[tuple[object, object]]:
+    """Run ``fn(item, *args)`` for every item; yield ``(item, result)`` as each one finishes.
+
+    At most ``in_flight`` tasks are submitted at a time and a finished future is dropped as
+    soon as its result is taken, so neither the workers nor the scheduler ever hold more than
+    a few results, however many items there are. A task's exception is raised here.
+    """
+    queue = iter(items)
+    pending: dict[cf.Future, object] = {}
+
+    def submit(item) -> None:
+        pending[executor.submit(fn, item, *args)] = item
+
+    for item in itertools.islice(queue, max(1, in_flight)):
+        submit(item)
+    while pending:
+        finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+        for future in finished:
+            item = pending.pop(future)
+            result = future.result()
+            del future
+            yield item, result
+            for nxt in itertools.islice(queue, 1):
+                submit(nxt)
 
 
 def show_progress(futures) -> None:
