@@ -154,19 +154,14 @@ def test_cell_inference_path_computes_the_training_equations(peephole, norm):
                 weight.normal_()
     x = torch.randn(2, 3, 9, 7)
     state = (torch.randn(2, 8, 9, 7), torch.randn(2, 8, 9, 7))
-    with torch.no_grad():
-        expected = cell(x, state)
-    with torch.inference_mode():
-        fused = cell(x, state)
-    for got, want in zip(fused, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     empty = ConvLSTMCell(0, 8, peephole=peephole)  # input-less: the forecaster's first layer
-    with torch.no_grad():
-        expected = empty(None, state)
-    with torch.inference_mode():
-        fused = empty(None, state)
-    for got, want in zip(fused, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for model, inputs in ((cell, x), (empty, None)):
+        with torch.no_grad():
+            expected = model(inputs, state)
+        with torch.inference_mode():
+            fused = model(inputs, state)
+        for got, want in zip(fused, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 # --- Encoder-forecaster -------------------------------------------------------------------------
