@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from pysteps.verification.detcatscores import det_cat_fct
@@ -128,6 +128,8 @@ def test_contingency_scores_equal_pysteps_on_valid_pairs(pair, thresholds):
 
 @SETTINGS
 @given(field_pairs(with_starts=False))
+# A float32 square of 1e-45 underflows to 0 in pysteps, and must here too.
+@example((np.zeros((1, 1, 1), np.float32), np.full((1, 1, 1), 1e-45, np.float32)))
 def test_continuous_scores_equal_pysteps(pair):
     forecast, observation = pair
     lead_times = np.arange(forecast.shape[0]) * 10.0
@@ -328,8 +330,8 @@ def test_contingency_counts_equal_per_threshold_counts_with_ties_and_nans(dtype)
 
 
 def test_continuous_sums_of_a_large_float32_frame_match_float64_sums():
-    # Errors are formed in float32, as in det_cont_fct, and summed in float64: float32 errors and
-    # their squares are exact in float64, so the sums agree with float64 sums to rounding.
+    # Errors, their absolute values and squares are formed in float32, as in det_cont_fct, and
+    # summed in float64: the sums agree with float64 sums of the same float32 terms to rounding.
     rng = np.random.default_rng(12)
     shape = (2, 300, 301)
     observation = np.where(rng.random(shape) < 0.4, rng.gamma(0.6, 8.0, shape), 0.0)
@@ -338,24 +340,26 @@ def test_continuous_sums_of_a_large_float32_frame_match_float64_sums():
     forecast, observation = forecast.astype(np.float32), observation.astype(np.float32)
     sums = continuous_sums(forecast, observation)
     for lead in range(shape[0]):
-        error = (forecast[lead] - observation[lead]).astype(np.float64)
+        error = forecast[lead] - observation[lead]
         valid = np.isfinite(error)
         error = error[valid]
+        absolute, squared = np.abs(error).astype(np.float64), (error * error).astype(np.float64)
         weights = balanced_weights(observation[lead][valid].astype(np.float64))
         assert sums["n"][lead] == valid.sum()
         # The signed errors cancel, so their tolerance scales with the absolute errors.
         np.testing.assert_allclose(
-            sums["sum_error"][lead], error.sum(), rtol=0, atol=1e-12 * np.abs(error).sum()
+            sums["sum_error"][lead],
+            error.astype(np.float64).sum(),
+            rtol=0,
+            atol=1e-12 * absolute.sum(),
+        )
+        np.testing.assert_allclose(sums["sum_absolute_error"][lead], absolute.sum(), rtol=1e-12)
+        np.testing.assert_allclose(sums["sum_squared_error"][lead], squared.sum(), rtol=1e-12)
+        np.testing.assert_allclose(
+            sums["sum_weighted_absolute_error"][lead], (weights * absolute).sum(), rtol=1e-12
         )
         np.testing.assert_allclose(
-            sums["sum_absolute_error"][lead], np.abs(error).sum(), rtol=1e-12
-        )
-        np.testing.assert_allclose(sums["sum_squared_error"][lead], (error**2).sum(), rtol=1e-12)
-        np.testing.assert_allclose(
-            sums["sum_weighted_absolute_error"][lead], (weights * np.abs(error)).sum(), rtol=1e-12
-        )
-        np.testing.assert_allclose(
-            sums["sum_weighted_squared_error"][lead], (weights * error**2).sum(), rtol=1e-12
+            sums["sum_weighted_squared_error"][lead], (weights * squared).sum(), rtol=1e-12
         )
 
 

@@ -153,12 +153,13 @@ def sum_errors(forecast, observation, base_weight, edges, steps, infinity, sums,
         ``inf`` in the data's dtype.
     sums : numpy.ndarray
         float64 (n_frames, 6), filled with ``n, sum e, sum |e|, sum e^2, sum w |e|,
-        sum w e^2`` where ``e = forecast - observation`` (in the data dtype, as
-        ``det_cont_fct``) and a pair is valid when ``e`` is finite.
+        sum w e^2`` where ``e = forecast - observation`` and a pair is valid when ``e`` is
+        finite. ``e``, ``|e|`` and ``e^2`` are formed in the data dtype, as in ``det_cont_fct``.
     first, stop : int
         The frames to sum.
     """
     n_pixels = forecast.shape[1]
+    zero = np.zeros(1, forecast.dtype)[0]  # in the data dtype, so that errors stay in it
     for frame in range(first, stop):
         forecast_values, observed_values = forecast[frame], observation[frame]
         n_valid = 0
@@ -169,11 +170,15 @@ def sum_errors(forecast, observation, base_weight, edges, steps, infinity, sums,
             error = forecast_values[i] - obs
             valid = abs(error) < infinity
             n_valid += valid
-            error = np.float64(error) if valid else 0.0
+            error = error if valid else zero
             weight = base_weight
             for j in range(len(edges)):
                 weight += steps[j] if obs >= edges[j] else 0.0
-            absolute, squared = abs(error), error * error
+            # e^2 in the data dtype, as det_cont_fct forms it (a float32 square can underflow
+            # to 0, and must, to equal pysteps); |e| is exact in any dtype. Sums are float64.
+            squared = np.float64(error * error)
+            error = np.float64(error)
+            absolute = abs(error)
             sum_error += error
             sum_absolute += absolute
             sum_squared += squared
