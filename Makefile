@@ -22,7 +22,7 @@ ARGS ?=
 
 STAMP := $(VENV)/.installed
 
-.PHONY: system-deps setup data ingest patches train evaluate evaluate-source calibrate export predict skill compare test lint format bench demo clean
+.PHONY: system-deps setup data ingest patches train evaluate evaluate-source calibrate export predict skill compare test lint format bench demo lab clean
 
 # System libraries from Debian: udunits2 for the CF checker, GSHHS coastlines for offline maps.
 # Installed when we are root with apt-get (CI, containers); otherwise a note is printed.
@@ -42,7 +42,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	# torch first, pinned, so the dependency resolver never picks a CUDA build.
 	$(PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install -e ".[dev,notebooks]"
+	# Not the notebooks extra: JupyterLab's jupyter-events brings jsonschema's format checkers,
+	# whose rfc3987_syntax grammar costs every fresh `nowcast` process ~1 s when pysteps imports
+	# jsonschema. `make lab` adds it when wanted.
+	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -98,6 +101,10 @@ compare: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m pipelines.demo $(ARGS)
+
+lab: $(STAMP)
+	$(PY) -m pip install -q -e ".[notebooks]"
+	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
 	rm -rf runs data/cubes data/patches
