@@ -12,7 +12,8 @@ Interleaved with them, in new processes too:
 
 - the same ingest forced onto a new local process cluster (``--scheduler processes``), what a
   cold ingest cost before small jobs ran in-process;
-- a bare ``import nowcast.ingest, pysteps``: the imports alone, the floor of a cold ingest.
+- a bare ``import nowcast.ingest, pysteps``: the imports alone, the floor of a cold ingest
+  (the catalog's importer check imports pysteps), and ``import pysteps`` alone.
 
 And in this process: a bare parallel decode of the files with netCDF4 on a warm process pool
 (the limit), and ``nowcast ingest`` on a warm local cluster (workers already up, as on a
@@ -75,12 +76,13 @@ def _fresh(args: list[str]) -> float:
 def _cold_runs(job_file: str, cube_dir: str, repeats: int) -> dict[str, list[float]]:
     """The fresh-process runs, interleaved so that a change of load hits them all alike."""
     ingest_cli = ["-m", "nowcast.cli", "ingest", "bom", "--cube-dir", cube_dir, "--force"]
-    runs = {"pysteps": [], "ingest": [], "ingest_cluster": [], "imports": []}
+    runs = {"pysteps": [], "ingest": [], "ingest_cluster": [], "imports": [], "import_pysteps": []}
     for _ in range(repeats):
         runs["pysteps"].append(_fresh(["-c", PYSTEPS_SCRIPT, job_file]))
         runs["ingest"].append(_fresh(ingest_cli))
         runs["ingest_cluster"].append(_fresh([*ingest_cli, "--scheduler", "processes"]))
         runs["imports"].append(_fresh(["-c", "import nowcast.ingest, pysteps"]))
+        runs["import_pysteps"].append(_fresh(["-c", "import pysteps"]))
     return runs
 
 
@@ -123,6 +125,7 @@ def bench(repeats: int = 3) -> dict:
         "nowcast_ingest_cold_s": median["ingest"],
         "nowcast_ingest_cold_new_cluster_s": median["ingest_cluster"],
         "imports_s": median["imports"],
+        "import_pysteps_s": median["import_pysteps"],
         "bare_parallel_decode_s": t_bare,
         "nowcast_ingest_warm_s": t_warm,
         "speedup_vs_pysteps_cold": median["pysteps"] / median["ingest"],
@@ -147,6 +150,7 @@ def main() -> dict:
         ("nowcast ingest (small job: in-process)", f"{r['nowcast_ingest_cold_s']:.2f} s"),
         ("nowcast ingest, new local cluster", f"{r['nowcast_ingest_cold_new_cluster_s']:.2f} s"),
         ("  of which imports (nowcast.ingest, pysteps)", f"{r['imports_s']:.2f} s"),
+        ("    of which import pysteps", f"{r['import_pysteps_s']:.2f} s"),
         ("bare parallel decode (netCDF4, warm pool)", f"{r['bare_parallel_decode_s']:.2f} s"),
         ("nowcast ingest, warm cluster", f"{r['nowcast_ingest_warm_s']:.2f} s"),
         (

@@ -205,10 +205,10 @@ def bounded_results(
         submit(item)
     while pending:
         finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-        for future in finished:
-            item = pending.pop(future)
-            result = future.result()
-            del future
+        while finished:
+            future = finished.pop()
+            item, result = pending.pop(future), future.result()
+            del future  # the last reference: a distributed future releases its result now
             yield item, result
             for nxt in itertools.islice(queue, 1):
                 submit(nxt)
