@@ -330,8 +330,9 @@ def describe_cube(ds) -> str:
     """A short human summary of a cube."""
     rain = ds["rain_rate"]
     valid = ds["frame_valid"].values
-    wet = float((rain >= 0.1).mean().compute())
-    peak = float(rain.max().compute())
+    # One pass over the cube for both numbers (two .compute() calls would read it twice).
+    stats = xr.Dataset({"wet": (rain >= 0.1).mean(), "peak": rain.max()}).compute()
+    wet, peak = float(stats["wet"]), float(stats["peak"])
     return (
         f"grid {ds.sizes['y']}x{ds.sizes['x']}, {ds.sizes['time']} times "
         f"({str(ds.time.values[0])[:16]} .. {str(ds.time.values[-1])[:16]}, "
