@@ -87,7 +87,9 @@ def section_setup(scale: dict) -> str:
             f"- Patches: {spec['patch_size']}-pixel patches every {spec['stride']} pixels, 6 + 6 "
             "frames, splits 60/20/20 %. Evaluate: persistence and extrapolation on a test split "
             "of 80 % of the archive, no figures.",
-            "- Each stage runs in a fresh process with its default cluster; *call* is the "
+            "- Each stage runs in a fresh process where it runs by default (ingest of at most "
+            "2000 frames in-process on a thread pool, the other stages on their default local "
+            "cluster); *call* is the "
             "library call, *wall* the process (with imports and cluster start-up); peak RSS is "
             "the summed resident memory of the process tree sampled every 50 ms; *written* is "
             "the size on disk of what the stage wrote.",
@@ -182,8 +184,9 @@ def section_cost_model(scale: dict, marginal: dict) -> str:
         "The marginal cost is the slope between the shortest and the longest archive, so the "
         "fixed cost of a run (interpreter, imports, cluster start-up, normalization fit) drops "
         f"out. Per megapixel: divided by {spec['shape']}^2 / 10^6 = {num(megapixels)} Mpx. The "
-        "seconds are wall seconds of the stage's default local cluster on this machine.\n\n"
-        + table(header, rows)
+        "seconds are wall seconds of the stage's default executor on this machine (ingest: "
+        "in-process up to 2000 frames, so a year's ingest, on a cluster, is projected from the "
+        "cluster section below).\n\n" + table(header, rows)
     )
 
 
