@@ -11,7 +11,7 @@ The motion is kept on a coarse grid (:func:`nowcast.motion.coarse_motion_field`,
 :mod:`nowcast.warp` (the semi-Lagrangian trajectories of pysteps, bilinear reads by
 ``grid_sample``): the load-time warp of the patch store and the nowcast of a Lagrangian model are
 the same computation, on a patch and on the whole domain. On the 512 x 512 BoM grid a 6-in,
-6-out nowcast moves its 11 frames in about 0.05 s where 73 ``scipy.ndimage.map_coordinates``
+6-out nowcast moves its 11 frames in about 0.06 s where 73 ``scipy.ndimage.map_coordinates``
 calls along pysteps' full-resolution trajectories took 0.52 s (benchmarks/bench_evaluate.py).
 """
 

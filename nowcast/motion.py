@@ -7,8 +7,8 @@ all use this one recipe, so they share one motion (an evaluation computes it onc
 
 The Lagrangian model and patch store keep the field on a coarse grid, a node every ``stride``
 pixels (:func:`coarse_motion`), read bilinearly in between (:func:`nowcast.warp.motion_at`).
-:func:`coarse_motion_field` computes those nodes directly: pysteps' dense LK spends 85 % of its
-time (0.45 of 0.53 s on the 512 x 512 BoM grid) interpolating its few hundred sparse vectors to
+:func:`coarse_motion_field` computes those nodes directly: pysteps' dense LK spends 80 % of its
+time (0.52 of 0.65 s on the 512 x 512 BoM grid) interpolating its few hundred sparse vectors to
 every pixel, while the nodes of an 8-pixel grid are 64 times fewer.
 """
 
@@ -141,7 +141,7 @@ def coarse_motion_field(rain_rate: np.ndarray, stride: int) -> np.ndarray:
     """``coarse_motion(motion_field(rain_rate), stride)``, without the full-resolution field.
 
     pysteps' own inverse-distance interpolation (``idwinterp2d``) of the sparse LK vectors
-    (:func:`lk_vectors`), evaluated at the node pixels only: 0.05 s instead of 0.53 s for
+    (:func:`lk_vectors`), evaluated at the node pixels only: about 0.1 s instead of 0.65 s for
     :func:`motion_field` on the 512 x 512 BoM grid at stride 8 (benchmarks/bench_evaluate.py).
     The result equals the coarse sampling of the full field to float rounding (tested).
 

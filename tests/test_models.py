@@ -142,28 +142,6 @@ def test_cell_peephole_terms_follow_shi_equations():
     torch.testing.assert_close(h, h_expected)
 
 
-@pytest.mark.parametrize("peephole", [True, False])
-@pytest.mark.parametrize("norm", [None, "group"])
-def test_cell_inference_path_computes_the_training_equations(peephole, norm):
-    """Under inference_mode the cell runs its fused in-place gate arithmetic: same numbers."""
-    torch.manual_seed(1)
-    cell = ConvLSTMCell(3, 8, peephole=peephole, norm=norm)
-    if peephole:
-        with torch.no_grad():
-            for weight in (cell.peephole_input, cell.peephole_forget, cell.peephole_output):
-                weight.normal_()
-    x = torch.randn(2, 3, 9, 7)
-    state = (torch.randn(2, 8, 9, 7), torch.randn(2, 8, 9, 7))
-    empty = ConvLSTMCell(0, 8, peephole=peephole)  # input-less: the forecaster's first layer
-    for model, inputs in ((cell, x), (empty, None)):
-        with torch.no_grad():
-            expected = model(inputs, state)
-        with torch.inference_mode():
-            fused = model(inputs, state)
-        for got, want in zip(fused, expected, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-
-
 # --- Encoder-forecaster -------------------------------------------------------------------------
 
 
