@@ -29,12 +29,11 @@ import torch
 import xarray as xr
 
 from benchmarks.common import save, table
-from nowcast.catalog import list_frames
 from nowcast.checkpoint import PRETRAINED_CHECKPOINT
 from nowcast.config import load_catalog
-from nowcast.io.radar import read_frame, read_grid
 from nowcast.models import count_parameters
 from nowcast.nowcasts import ModelNowcast, get_method
+from nowcast.predict import inputs_from_files
 from nowcast.verification import (
     contingency_accum,
     contingency_compute,
@@ -61,24 +60,15 @@ PROFILE_PARTS = (
 )
 
 
-def bom_frames(start, end) -> xr.DataArray:
-    """BoM frames from ``start`` to ``end`` (inclusive), read through the catalog's decoder."""
-    source = load_catalog()["bom"]
-    frames = list_frames(source, start=start, end=end)
-    grid = read_grid(source, frames[0].path)
-    values = np.stack([read_frame(source, frame.path, grid) for frame in frames])
-    return xr.DataArray(
-        values,
-        dims=("time", "y", "x"),
-        coords={"time": [np.datetime64(f.time, "ns") for f in frames], "y": grid.y, "x": grid.x},
-        attrs={"crs_wkt": grid.crs_wkt},
-    )
+def bom_frames(end, n_frames: int) -> xr.DataArray:
+    """The ``n_frames`` BoM frames up to ``end``, read from the raw files as ``nowcast predict
+    --from-files`` reads them."""
+    return inputs_from_files(load_catalog(), "bom", pd.Timestamp(end), n_frames, 10)
 
 
 def bom_inputs(reference=REFERENCE_TIME) -> xr.DataArray:
     """The 6 input frames up to ``reference``."""
-    start = pd.Timestamp(reference) - pd.Timedelta(minutes=10 * (N_INPUT - 1))
-    return bom_frames(start, pd.Timestamp(reference))
+    return bom_frames(reference, N_INPUT)
 
 
 def interleaved_medians(calls: dict, n_runs: int = N_RUNS) -> dict[str, float]:

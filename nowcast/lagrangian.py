@@ -67,6 +67,9 @@ class LagrangianFrame:
     >>> frame = LagrangianFrame.of_inputs(rain_rate, stride=8, n_steps=6)
     >>> moved_inputs = frame.inputs_to_lagrangian(rain_rate)
     >>> forecast = frame.outputs_from_lagrangian(outputs)
+
+    Targets move back to the reference time along the negated motion: lead ``k`` by ``k``
+    steps is ``LagrangianFrame(-coarse, ...).outputs_from_lagrangian(targets)``.
     """
 
     def __init__(
@@ -141,17 +144,6 @@ class LagrangianFrame:
             stored, origins, (self.points + moves)[None], self.domain_shape, n_input, _identity
         )
         return moved[0].cpu().numpy().astype(np.float32, copy=False)
-
-    def targets_to_lagrangian(self, targets: np.ndarray) -> np.ndarray:
-        """Advect target frames (lead, y, x) back to the reference time (lead k by k steps).
-
-        Uses the backward trajectories (the motion negated), NaN as 0, 0 outside the domain.
-        """
-        moves = self._displacements(-self.coarse, targets.shape[0])
-        fields = torch.as_tensor(
-            np.nan_to_num(np.asarray(targets)), dtype=self.dtype, device=self.device
-        )
-        return self._read(fields[:, None], moves)[:, 0].cpu().numpy()
 
     def outputs_from_lagrangian(self, outputs) -> np.ndarray:
         """Advect Lagrangian outputs (lead, y, x; finite, NumPy or a tensor on any device)
