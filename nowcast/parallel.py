@@ -51,8 +51,9 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None):
     Parameters
     ----------
     scheduler : str, optional
-        ``None`` for a local process cluster, ``"threads"`` for an in-process cluster, or a
-        scheduler address. An already active client is reused when ``scheduler`` is None.
+        ``None`` or ``"processes"`` for a local process cluster, ``"threads"`` for an
+        in-process cluster, or a scheduler address. An already active client is reused when
+        ``scheduler`` is None (``"processes"`` always starts a new cluster).
     n_workers : int, optional
         Workers of a local cluster; default one per available core (at most 8).
     """
