@@ -115,9 +115,9 @@ def skill_cost(method: ModelNowcast) -> dict:
     CSI at :data:`SKILL_THRESHOLDS` (per lead time, and its mean over them) and MSE over the
     :data:`SKILL_STARTS` windows; the only difference between the two is the motion grid.
     """
-    frames = bom_frames(
-        SKILL_STARTS[0] - pd.Timedelta(minutes=50), SKILL_STARTS[-1] + pd.Timedelta(minutes=60)
-    )
+    end = SKILL_STARTS[-1] + pd.Timedelta(minutes=10 * N_LEAD)
+    n_frames = int((end - SKILL_STARTS[0]) / pd.Timedelta(minutes=10)) + N_INPUT
+    frames = bom_frames(end, n_frames)
     times = pd.DatetimeIndex(frames["time"].values)
     lead_times = np.arange(1, N_LEAD + 1) * 10
     strides = {"coarse": method.motion_stride, "full_resolution": 1}
