@@ -91,7 +91,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix nowcast pipelines tests benchmarks
 
 bench: $(STAMP)
-	$(PY) -m benchmarks $(ARGS)
+	$(PY) -m benchmarks $(ARGS); status=$$?; $(PY) -m benchmarks.performance_doc && exit $$status
 
 skill: $(STAMP)
 	$(PY) -m pipelines.skill $(ARGS)

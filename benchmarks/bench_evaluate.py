@@ -3,7 +3,8 @@
 One 60-minute nowcast (6 input frames at 10 min, 6 lead times) from the rainy 08:50 UTC start,
 as the evaluate and predict stages make it:
 
-* the model: the shipped pretrained one (:data:`nowcast.checkpoint.PRETRAINED_CHECKPOINT`, the
+* the model: the shipped pretrained one (:data:`nowcast.training.checkpoint.PRETRAINED_CHECKPOINT`,
+the
   Lagrangian residual ConvLSTM). Its time includes its own LK motion (on its coarse grid) and
   the Lagrangian transport of its inputs and outputs;
 * the peer: pysteps LK, the Lucas-Kanade motion on the last three frames in dB, then
@@ -29,19 +30,14 @@ import torch
 import xarray as xr
 
 from benchmarks.common import save, table
-from nowcast.checkpoint import PRETRAINED_CHECKPOINT
-from nowcast.config import load_catalog
-from nowcast.models import count_parameters
-from nowcast.nowcasts import ModelNowcast, get_method
+from nowcast.models.complexity import count_parameters
+from nowcast.nowcasts.interface import get_method
+from nowcast.nowcasts.model import ModelNowcast
 from nowcast.predict import inputs_from_files
-from nowcast.verification import (
-    contingency_accum,
-    contingency_compute,
-    contingency_init,
-    continuous_accum,
-    continuous_compute,
-    continuous_init,
-)
+from nowcast.sources.catalog import load_catalog
+from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT
+from nowcast.verification.detcat import contingency_accum, contingency_compute, contingency_init
+from nowcast.verification.detcont import continuous_accum, continuous_compute, continuous_init
 
 N_INPUT = N_LEAD = 6
 REFERENCE_TIME = datetime(2020, 10, 31, 8, 50)
@@ -120,7 +116,7 @@ def skill_cost(method: ModelNowcast) -> dict:
     frames = bom_frames(end, n_frames)
     times = pd.DatetimeIndex(frames["time"].values)
     lead_times = np.arange(1, N_LEAD + 1) * 10
-    strides = {"coarse": method.motion_stride, "full_resolution": 1}
+    strides = {"coarse": method.motion_node_spacing, "full_resolution": 1}
     tables = {name: contingency_init(lead_times, SKILL_THRESHOLDS) for name in strides}
     errors = {name: continuous_init(lead_times) for name in strides}
     for start in SKILL_STARTS:
@@ -128,11 +124,11 @@ def skill_cost(method: ModelNowcast) -> dict:
         inputs = frames.isel(time=slice(at - N_INPUT + 1, at + 1))
         observed = frames.values[at + 1 : at + 1 + N_LEAD][None]
         for name, stride in strides.items():
-            method.motion_stride = stride
+            method.motion_node_spacing = stride
             forecast = method(inputs, N_LEAD).values[None]
             contingency_accum(tables[name], forecast, observed)
             continuous_accum(errors[name], forecast, observed)
-    method.motion_stride = strides["coarse"]
+    method.motion_node_spacing = strides["coarse"]
     result = {"windows": len(SKILL_STARTS), "thresholds": list(SKILL_THRESHOLDS)}
     for name in strides:
         csi = contingency_compute(tables[name], ["CSI"])["CSI"]  # (lead, threshold)
@@ -162,7 +158,7 @@ def bench() -> dict:
         "reference_time": REFERENCE_TIME.isoformat(),
         "model": f"pretrained {PRETRAINED_CHECKPOINT.name}",
         "model_parameters": count_parameters(model.model),
-        "motion_stride": model.motion_stride,
+        "motion_stride": model.motion_node_spacing,
         "torch_threads": torch.get_num_threads(),
         "runs": N_RUNS,
         "model_s": medians["model"],

@@ -22,7 +22,8 @@ what it measured) and summarised in a printed table:
     Device name and capability, torch, CUDA and cuDNN versions, bf16 support, the TF32 flags,
     and the versions of the packages that ``nowcast`` imports (to check an install).
 ``train_step``
-    One training step as :func:`nowcast.train.train` does it (autocast forward, loss in fp32,
+    One training step as :func:`nowcast.training.loop.train` does it
+    (autocast forward, loss in fp32,
     ``GradScaler`` (enabled for fp16 only), backward, gradient clipping, fused AdamW on CUDA,
     ``loss.item()``), for the model, loss, batch size, frames and patch size of
     ``pipelines/configs/bom_lagrangian_tr.yaml``, on random batches already on the device (no
@@ -30,7 +31,8 @@ what it measured) and summarised in a printed table:
     ``fp32_channels_last``, ``amp``, ``amp_channels_last`` and
     ``amp_channels_last_compile`` (``torch.compile``, in a child process with a time limit,
     ``--compile-timeout``; skipped with ``--no-compile``). The AMP dtype is
-    :func:`nowcast.train.resolve_amp_dtype` of ``"auto"`` (bf16 on Hopper); on the CPU, where
+    :func:`nowcast.training.setup.resolve_amp_dtype` of ``"auto"`` (bf16 on Hopper); on the CPU,
+    where
     ``train`` runs without AMP, bf16 is used so that the code path is still exercised. Each
     variant reports the first step's time (cuDNN autotuning, compilation), the median of the
     timed steps (``torch.cuda.synchronize`` around each), samples/s, the projected compute
@@ -84,18 +86,18 @@ import yaml
 
 from benchmarks.common import RESULTS
 from benchmarks.gpu_nowcast import bench_nowcast
-from nowcast import transforms
-from nowcast.models import build_model, count_parameters, forward_flops
-from nowcast.train import (
-    StepParts,
-    TrainConfig,
+from nowcast.models.complexity import count_parameters, forward_flops
+from nowcast.models.registry import build_model
+from nowcast.patches.normalization import Normalization
+from nowcast.training.config import TrainConfig
+from nowcast.training.device import resolve_device
+from nowcast.training.setup import (
     build_optimizer,
     configure_backends,
     resolve_amp_dtype,
-    resolve_device,
     seed_everything,
-    train_step,
 )
+from nowcast.training.step import StepParts, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_CONFIG = REPO / "pipelines" / "configs" / "bom_lagrangian_tr.yaml"
@@ -103,7 +105,7 @@ E2E_CONFIG = REPO / "pipelines" / "configs" / "synthetic.yaml"
 #: Full-domain grids (height, width) of the inference section; --quick uses a tenth.
 GRIDS = {"bom_512x512": (512, 512), "opera_2200x1900": (2200, 1900)}
 #: Normalisation of the random batches: log1p with about the BoM store's scale.
-LOG1P_PARAMS = {"scale": 4.0, "percentile": 99.9}
+LOG1P = Normalization("log1p", {"scale": 4.0, "percentile": 99.9})
 PACKAGES = (
     "numpy",
     "xarray",
@@ -214,13 +216,12 @@ def time_training_variant(
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, train_config, device)
     amp_dtype = amp_dtype_for(device) if variant.amp else None
-    # The training loop's own step (nowcast.train.train_step), not a copy of it.
+    # The training loop's own step (nowcast.training.step.train_step), not a copy of it.
     parts = StepParts.for_config(
         model,
         optimizer,
         train_config,
-        transforms.get_method("log1p"),
-        LOG1P_PARAMS,
+        LOG1P,
         device,
         amp_dtype,
         compiled=torch.compile(model) if variant.compile else model,
@@ -599,7 +600,7 @@ def end_to_end_steps(
                 summary.get("stop_reason"),
             )
             try:
-                from nowcast.checkpoint import load_checkpoint
+                from nowcast.training.checkpoint import load_checkpoint
 
                 last = load_checkpoint(summary["last_checkpoint"], map_location="cpu")
                 check(checks, "resume_checkpoint_step", last["step"] == n2, last["step"])

@@ -12,7 +12,7 @@ Interleaved with them, in new processes too:
 
 - the same ingest forced onto a new local process cluster (``--scheduler processes``), what a
   cold ingest cost before small jobs ran in-process;
-- a bare ``import nowcast.ingest, pysteps``: the imports alone, the floor of a cold ingest
+- a bare ``import nowcast.sources.ingest, pysteps``: the imports alone, the floor of a cold ingest
   (the catalog's importer check imports pysteps), and ``import pysteps`` alone.
 
 And in this process: a bare parallel decode of the files with netCDF4 on a warm process pool
@@ -36,10 +36,9 @@ import netCDF4
 import numpy as np
 
 from benchmarks.common import save, table, timed
-from nowcast.catalog import list_frames
-from nowcast.config import load_catalog
-from nowcast.ingest import ingest
 from nowcast.parallel import dask_client, default_n_workers
+from nowcast.sources.catalog import list_frames, load_catalog
+from nowcast.sources.ingest import ingest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,7 +80,7 @@ def _cold_runs(job_file: str, cube_dir: str, repeats: int) -> dict[str, list[flo
         runs["pysteps"].append(_fresh(["-c", PYSTEPS_SCRIPT, job_file]))
         runs["ingest"].append(_fresh(ingest_cli))
         runs["ingest_cluster"].append(_fresh([*ingest_cli, "--scheduler", "processes"]))
-        runs["imports"].append(_fresh(["-c", "import nowcast.ingest, pysteps"]))
+        runs["imports"].append(_fresh(["-c", "import nowcast.sources.ingest, pysteps"]))
         runs["import_pysteps"].append(_fresh(["-c", "import pysteps"]))
     return runs
 
@@ -149,7 +148,7 @@ def main() -> dict:
         ("pysteps read_timeseries, sequential", f"{r['pysteps_sequential_s']:.2f} s"),
         ("nowcast ingest (small job: in-process)", f"{r['nowcast_ingest_cold_s']:.2f} s"),
         ("nowcast ingest, new local cluster", f"{r['nowcast_ingest_cold_new_cluster_s']:.2f} s"),
-        ("  of which imports (nowcast.ingest, pysteps)", f"{r['imports_s']:.2f} s"),
+        ("  of which imports (nowcast.sources.ingest, pysteps)", f"{r['imports_s']:.2f} s"),
         ("    of which import pysteps", f"{r['import_pysteps_s']:.2f} s"),
         ("bare parallel decode (netCDF4, warm pool)", f"{r['bare_parallel_decode_s']:.2f} s"),
         ("nowcast ingest, warm cluster", f"{r['nowcast_ingest_warm_s']:.2f} s"),

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks.common import save, table, timed
-from nowcast.models import build_model
 from nowcast.models.complexity import PeakTensorMemory
+from nowcast.models.registry import build_model
 
 SEQUENCES = {"6 frames (3+3)": (3, 3), "24 frames (12+12)": (12, 12)}
 

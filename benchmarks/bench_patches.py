@@ -27,13 +27,12 @@ import torch
 import zarr
 
 from benchmarks.common import RESULTS, save, table
-from nowcast import patch_store
-from nowcast.config import load_yaml
-from nowcast.dataset import make_dataloaders
-from nowcast.experiment import ExperimentConfig
-from nowcast.io.cube import cube_path, open_cube
-from nowcast.patch_store import PatchStore
-from nowcast.patches import build_patches
+from nowcast import patches as patch_store
+from nowcast.config import ExperimentConfig, load_yaml
+from nowcast.patches.build import build_patches
+from nowcast.patches.loader import make_dataloaders
+from nowcast.patches.reader import PatchStore
+from nowcast.sources.cube import cube_path, open_cube
 
 BOM_CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "bom.yaml"
 BATCH_SIZE = 16
@@ -171,7 +170,7 @@ def _cube_for_bench(tmp: str) -> str:
         return explicit
     if os.path.isdir("data/cubes/bom.zarr"):
         return "data/cubes/bom.zarr"
-    from nowcast.ingest import ingest
+    from nowcast.sources.ingest import ingest
 
     return ingest("bom", tmp, progress=False).path
 

@@ -40,7 +40,7 @@ IMPORT_PROFILE = (
     "zarr",
     "cartopy",
     "distributed",
-    "nowcast.checkpoint",
+    "nowcast.training.checkpoint",
     "nowcast.predict",
 )
 _IMPORTTIME_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")

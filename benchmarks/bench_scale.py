@@ -7,7 +7,7 @@ temporary folder that is removed at the end:
 1. A catalog with one ``synthetic`` source per size (1x, 4x, 16x ``base_frames`` frames of
    ``shape`` pixels at 10 min) and experiment configs for each size.
 2. For every size, each stage runs in a fresh ``python`` subprocess through its library entry
-   point (:func:`nowcast.ingest.ingest`, :func:`nowcast.patches.build_patches` Eulerian and
+   point (:func:`nowcast.sources.ingest.ingest`, :func:`nowcast.patches.build_patches` Eulerian and
    Lagrangian, :func:`nowcast.evaluate.evaluate` with persistence and extrapolation over a test
    split of 80 % of the archive), with the stage's default cluster. The peak RSS of the process
    tree (the stage and its Dask worker processes, :mod:`benchmarks.rss`), the wall time, the
@@ -218,18 +218,16 @@ def prepare_code(tmp: Path) -> tuple[Path, dict]:
     return code, {"ref": ref, "commit": git("rev-parse", ref), "dirty": []}
 
 
-def stage_env(tmp: Path, catalog: Path, code: Path) -> dict:
+def stage_env(tmp: Path, code: Path) -> dict:
     """Environment of a stage subprocess and of the Dask processes we start.
 
-    ``nowcast`` is imported from ``code``; the catalog is ours; temporaries (Dask's scratch
-    space) go under ``tmp``.
+    ``nowcast`` is imported from ``code``; temporaries (Dask's scratch space) go under ``tmp``.
     """
     scratch = tmp / "scratch"
     scratch.mkdir(exist_ok=True)
     return {
         **os.environ,
         "PYTHONPATH": str(code),
-        "NOWCAST_CATALOG": str(catalog),
         "TMPDIR": str(scratch),
         "DASK_TEMPORARY_DIRECTORY": str(scratch),
         **NO_SPILL,
@@ -251,8 +249,9 @@ def measure_stage(
     n_frames: int,
     scheduler: str | None = None,
     extra: dict[str, int] | None = None,
+    catalog: Path | None = None,
 ) -> dict:
-    """Run a stage in a fresh subprocess and measure it.
+    """Run a stage in a fresh subprocess and measure it (``catalog``: ingest's source catalog).
 
     Returns
     -------
@@ -262,6 +261,7 @@ def measure_stage(
         per-frame costs ``s_per_frame`` (``call_s``) and ``bytes_per_frame``.
     """
     argv = [sys.executable, str(STAGE_SCRIPT), stage, target] + ([scheduler] if scheduler else [])
+    argv += ["--catalog", str(catalog)] if catalog else []
     load = os.getloadavg()[0]
     busy_before = _machine_busy_s()
     measured = run_measured(
@@ -313,7 +313,7 @@ def bench_sizes(tmp: Path, spec: ScaleSpec, catalog: Path, env: dict) -> tuple[d
         work.mkdir()
         row = {}
         target = f"{source_name(factor)}@{work / 'cubes'}"
-        row["ingest"] = measure_stage("ingest", target, env, n_frames)
+        row["ingest"] = measure_stage("ingest", target, env, n_frames, catalog=catalog)
         layouts["cube"] = chunk_layout(row["ingest"]["output"])
         for stage in STAGES[1:]:
             config = write_experiment(work, spec, factor, stage, catalog)
@@ -391,7 +391,13 @@ def bench_cluster(tmp: Path, spec: ScaleSpec, catalog: Path, env: dict) -> dict:
                 else:
                     target = str(write_experiment(work, spec, factor, stage, catalog))
                 row[stage] = measure_stage(
-                    stage, target, env, n_frames, scheduler=address, extra=processes.pids()
+                    stage,
+                    target,
+                    env,
+                    n_frames,
+                    scheduler=address,
+                    extra=processes.pids(),
+                    catalog=catalog,
                 )
                 row[stage]["frames_per_s"] = n_frames / row[stage]["call_s"]
             runs[f"workers_{n_workers}"] = row
@@ -442,7 +448,7 @@ def bench(spec: ScaleSpec | None = None) -> dict:
     try:
         catalog = write_catalog(tmp, spec)
         code, code_info = prepare_code(tmp)
-        env = stage_env(tmp, catalog, code)
+        env = stage_env(tmp, code)
         print(f"scale: {spec}", flush=True)
         sizes, layouts = bench_sizes(tmp, spec, catalog, env)
         cluster = bench_cluster(tmp, spec, catalog, env)

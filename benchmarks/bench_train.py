@@ -4,7 +4,8 @@ Run from the project root::
 
     python -m benchmarks.bench_train [--compile] [--repeats N]
 
-One training step is what :func:`nowcast.train.train` does per batch: forward, the default loss
+One training step is what :func:`nowcast.training.loop.train` does per batch:
+forward, the default loss
 (HKO-7 balanced MSE + MAE with the rain rate of the target), backward, gradient clipping and an
 AdamW step, on the default ConvLSTM (``build_model("convlstm", 6, 6)``: 64 + 64 hidden channels,
 patch factor 4) with batches of 4 sequences of 6 + 6 frames of 128 x 128 pixels. Its FLOP count
@@ -40,9 +41,10 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import RESULTS, save
-from nowcast import losses
-from nowcast.models import build_model, count_parameters, forward_flops
-from nowcast.train import StepParts, train_step
+from nowcast.models.complexity import count_parameters, forward_flops
+from nowcast.models.registry import build_model
+from nowcast.training import losses
+from nowcast.training.step import StepParts, train_step
 
 BATCH_SIZE = 4
 N_INPUT_FRAMES = 6
@@ -50,7 +52,9 @@ N_TARGET_FRAMES = 6
 PATCH_SIZE = 128
 LOSS = "bmse+bmae"
 GRAD_CLIP = 1.0
-LOG1P_SCALE = 4.0  # normalised value = log1p(rain rate) / scale, as nowcast.transforms' log1p
+LOG1P_SCALE = (
+    4.0  # normalised value = log1p(rain rate) / scale, as nowcast.patches.normalization' log1p
+)
 
 
 def synthetic_batch(generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -68,7 +72,7 @@ def training_step(
 ) -> Callable[[], None]:
     """Return a function that runs one training step of ``model`` on ``batch``.
 
-    The step is :func:`nowcast.train.train_step`, the one the training loop runs.
+    The step is :func:`nowcast.training.step.train_step`, the one the training loop runs.
     """
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -37,17 +37,9 @@ from pysteps.verification.detcontscores import (
 )
 
 from benchmarks.common import save, table
-from nowcast.verification import (
-    contingency_accum,
-    contingency_compute,
-    contingency_init,
-    continuous_accum,
-    continuous_compute,
-    continuous_init,
-    fss_accum,
-    fss_compute,
-    fss_init,
-)
+from nowcast.verification.detcat import contingency_accum, contingency_compute, contingency_init
+from nowcast.verification.detcont import continuous_accum, continuous_compute, continuous_init
+from nowcast.verification.spatial import fss_accum, fss_compute, fss_init
 
 BOM_DAY = Path("radar/bom/prcp-c10/66/2020/10/31")
 FIRST_FRAME = 24  # 04:00 UTC

@@ -16,7 +16,12 @@ from pathlib import Path
 WORKER_MEMORY = "4GiB"
 
 #: Modules a worker imports in the warm-up, as it would have on a long-lived cluster.
-WARM_MODULES = ("pysteps", "nowcast.ingest", "nowcast.patches", "nowcast.lagrangian")
+WARM_MODULES = (
+    "pysteps",
+    "nowcast.sources.ingest",
+    "nowcast.patches",
+    "nowcast.advection.lagrangian",
+)
 
 
 class DaskProcesses:

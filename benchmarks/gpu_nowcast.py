@@ -14,8 +14,9 @@ import time
 import torch
 
 from benchmarks.bench_evaluate import N_LEAD, bom_inputs
-from nowcast.checkpoint import PRETRAINED_CHECKPOINT
-from nowcast.nowcasts import ModelNowcast, get_method
+from nowcast.nowcasts.interface import get_method
+from nowcast.nowcasts.model import ModelNowcast
+from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT
 
 
 def _timed_runs(call, runs: int, device: torch.device) -> dict:

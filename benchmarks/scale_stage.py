@@ -1,7 +1,7 @@
 """One pipeline stage in a fresh process, for :mod:`benchmarks.bench_scale`.
 
-``python benchmarks/scale_stage.py STAGE TARGET [SCHEDULER]`` runs ``ingest`` (TARGET
-``source@cube_dir``, catalog from ``NOWCAST_CATALOG``), ``patches_eulerian`` /
+``python benchmarks/scale_stage.py STAGE TARGET [SCHEDULER] [--catalog PATH]`` runs ``ingest``
+(TARGET ``source@cube_dir``, the source read from the catalog at ``PATH``), ``patches_eulerian`` /
 ``patches_lagrangian`` or ``evaluate`` (TARGET an experiment config) through the stage's library
 entry point and prints one line, ``SCALE_STAGE_RESULT {json}``, with the seconds of the call and
 the output path. It imports nothing from ``benchmarks`` and is run as a script, so the
@@ -11,6 +11,7 @@ while others edit the working tree.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import sys
@@ -31,8 +32,10 @@ def _call(fn, *args, **kwargs):
     return fn(*args, **{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def run_stage(stage: str, target: str, scheduler: str | None) -> dict:
+def run_stage(stage: str, target: str, scheduler: str | None, catalog: str | None = None) -> dict:
     """Run one stage in this process.
+
+    ``catalog`` is the catalog file ingest reads its source from (default: the packaged one).
 
     Returns
     -------
@@ -42,27 +45,27 @@ def run_stage(stage: str, target: str, scheduler: str | None) -> dict:
     """
     start = time.perf_counter()
     if stage == "ingest":
-        from nowcast.config import load_catalog
-        from nowcast.ingest import ingest
+        from nowcast.sources.catalog import load_catalog
+        from nowcast.sources.ingest import ingest
 
         source, cube_dir = target.split("@", 1)
         result = _call(
             ingest,
             source,
             cube_dir,
-            catalog=load_catalog(),
+            catalog=load_catalog(catalog),
             scheduler=scheduler,
             force=True,
             progress=False,
         )
         return {"call_s": time.perf_counter() - start, "output": result.path}
     if stage in ("patches_eulerian", "patches_lagrangian"):
-        from nowcast.patches import build_patches
+        from nowcast.patches.build import build_patches
 
         path = _call(build_patches, target, scheduler=scheduler, force=True, progress=False)
         return {"call_s": time.perf_counter() - start, "output": str(path)}
     if stage == "evaluate":
-        from nowcast.evaluate import evaluate
+        from nowcast.evaluate.stage import evaluate
 
         outputs = _call(evaluate, target, scheduler=scheduler, progress=False)
         seconds = time.perf_counter() - start
@@ -73,11 +76,15 @@ def run_stage(stage: str, target: str, scheduler: str | None) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """``STAGE TARGET [SCHEDULER]``: run the stage and print its result line."""
-    if len(argv) not in (2, 3):
-        raise SystemExit("usage: scale_stage.py STAGE TARGET [SCHEDULER]")
-    scheduler = argv[2] if len(argv) == 3 else None
-    print(MARKER + json.dumps(run_stage(argv[0], argv[1], scheduler)), flush=True)
+    """``STAGE TARGET [SCHEDULER] [--catalog PATH]``: run the stage and print its result line."""
+    parser = argparse.ArgumentParser(prog="scale_stage.py")
+    parser.add_argument("stage")
+    parser.add_argument("target")
+    parser.add_argument("scheduler", nargs="?")
+    parser.add_argument("--catalog", help="catalog file of the ingest source")
+    args = parser.parse_args(argv)
+    result = run_stage(args.stage, args.target, args.scheduler, args.catalog)
+    print(MARKER + json.dumps(result), flush=True)
     return 0
 
 

@@ -71,6 +71,7 @@ ROWS = (
         "{:.2f}",
         "<= 1.2",
     ),
+    ("export", "export peak RSS, 4x / 1x windows", "peak_rss_ratio", "{:.2f}", "<= 1.2"),
     (
         "memory",
         "checkpointing / plain peak memory, 24 frames",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from .config import ConfigError
+from nowcast.config import ConfigError
 
 app = typer.Typer(
     help="Precipitation nowcasting pipeline: data -> ingest -> patches -> train -> evaluate "
@@ -37,8 +37,8 @@ def data(
     catalog: Path = typer.Option(None, help="data catalog YAML"),
 ) -> None:
     """Verify or download the pysteps sample radar data into NOWCAST_DATA_ROOT."""
-    from .config import load_catalog
-    from .data import DataUnavailableError, fetch_sample_data
+    from nowcast.sources.catalog import load_catalog
+    from nowcast.sources.sample_data import DataUnavailableError, fetch_sample_data
 
     try:
         result = fetch_sample_data(source or None, load_catalog(catalog))
@@ -66,10 +66,10 @@ def ingest(
 ) -> None:
     """Ingest a catalog source into a CF zarr cube of rain rate (mm/h)."""
     with _gc_paused():  # start-up time, as for predict (loading the catalog imports pysteps)
-        from .config import load_catalog
-        from .ingest import ingest as run_ingest
-        from .io.cube import describe_cube, open_cube
-        from .io.radar import FrameReadError
+        from nowcast.sources.catalog import load_catalog
+        from nowcast.sources.cube import describe_cube, open_cube
+        from nowcast.sources.ingest import ingest as run_ingest
+        from nowcast.sources.readers import FrameReadError
 
         catalog_config = load_catalog(catalog)
     _skip_exit_collection()
@@ -100,8 +100,8 @@ def patches(
     force: bool = typer.Option(False, help="rebuild even if the store is up to date"),
 ) -> None:
     """Cut the experiment's cubes into a normalized zarr patch-sequence store."""
-    from .patch_store import PatchStore
-    from .patches import build_patches
+    from nowcast.patches.build import build_patches
+    from nowcast.patches.reader import PatchStore
 
     try:
         path = build_patches(config, scheduler=scheduler, force=force)
@@ -123,8 +123,8 @@ def train(
     """Train the experiment's model (multi-GPU: torchrun --nproc_per_node=N -m nowcast.train)."""
     import json
 
-    from .train import TrainingDivergedError
-    from .train import train as run_train
+    from nowcast.training.config import TrainingDivergedError
+    from nowcast.training.loop import train as run_train
 
     try:
         summary = run_train(config, resume=resume, device=device)
@@ -174,15 +174,15 @@ def evaluate(
             given = [name for name, value in source_options.items() if value is not None]
             if given:
                 raise ConfigError(f"evaluate: {', '.join(given)} only apply with --source")
-            from .evaluate import evaluate as run_evaluate
+            from nowcast.evaluate.stage import evaluate as run_evaluate
 
             outputs = run_evaluate(config, scheduler=scheduler)
         else:
-            from .zeroshot import evaluate_source
+            from nowcast.evaluate.zeroshot import evaluate_source
 
             methods, variants = None, None
             if methods_from is not None:
-                from .experiment import load_experiment
+                from nowcast.config import load_experiment
 
                 declared = load_experiment(methods_from)
                 methods = declared.evaluate.get("methods")
@@ -216,7 +216,7 @@ def calibrate(
     """Fit isotonic curves of the model on the validation windows into a calibration file."""
     import json
 
-    from .calibration import calibrate as run_calibrate
+    from nowcast.evaluate.calibration import calibrate as run_calibrate
 
     try:
         summary = run_calibrate(config, checkpoint=checkpoint, out=out)
@@ -234,7 +234,7 @@ def export(
     config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
 ) -> None:
     """Write forecasts of the experiment's test windows as CF-1.8 NetCDF."""
-    from .export import export as run_export
+    from nowcast.export import export as run_export
 
     try:
         paths = run_export(config)
@@ -247,7 +247,7 @@ def export(
 def predict(
     source: str = typer.Option(..., "--source", "-s", help="catalog source name"),
     checkpoint: Path = typer.Option(
-        None, help="model checkpoint (default: the pretrained pipelines/pretrained model)"
+        None, help="model checkpoint (default: the pretrained nowcast/pretrained model)"
     ),
     at: datetime = typer.Option(None, help="time of the last input frame (UTC)"),
     latest: bool = typer.Option(True, help="use the newest available frame (default)"),
@@ -270,10 +270,10 @@ def predict(
 ) -> None:
     """Issue a nowcast from the newest (or --at) frames: CF NetCDF + forecast map PNG."""
     with _gc_paused():
-        from .checkpoint import PRETRAINED_CHECKPOINT
-        from .config import load_catalog
-        from .experiment import load_experiment
-        from .predict import predict as run_predict
+        from nowcast.config import load_experiment
+        from nowcast.predict import predict as run_predict
+        from nowcast.sources.catalog import load_catalog
+        from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT
     _skip_exit_collection()
 
     checkpoint = checkpoint or PRETRAINED_CHECKPOINT
@@ -335,9 +335,8 @@ def _gc_paused():
 
     Importing torch, pysteps (with scipy.stats, matplotlib and jsonschema), xarray and cartopy
     creates half a million objects that live as long as the process and no garbage, yet the
-    collector walks them again and again as they accumulate: about 1 s of the ~5 s of CPU that
-    ``nowcast predict``'s imports take on 2 cores (measured with ``gc.disable()``: 5.2 s ->
-    4.2 s).
+    collector walks them again and again as they accumulate, a sizeable share of the imports'
+    CPU time (docs/performance.md).
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -345,8 +344,7 @@ def _gc_paused():
         yield
     finally:
         # What the imports left alive stays for the process's life: out of the collector's
-        # reach (gc.freeze), the work's own collections do not walk it again either (about 1 s
-        # less in a fresh `nowcast ingest` of the BoM day, measured by the ingest benchmark).
+        # reach (gc.freeze), the work's own collections do not walk it again either.
         gc.freeze()
         if enabled:
             gc.enable()
@@ -356,8 +354,8 @@ def _skip_exit_collection() -> None:
     """At exit, skip the interpreter's last collections over the objects alive then.
 
     Those collections walk every module's objects again and free nothing the operating system
-    would not: they cost ~1.1 s of ``nowcast predict``'s exit (1.2 s -> 0.15 s measured after
-    ``import nowcast.predict``). ``gc.freeze`` at exit moves the objects out of the collector's
+    would not, and they are most of ``nowcast predict``'s exit time. ``gc.freeze`` at exit moves
+    the objects out of the collector's
     reach; outputs are closed by then, and an in-process caller (tests) pays it only at its own
     exit.
     """

@@ -9,14 +9,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "data_catalog.yaml"
 
 
 class ConfigError(ValueError):
@@ -96,118 +94,67 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Conversion(StrictModel):
-    """How importer output becomes rain rate in mm/h."""
-
-    units: Literal["auto", "mm", "mm/h", "dBZ"] = Field(
-        "auto", description="units delivered by the importer; auto trusts its metadata"
-    )
-    zr_a: float | None = Field(None, description="Z-R a for dBZ input (default: importer's)")
-    zr_b: float | None = Field(None, description="Z-R b for dBZ input (default: importer's)")
-    max_rain_rate: float | None = Field(
-        None, gt=0, description="values above this (mm/h) are radar artefacts and become no-data"
-    )
-
-
-class SourceConfig(StrictModel):
-    """One radar source of the data catalog."""
-
-    name: str
-    description: str = ""
-    importer: str = Field(description="pysteps importer name, or 'synthetic'")
-    importer_kwargs: dict[str, Any] = Field(default_factory=dict)
-    decoder: Literal["pysteps", "xarray"] = Field(
-        "pysteps",
-        description="per-file decoder: the pysteps importer, or xarray for CF netCDF "
-        "(metadata still comes from the pysteps importer, read once)",
-    )
-    variable: str | None = Field(None, description="data variable for decoder: xarray")
-    root_path: str = ""
-    path_fmt: str = ""
-    fn_pattern: str = ""
-    fn_ext: str = ""
-    timestep: int = Field(gt=0, description="minutes between frames")
-    conversion: Conversion = Field(default_factory=Conversion)
-    start: str | None = Field(None, description="first time, ISO 8601 (UTC)")
-    end: str | None = Field(None, description="last time, ISO 8601 (UTC)")
-    max_gap_minutes: int = Field(
-        360,
-        gt=0,
-        description="a run of missing times longer than this splits the cube's time axis into "
-        "segments and is not stored; shorter runs are kept as NaN frames",
-    )
-    institution: str = ""
-
-    @field_validator("importer")
-    @classmethod
-    def _known_importer(cls, value: str) -> str:
-        if value == "synthetic":
-            return value
-        from pysteps.io.interface import _importer_methods
-
-        if value not in _importer_methods:
-            known = ", ".join(sorted(_importer_methods))
-            raise ValueError(f"unknown pysteps importer '{value}'; known: synthetic, {known}")
-        return value
-
-    @model_validator(mode="after")
-    def _files_described(self) -> SourceConfig:
-        if self.importer != "synthetic":
-            for field in ("root_path", "fn_pattern", "fn_ext"):
-                if not getattr(self, field):
-                    raise ValueError(f"'{field}' is required for importer '{self.importer}'")
-        if self.decoder == "xarray" and not self.variable:
-            raise ValueError("'variable' is required when decoder is 'xarray'")
-        return self
-
-    @property
-    def resolved_root(self) -> str:
-        return expand_env(self.root_path)
-
-
-class Catalog(StrictModel):
-    """The data catalog: named radar sources."""
-
-    sources: dict[str, SourceConfig]
-
-    def __getitem__(self, name: str) -> SourceConfig:
-        if name not in self.sources:
-            known = ", ".join(sorted(self.sources))
-            raise ConfigError(f"unknown source '{name}'; the catalog has: {known}")
-        return self.sources[name]
-
-
-def load_catalog(path: str | Path | None = None) -> Catalog:
-    """Load and validate ``data_catalog.yaml``.
-
-    Parameters
-    ----------
-    path : str or Path, optional
-        Catalog file; default is ``$NOWCAST_CATALOG`` or the project's ``data_catalog.yaml``.
-
-    Returns
-    -------
-    Catalog
-    """
-    path = Path(path or os.environ.get("NOWCAST_CATALOG", DEFAULT_CATALOG))
-    raw = load_yaml(path)
-    entries = raw.get("sources")
-    if not isinstance(entries, dict) or not entries:
-        raise ConfigError(f"{path}: expected a non-empty 'sources' mapping")
-    sources = {}
-    for name, entry in entries.items():
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: source '{name}': expected a mapping")
-        try:
-            sources[name] = SourceConfig(name=name, **entry)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, f"{path}: source '{name}'")) from None
-    return Catalog(sources=sources)
-
-
 def parse_model(model: type[BaseModel], data: dict, where: str) -> BaseModel:
     """Validate ``data`` against ``model``; errors name ``where`` and the field."""
     try:
         return model(**data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, where)) from None
+
+
+# Experiment configs
+Section = TypeVar("Section", bound=BaseModel)
+
+STAGE_SECTIONS = ("patches", "train", "evaluate", "export")
+
+
+class ExperimentConfig(StrictModel):
+    """Top-level keys of an experiment config (stage sections are kept raw here)."""
+
+    name: str
+    sources: list[str] = Field(min_length=1)
+    cube_dir: str = "data/cubes"
+    patch_dir: str = "data/patches"
+    patch_store_name: str | None = None
+    run_dir: str = ""
+    catalog: str | None = None
+    description: str = ""
+    patches: dict = Field(default_factory=dict)
+    train: dict = Field(default_factory=dict)
+    evaluate: dict = Field(default_factory=dict)
+    export: dict = Field(default_factory=dict)
+    forecast_methods: dict = Field(
+        default_factory=dict,
+        description="named forecast-method variants (blending, probability matching), see "
+        "nowcast.nowcasts.variants",
+    )
+
+    @property
+    def patch_store(self) -> str:
+        # Experiments that differ only in training can share one store (e.g. model comparisons).
+        name = self.patch_store_name or self.name
+        return f"{expand_env(self.patch_dir).rstrip('/')}/{name}.zarr"
+
+    @property
+    def run_path(self) -> str:
+        return expand_env(self.run_dir or f"runs/{self.name}")
+
+    @property
+    def cube_root(self) -> str:
+        return expand_env(self.cube_dir)
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Load and validate the top level of an experiment config."""
+    raw = load_yaml(path)
+    experiment = parse_model(ExperimentConfig, raw, str(path))
+    object.__setattr__(experiment, "_path", str(path))
+    return experiment
+
+
+def stage_config(experiment: ExperimentConfig, stage: str, model: type[Section]) -> Section:
+    """Validate one stage's section; errors name the file and ``stage.field``."""
+    if stage not in STAGE_SECTIONS:
+        raise ConfigError(f"unknown stage section '{stage}'")
+    where = f"{getattr(experiment, '_path', experiment.name)}: section '{stage}'"
+    return parse_model(model, getattr(experiment, stage), where)

@@ -13,7 +13,7 @@ the final path.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,17 +21,15 @@ import numpy as np
 import xarray as xr
 from pydantic import Field
 
-from . import __version__
-from .config import ConfigError, StrictModel
-from .experiment import ExperimentConfig, load_experiment, stage_config
-from .forecast import FORECAST_ATTRS, forecast_crs
-from .io.cube import crs_variable, latlon_grid
-from .nowcasts import get_method
-from .nowcasts.utils import window_inputs
-from .nowcasts.variants import base_methods, check_method_names, forecast_variants, parse_variants
-from .patch_store import PatchStore
-from .storage import atomic_write_file, file_sha256
-from .windows import on_time_grid
+from nowcast import __version__
+from nowcast.config import ConfigError, ExperimentConfig, StrictModel, load_experiment, stage_config
+from nowcast.nowcasts.forecast import FORECAST_ATTRS, forecast_crs
+from nowcast.nowcasts.runner import ForecastRun, forecast_windows
+from nowcast.nowcasts.variants import base_methods, check_method_names, parse_variants
+from nowcast.patches.reader import PatchStore
+from nowcast.sources.cube import crs_variable, cube_path, latlon_grid
+from nowcast.storage import atomic_write_file, file_sha256
+from nowcast.windows import on_time_grid
 
 VARIABLE = "rain_rate"
 FILL_VALUE = np.float32(-9999.0)
@@ -67,7 +65,7 @@ def forecast_to_dataset(
     Parameters
     ----------
     forecast : xarray.DataArray
-        A forecast as built by :func:`nowcast.forecast.make_forecast`.
+        A forecast as built by :func:`nowcast.nowcasts.forecast.make_forecast`.
     provenance : dict, optional
         See :func:`provenance_attrs`.
     latlon : bool
@@ -313,24 +311,24 @@ ForecastSource = Callable[[ExperimentConfig], Iterable[xr.DataArray]]
 
 def experiment_forecasts(
     experiment: ExperimentConfig, settings: ExportConfig
-) -> tuple[list[xr.DataArray], dict]:
+) -> tuple[Iterator[xr.DataArray], dict]:
     """Forecasts of the configured methods on the experiment's full-domain windows.
 
     Windows come from the patch store (``settings.split``), thinned to one start every
-    ``window_stride_minutes``; inputs are read from the source cubes.
+    ``window_stride_minutes``; each is forecast by :func:`nowcast.nowcasts.runner.forecast_window`
+    only when the iterator reaches it.
 
     Returns
     -------
-    forecasts : list of xarray.DataArray
+    forecasts : iterator of xarray.DataArray
+        Window by window, the forecasts of ``settings.methods`` in their order.
     provenance : dict
-        ``checkpoint_sha256`` when a model made forecasts.
+        ``checkpoint_sha256`` when a model makes forecasts, ``forecast_methods`` for variants.
     """
     store = PatchStore.open(experiment.patch_store)
     windows = store.windows(settings.split)
     if windows.empty:
         raise ConfigError(f"{experiment.patch_store}: no '{settings.split}' windows to forecast")
-    n_input, n_target = store.n_input_frames, store.n_target_frames
-    step = store.timestep_minutes
     windows = windows[on_time_grid(windows["reference_time"], settings.window_stride_minutes)]
     if settings.max_forecasts:
         windows = windows.iloc[: settings.max_forecasts]
@@ -339,30 +337,34 @@ def experiment_forecasts(
     names = [name.lower() for name in settings.methods]
     check_method_names(names, variants, "export.methods")
     provenance = {}
-    methods = {}
-    for name in base_methods(names, variants):
-        if name == "model":
-            checkpoint = settings.checkpoint or f"{experiment.run_path}/checkpoints/best.pt"
-            if not Path(checkpoint).exists():
-                raise ConfigError(f"export.checkpoint: {checkpoint} not found; run `nowcast train`")
-            methods[name] = get_method("model")(checkpoint=checkpoint)
-            provenance["checkpoint_sha256"] = file_sha256(checkpoint)
-        else:
-            methods[name] = get_method(name)
-    forecasts = []
-    for _, _, inputs in window_inputs(experiment.cube_root, windows, n_input, step):
-        bases = {}
-        for name, method in methods.items():
-            bases[name] = method(inputs, n_target)
-            bases[name].attrs["method"] = name
-        # Variants (blending, probability matching) as evaluate builds them.
-        forecasts += forecast_variants(names, variants, bases, inputs).values()
+    checkpoint = None
+    if "model" in base_methods(names, variants):
+        checkpoint = settings.checkpoint or f"{experiment.run_path}/checkpoints/best.pt"
+        if not Path(checkpoint).exists():
+            raise ConfigError(f"export.checkpoint: {checkpoint} not found; run `nowcast train`")
+        provenance["checkpoint_sha256"] = file_sha256(checkpoint)
     if variants:
         provenance["forecast_methods"] = {
             name: spec.model_dump(mode="json", exclude_none=True)
             for name, spec in variants.items()
             if name in names
         }
+    run = ForecastRun(
+        methods=tuple(names),
+        method_kwargs={},
+        checkpoint=checkpoint,
+        device=None,
+        n_input_frames=store.n_input_frames,
+        n_leadtimes=store.n_target_frames,
+        timestep_minutes=store.timestep_minutes,
+        variants={name: variants[name] for name in names if name in variants},
+    )
+    starts = (
+        (cube_path(experiment.cube_root, window.source), window.reference_time)
+        for window in windows.itertuples()
+    )
+    windows_forecast = forecast_windows(starts, run, observe=False)
+    forecasts = (forecast for window in windows_forecast for forecast in window.forecasts.values())
     return forecasts, provenance
 
 
@@ -405,6 +407,7 @@ def export(
 
     paths = []
     if settings.multi_file:
+        # One file holds every forecast of a method, so they are gathered before writing.
         by_method: dict[str, list[xr.DataArray]] = {}
         for forecast in forecasts:
             by_method.setdefault(forecast.attrs.get("method", "forecast"), []).append(forecast)
@@ -414,6 +417,7 @@ def export(
                 write_forecast_netcdf(group, path, provenance, True, latlon=settings.latlon)
             )
     else:
+        # Each forecast is written as it comes: memory holds one window, whatever their number.
         for forecast in forecasts:
             path = f"{out_dir}/{forecast_filename(experiment.name, forecast)}"
             paths.append(write_forecast_netcdf(forecast, path, provenance, latlon=settings.latlon))

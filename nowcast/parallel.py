@@ -25,7 +25,9 @@ import concurrent.futures as cf
 import itertools
 import os
 import shutil
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -33,11 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dask
-from distributed import Client, LocalCluster, get_client
+from distributed import Client, LocalCluster, as_completed, futures_of, get_client
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 #: ``scheduler`` value of :func:`task_executor` for a thread pool of this process.
 IN_PROCESS = "in-process"
+#: Seconds between redraws of a live progress bar on a terminal.
+TERMINAL_PROGRESS_INTERVAL = 0.1
+#: Seconds between progress lines when the output is not a terminal (a log file, CI): each
+#: update there is a new line, so a live bar's redraws would flood the log.
+LOG_PROGRESS_INTERVAL = 5.0
 
 
 def default_n_workers() -> int:
@@ -215,17 +222,66 @@ def bounded_results(
                 submit(nxt)
 
 
-def show_progress(futures) -> None:
-    """Block on a text progress bar of ``futures`` (a future or a list of them).
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` is an interactive terminal (not a file, pipe or captured stream)."""
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
 
-    The bar is fed by a scheduler coroutine that writes every 100 ms and only stops when its
+
+def progress_interval(stream) -> float:
+    """Seconds between progress updates written to ``stream`` (e.g. tqdm's ``mininterval``).
+
+    :data:`TERMINAL_PROGRESS_INTERVAL` for a live bar on a terminal, else
+    :data:`LOG_PROGRESS_INTERVAL`: in a log every update is a line.
+    """
+    return TERMINAL_PROGRESS_INTERVAL if is_terminal(stream) else LOG_PROGRESS_INTERVAL
+
+
+def show_progress(futures, stream=None, interval: float | None = None) -> None:
+    """Block until ``futures`` (a future or a list of them) are finished, showing progress.
+
+    On a terminal, distributed's live text bar. Otherwise (a log file, CI) one line
+    ``progress: done/total tasks (percent) after seconds`` at most every ``interval`` seconds
+    and when the last task finishes, instead of a redraw per bar interval. A task's error is
+    not raised here: the caller's ``gather`` or ``result`` raises it.
+
+    Parameters
+    ----------
+    futures : distributed.Future or list of them
+        The tasks to wait for.
+    stream : file-like, optional
+        Where progress goes, by default ``sys.stdout``.
+    interval : float, optional
+        Seconds between progress lines in a log, by default :data:`LOG_PROGRESS_INTERVAL`.
+    """
+    stream = sys.stdout if stream is None else stream
+    if is_terminal(stream):
+        _live_bar(futures)
+        return
+    interval = LOG_PROGRESS_INTERVAL if interval is None else interval
+    pending = futures_of(futures)
+    start = last = time.monotonic()
+    for n_done, _ in enumerate(as_completed(pending), start=1):
+        now = time.monotonic()
+        if now - last >= interval or n_done == len(pending):
+            share = 100 * n_done // len(pending)
+            line = f"progress: {n_done}/{len(pending)} tasks ({share}%) after {now - start:.0f} s"
+            print(line, file=stream, flush=True)
+            last = now
+
+
+def _live_bar(futures) -> None:
+    """distributed's text progress bar on ``sys.stdout``, redrawn every bar interval.
+
+    The bar is fed by a scheduler coroutine that writes every interval and only stops when its
     write fails. Closing the cluster right after the bar ends cancels that coroutine mid-sleep,
     and distributed logs the cancellation as an ERROR with a traceback; waiting a little over
     two intervals lets it find the closed connection and stop quietly.
     """
-    import time
-
     from distributed import progress
 
-    progress(futures, interval="100ms")
-    time.sleep(0.25)
+    progress(futures, interval=f"{round(TERMINAL_PROGRESS_INTERVAL * 1000)}ms")
+    time.sleep(2.5 * TERMINAL_PROGRESS_INTERVAL)

@@ -15,17 +15,17 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .catalog import FrameRef, frame_path, plan_frames
-from .config import Catalog, ConfigError, load_catalog
-from .export import write_forecast_netcdf
-from .ingest import read_frame_status, source_grid
-from .io.cube import build_cube, cube_path, open_cube
-from .nowcasts import get_method
-from .nowcasts.utils import cube_inputs
-from .nowcasts.variants import base_methods, check_method_names, forecast_variants, parse_variants
-from .storage import file_sha256
-from .visualization import plot_forecast_panels
-from .windows import cube_timestep, input_times, stride_note
+from nowcast.config import ConfigError
+from nowcast.export import write_forecast_netcdf
+from nowcast.nowcasts.inputs import cube_inputs
+from nowcast.nowcasts.runner import ForecastRun, forecast_window, model_method
+from nowcast.nowcasts.variants import check_method_names, parse_variants
+from nowcast.sources.catalog import Catalog, FrameRef, frame_path, load_catalog, plan_frames
+from nowcast.sources.cube import build_cube, cube_path, open_cube
+from nowcast.sources.frames import read_frame_status, source_grid
+from nowcast.storage import file_sha256
+from nowcast.visualization.maps import plot_forecast_panels
+from nowcast.windows import cube_timestep, input_times, stride_note
 
 
 class InputFramesError(ConfigError):
@@ -109,15 +109,16 @@ def _required_times(reference: pd.Timestamp, n_frames: int, step: int) -> list[p
     return list(pd.DatetimeIndex(input_times(reference, n_frames, step)))
 
 
-def inputs_from_cube(
+def cube_reference_time(
     cube: xr.Dataset, at: datetime | None, n_input_frames: int, timestep: int
-) -> xr.DataArray:
-    """The ``n_input_frames`` frames ending at ``at`` (default: the newest valid frame).
+) -> pd.Timestamp:
+    """The reference time of a forecast from ``at`` (default: the newest valid frame).
 
     Raises
     ------
     InputFramesError
-        If any needed frame is outside the cube or not valid (a gap or a skipped file).
+        If any of the ``n_input_frames`` frames ending there is outside the cube or not valid
+        (a gap or a skipped file).
     """
     valid = cube["frame_valid"].to_series()
     if at is None:
@@ -133,13 +134,26 @@ def inputs_from_cube(
             f"cannot forecast from {reference.isoformat()}: {len(missing)} of the "
             f"{n_input_frames} input frames are missing or invalid ({listing})"
         )
-    return cube_inputs(cube, reference, n_input_frames, timestep)
+    return reference
 
 
-def inputs_from_files(
+def cube_from_files(
     catalog: Catalog, source_name: str, at: datetime | None, n_input_frames: int, timestep: int
-) -> xr.DataArray:
-    """Read the input frames straight from the raw files of a catalog source."""
+) -> tuple[xr.Dataset, pd.Timestamp]:
+    """An in-memory cube of the input frames, read straight from the raw files of a source.
+
+    Returns
+    -------
+    cube : xarray.Dataset
+        The frames ending at the reference time (see :func:`nowcast.sources.cube.build_cube`).
+    reference : pandas.Timestamp
+        ``at``, default the newest file's time.
+
+    Raises
+    ------
+    InputFramesError
+        If a frame is missing or unreadable.
+    """
     source = catalog[source_name]
     if at is None:
         # The segment plan lists only the stretches with data: an archive of events months apart
@@ -176,6 +190,20 @@ def inputs_from_files(
         grid,
         {"source": source_name, "timestep_minutes": source.timestep},
     )
+    return cube, reference
+
+
+def inputs_from_files(
+    catalog: Catalog, source_name: str, at: datetime | None, n_input_frames: int, timestep: int
+) -> xr.DataArray:
+    """Read the input frames straight from the raw files of a catalog source.
+
+    Returns
+    -------
+    xarray.DataArray
+        Rain rate (time, y, x), as :func:`nowcast.nowcasts.inputs.cube_inputs` reads a cube.
+    """
+    cube, reference = cube_from_files(catalog, source_name, at, n_input_frames, timestep)
     return cube_inputs(cube, reference, n_input_frames, timestep)
 
 
@@ -230,7 +258,7 @@ def predict(
         raise ConfigError(f"predict --method {method}: not the model or a variant built on it")
     seconds = {}
     start = time.perf_counter()
-    model = get_method("model")(checkpoint=checkpoint)
+    model = model_method(str(checkpoint))
     seconds["load_model"] = time.perf_counter() - start
     step = int(model.timestep_minutes)
 
@@ -238,21 +266,27 @@ def predict(
     if from_files:
         catalog = catalog or load_catalog()
         note = _timestep_note(source, catalog[source].timestep, step)
-        inputs = inputs_from_files(catalog, source, at, model.n_input_frames, step)
+        cube, reference = cube_from_files(catalog, source, at, model.n_input_frames, step)
     else:
         cube = open_cube(cube_path(cube_dir, source))
         note = _timestep_note(source, cube_timestep(cube), step)
-        inputs = inputs_from_cube(cube, at, model.n_input_frames, step)
-    seconds["read_inputs"] = time.perf_counter() - start
+        reference = cube_reference_time(cube, at, model.n_input_frames, step)
+    opened = time.perf_counter() - start
 
-    start = time.perf_counter()
-    n_leadtimes = n_leadtimes or model.n_target_frames
-    forecasts = {"model": model(inputs, n_leadtimes)}
-    for base in base_methods([name], variants):
-        if base not in forecasts:
-            forecasts[base] = get_method(base)(inputs, n_leadtimes)
-    forecast = forecast_variants([name], variants, forecasts, inputs)[name]
-    seconds["model"] = time.perf_counter() - start
+    run = ForecastRun(
+        methods=(name,),
+        method_kwargs={},
+        checkpoint=str(checkpoint),
+        device=None,
+        n_input_frames=model.n_input_frames,
+        n_leadtimes=n_leadtimes or model.n_target_frames,
+        timestep_minutes=step,
+        variants={name: spec} if spec else {},
+    )
+    window = forecast_window(cube, reference, run, observe=False)
+    seconds["read_inputs"] = opened + window.seconds["read"]
+    seconds["model"] = window.seconds["forecast"]
+    forecast = window.forecasts[name]
 
     reference = pd.Timestamp(forecast["forecast_reference_time"].values)
     stem = f"{source}_{reference:%Y%m%dT%H%M}Z"
@@ -296,4 +330,10 @@ def _close(figure) -> None:
     plt.close(figure)
 
 
-__all__ = ["predict", "inputs_from_cube", "inputs_from_files", "InputFramesError"]
+__all__ = [
+    "predict",
+    "cube_reference_time",
+    "cube_from_files",
+    "inputs_from_files",
+    "InputFramesError",
+]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import fsspec
 
-from .config import ConfigError
+from nowcast.config import ConfigError
 
 
 def is_url(path: str | os.PathLike) -> bool:

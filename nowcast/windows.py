@@ -14,8 +14,8 @@ predict call it instead of re-deriving it:
   frame).
 
 Segments come from ingest: a gap longer than the source's ``max_gap_minutes`` is not stored in the
-cube, which records a ``segment`` number per frame instead. A cube of an older ingest without a
-``segment`` variable is read as one segment. No window crosses a segment boundary.
+cube, which records a ``segment`` number per frame instead. A cube without a ``segment``
+variable is read as one segment. No window crosses a segment boundary.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .config import ConfigError
-from .io.cube import cube_segments
+from nowcast.config import ConfigError
+from nowcast.sources.cube import cube_segments
 
 SPLITS = ("train", "val", "test")
 # A buffer is carved from the split that comes later in this order.
@@ -37,6 +37,45 @@ SPLIT_PRIORITY = ("test", "val", "train")
 
 # --------------------------------------------------------------------------------------------
 # valid-time arithmetic
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """The frames of one window as a model sees them: inputs, targets and their timestep.
+
+    Stored as the attributes ``n_input_frames``, ``n_target_frames`` and ``timestep_minutes``
+    (patch store and checkpoint).
+
+    Parameters
+    ----------
+    n_input : int
+        Input frames, the last one at the reference time.
+    n_target : int
+        Target frames (lead times).
+    timestep : int
+        Minutes between consecutive frames.
+    """
+
+    n_input: int
+    n_target: int
+    timestep: int
+
+    @classmethod
+    def from_attrs(cls, attrs) -> FrameSpec:
+        """The spec from a mapping with the stored names (store attributes, checkpoint)."""
+        return cls(
+            int(attrs["n_input_frames"]),
+            int(attrs["n_target_frames"]),
+            int(attrs["timestep_minutes"]),
+        )
+
+    def to_attrs(self) -> dict[str, int]:
+        """The stored names and values."""
+        return {
+            "n_input_frames": int(self.n_input),
+            "n_target_frames": int(self.n_target),
+            "timestep_minutes": int(self.timestep),
+        }
 
 
 def input_offsets(n_input: int, timestep_minutes: int) -> np.ndarray:

@@ -11,15 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from nowcast.checkpoint import PRETRAINED_CHECKPOINT
-from nowcast.data import DataUnavailableError, fetch_sample_data
-from nowcast.evaluate import evaluate
-from nowcast.experiment import ExperimentConfig, load_experiment
+from nowcast.config import ExperimentConfig, load_experiment
+from nowcast.evaluate.stage import evaluate
 from nowcast.export import export
-from nowcast.ingest import ingest
-from nowcast.io.cube import describe_cube, open_cube
-from nowcast.patches import build_patches
-from nowcast.train import train
+from nowcast.patches.build import build_patches
+from nowcast.sources.cube import describe_cube, open_cube
+from nowcast.sources.ingest import ingest
+from nowcast.sources.sample_data import DataUnavailableError, fetch_sample_data
+from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT
+from nowcast.training.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAINED = PRETRAINED_CHECKPOINT

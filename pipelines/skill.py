@@ -23,12 +23,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from nowcast.calibration import calibrate
-from nowcast.evaluate import evaluate, markdown_table
-from nowcast.experiment import ExperimentConfig, load_experiment
-from nowcast.ingest import ingest
-from nowcast.patches import build_patches
-from nowcast.train import train
+from nowcast.config import ExperimentConfig, load_experiment
+from nowcast.evaluate.calibration import calibrate
+from nowcast.evaluate.report import markdown_table
+from nowcast.evaluate.stage import evaluate
+from nowcast.patches.build import build_patches
+from nowcast.sources.ingest import ingest
+from nowcast.training.loop import train
 from pipelines.skill_routes import routes_section, run_routes
 
 REPO = Path(__file__).resolve().parent.parent

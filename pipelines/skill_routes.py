@@ -3,7 +3,7 @@
 ``python -m pipelines.skill --routes`` runs, for ``pipelines/configs/bom_routes.yaml``:
 
 1. the blend weights of every blending variant, fitted on the BoM validation windows
-   (:func:`nowcast.blend_fit.fit_blend_weights`);
+   (:func:`nowcast.evaluate.blend_fit.fit_blend_weights`);
 2. evaluate on the validation windows: the route that meets the most targets there (ties: the
    higher mean CSI ratio to LK at 1, 5 and 10 mm/h) is *selected*, so no choice sees the test
    block;
@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nowcast.blend_fit import fit_blend_weights
-from nowcast.evaluate import evaluate, markdown_table
-from nowcast.experiment import ExperimentConfig, load_experiment
+from nowcast.config import ExperimentConfig, load_experiment
+from nowcast.evaluate.blend_fit import fit_blend_weights
+from nowcast.evaluate.report import markdown_table
+from nowcast.evaluate.stage import evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 ROUTES_CONFIG = "pipelines/configs/bom_routes.yaml"
@@ -42,7 +43,7 @@ MOONSHOT_CSI_RATIO = 1.10
 DEFAULT_MODEL = "bom_lagrangian_tr"
 #: Candidate checkpoints: the pretrained model and the loss routes of ``make skill``.
 ROUTE_MODELS = {
-    DEFAULT_MODEL: "pipelines/pretrained/bom_lagrangian_convlstm.pt",
+    DEFAULT_MODEL: "nowcast/pretrained/bom_lagrangian_convlstm.pt",
     "bom_lagrangian_tr_pinball": "runs/bom_lagrangian_tr_pinball/checkpoints/best.pt",
     "bom_lagrangian_tr_bmse": "runs/bom_lagrangian_tr_bmse/checkpoints/best.pt",
     "bom_lagrangian_tr_dbz": "runs/bom_lagrangian_tr_dbz/checkpoints/best.pt",
@@ -82,7 +83,7 @@ def routes(experiment: ExperimentConfig) -> list[str]:
 
 def run_model_routes(experiment: ExperimentConfig, model: str, checkpoint: str) -> dict:
     """Fit the blends, then evaluate every route of one checkpoint on val, test and zero-shot."""
-    from nowcast.zeroshot import evaluate_source
+    from nowcast.evaluate.zeroshot import evaluate_source
 
     evaluate_section = {**experiment.evaluate, "checkpoint": checkpoint}
     experiment = experiment.model_copy(update={"evaluate": evaluate_section})

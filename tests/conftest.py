@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nowcast.config import Catalog, SourceConfig, load_catalog
+from nowcast.sources.catalog import Catalog, SourceConfig, load_catalog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def catalog(data_root) -> Catalog:
 @pytest.fixture(scope="session")
 def bom_cube(catalog, tmp_path_factory) -> str:
     """The BoM day ingested once per test session (in-process Dask cluster)."""
-    from nowcast.ingest import ingest
+    from nowcast.sources.ingest import ingest
 
     cube_dir = tmp_path_factory.mktemp("cubes")
     return ingest("bom", str(cube_dir), catalog=catalog, scheduler="threads", progress=False).path
@@ -82,7 +82,7 @@ BOM_SPLIT_TIMES = {
 
 def bom_experiment(bom_cube: str, patch_dir, name: str = "bom", **patches):
     """An experiment on the session's BoM cube with the bom.yaml splits; kwargs set ``patches``."""
-    from nowcast.experiment import ExperimentConfig
+    from nowcast.config import ExperimentConfig
 
     settings = {"split_times": BOM_SPLIT_TIMES, "buffer_minutes": 30, **patches}
     return ExperimentConfig(

@@ -1,6 +1,7 @@
 """Full-resolution reference of the Lagrangian frame: pysteps trajectories, scipy reads.
 
-What nowcast shipped before the frame transport moved to :mod:`nowcast.warp` (torch, coarse
+What nowcast shipped before the frame transport moved to :mod:`nowcast.advection.warp` (torch,
+coarse
 motion): kept here as the independent reference the torch transport is tested against. The
 trajectories are pysteps' own (``extrapolate(..., return_displacement=True)``) and the reads
 the ``map_coordinates`` call at the end of pysteps' semi-Lagrangian step.
@@ -12,7 +13,7 @@ import numpy as np
 from pysteps import extrapolation
 from scipy.ndimage import map_coordinates
 
-from nowcast.motion import motion_field
+from nowcast.advection.motion import motion_field
 
 
 def displacements(velocity: np.ndarray, n_steps: int) -> list[np.ndarray]:

@@ -10,23 +10,17 @@ import pytest
 from conftest import synthetic_catalog
 from test_predict import residual_checkpoint
 
-from nowcast.calibration import (
-    apply_calibration,
-    calibrate,
-    calibration_path,
-    fit_isotonic,
-    load_calibration,
-)
-from nowcast.checkpoint import load_checkpoint, save_checkpoint
-from nowcast.config import ConfigError
-from nowcast.experiment import ExperimentConfig
-from nowcast.ingest import ingest
-from nowcast.io.cube import cube_path, open_cube
-from nowcast.nowcasts import cube_inputs
+from nowcast.config import ConfigError, ExperimentConfig
+from nowcast.evaluate.calibration import calibrate, calibration_path
+from nowcast.nowcasts.inputs import cube_inputs
+from nowcast.nowcasts.isotonic import apply_calibration, fit_isotonic, load_calibration
 from nowcast.nowcasts.model import ModelNowcast
 from nowcast.nowcasts.variants import apply_variant, parse_variants
-from nowcast.patches import build_patches
+from nowcast.patches.build import build_patches
+from nowcast.sources.cube import cube_path, open_cube
+from nowcast.sources.ingest import ingest
 from nowcast.storage import file_sha256
+from nowcast.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_isotonic_curve_removes_drizzle_and_keeps_order():

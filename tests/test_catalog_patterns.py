@@ -10,10 +10,17 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from nowcast.catalog import discover_files, frame_path, list_frames, plan_frames
-from nowcast.config import Catalog, ConfigError, SourceConfig
-from nowcast.ingest import ingest
-from nowcast.io.cube import open_cube
+from nowcast.config import ConfigError
+from nowcast.sources.catalog import (
+    Catalog,
+    SourceConfig,
+    discover_files,
+    frame_path,
+    list_frames,
+    plan_frames,
+)
+from nowcast.sources.cube import open_cube
+from nowcast.sources.ingest import ingest
 
 T0 = datetime(2016, 7, 11, 12, 0)
 
@@ -168,7 +175,8 @@ def test_wildcard_pattern_ingests_real_files(catalog, tmp_path):
 
 def test_data_root_defaults_to_the_makefile_folder_in_a_checkout(monkeypatch):
     """Without NOWCAST_DATA_ROOT, `nowcast ingest bom` finds the data where `make data` puts it."""
-    from nowcast.config import default_data_root, expand_env, load_catalog
+    from nowcast.config import default_data_root, expand_env
+    from nowcast.sources.catalog import load_catalog
 
     monkeypatch.delenv("NOWCAST_DATA_ROOT", raising=False)
     checkout = Path(__file__).resolve().parent.parent
@@ -183,16 +191,15 @@ def test_data_root_defaults_to_the_makefile_folder_in_a_checkout(monkeypatch):
 
 
 def test_missing_files_say_which_command_fetches_the_data(tmp_path):
-    from nowcast.catalog import plan_frames
-    from nowcast.config import load_catalog
+    from nowcast.sources.catalog import load_catalog, plan_frames
 
     update = {"root_path": str(tmp_path), "start": None, "end": None}
     source = load_catalog()["bom"].model_copy(update=update)
     with pytest.raises(ConfigError, match="run `nowcast data`"):
         plan_frames(source)
     # A source with a fixed time range (as the sample sources have): ingest names a path too.
-    from nowcast.catalog import list_frames
-    from nowcast.ingest import source_grid
+    from nowcast.sources.catalog import list_frames
+    from nowcast.sources.frames import source_grid
 
     ranged = load_catalog()["bom"].model_copy(update={"root_path": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"none exists, e\.g\. .*run `nowcast data`"):

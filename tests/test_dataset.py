@@ -1,4 +1,4 @@
-"""PyTorch access to the patch store (nowcast.dataset)."""
+"""PyTorch access to the patch store (nowcast.patches.loader)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,17 @@ import torch.distributed as dist
 import zarr
 from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
 
-from nowcast.config import Catalog, SourceConfig
-from nowcast.dataset import (
+from nowcast.config import ExperimentConfig
+from nowcast.patches.build import build_patches
+from nowcast.patches.loader import (
     PatchDataset,
     dihedral,
-    load_normalization,
     make_dataloaders,
-    store_info,
 )
-from nowcast.experiment import ExperimentConfig
-from nowcast.ingest import ingest
-from nowcast.patch_store import PatchStore
-from nowcast.patches import build_patches
+from nowcast.patches.reader import PatchStore
+from nowcast.sources.catalog import Catalog, SourceConfig
+from nowcast.sources.ingest import ingest
+from nowcast.windows import FrameSpec
 
 
 def _synthetic_store(tmp_path_factory, n_input_frames: int, n_target_frames: int) -> str:
@@ -67,7 +66,7 @@ def uneven_store(tmp_path_factory) -> str:
 
 def test_loaders_yield_float32_batches_without_nan(store):
     loaders = make_dataloaders(store, batch_size=8, augment=False)
-    counts = store_info(store)["counts"]["samples"]
+    counts = PatchStore.open(store).counts["samples"]
     patch_store = PatchStore.open(store)
     for split, loader in loaders.items():
         n_seen = 0
@@ -180,20 +179,22 @@ def test_dihedral_transforms_are_the_eight_symmetries_of_the_square():
     np.testing.assert_array_equal(dihedral(square, 0, True)[0], square[0, :, ::-1])
 
 
-def test_normalization_and_store_info(store):
-    transform, params = load_normalization(store)
-    info = store_info(store)
-    assert transform.name == info["normalization"]["method"] == "log1p"
-    assert params == info["normalization"]["params"] and params["scale"] > 0
+def test_normalization_and_store_attributes(store):
+    patch_store = PatchStore.open(store)
+    normalization, info = patch_store.normalization, patch_store.attrs
+    assert normalization.method == info["normalization"]["method"] == "log1p"
+    assert normalization.params == info["normalization"]["params"]
+    assert normalization.params["scale"] > 0
+    assert normalization.fitted_on["split"] == "train"
+    assert normalization.to_dict() == info["normalization"]
+    assert patch_store.frame_spec == FrameSpec(3, 3, info["timestep_minutes"])
     assert (info["n_input_frames"], info["n_target_frames"], info["patch_size"]) == (3, 3, 32)
     assert set(info["counts"]["windows"]) == {"train", "val", "test"}
     assert set(info["cube_paths"]) == {"synthetic"}
     _, targets, mask = PatchDataset(store, "test")[0]
-    rain_rate = transform.inverse(targets, params)
+    rain_rate = normalization.inverse(targets)
     assert isinstance(rain_rate, torch.Tensor) and (rain_rate >= 0).all()
-    np.testing.assert_allclose(
-        rain_rate.numpy(), transform.inverse(targets.numpy(), params), rtol=1e-6
-    )
+    np.testing.assert_allclose(rain_rate.numpy(), normalization.inverse(targets.numpy()), rtol=1e-6)
 
 
 def test_dataset_pickles_without_open_handles(store):
@@ -213,7 +214,7 @@ def test_unknown_split(store):
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_sample(store):
-    from nowcast.dataset import PatchDataset
+    from nowcast.patches.loader import PatchDataset
 
     dataset = PatchDataset(store, "train", augment=True, seed=5)
     again = PatchDataset(store, "train", augment=True, seed=5)
@@ -226,7 +227,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_sample(store):
 
 @pytest.mark.parametrize("name", ["store", "uneven_store"])
 def test_time_reversal_plays_the_window_backwards(name, request):
-    from nowcast.dataset import PatchDataset
+    from nowcast.patches.loader import PatchDataset
 
     store = request.getfixturevalue(name)
     patch_store = PatchStore.open(store)

@@ -13,21 +13,21 @@ from pysteps.verification.detcatscores import det_cat_fct
 from pysteps.verification.detcontscores import det_cont_fct
 from test_nowcasts import save_tiny_checkpoint, tiny_model
 
-from nowcast.config import ConfigError
-from nowcast.evaluate import (
+from nowcast.config import ConfigError, ExperimentConfig
+from nowcast.evaluate.scoring import cube_windows, store_windows
+from nowcast.evaluate.stage import evaluate
+from nowcast.evaluate.tables import (
     DIFFERENCE_COLUMNS,
     FAMILY_SCORES,
     METRIC_COLUMNS,
-    cube_windows,
     differences_table,
-    evaluate,
-    select_windows,
     stack_starts,
-    store_windows,
 )
-from nowcast.experiment import ExperimentConfig
-from nowcast.io.cube import cube_path, open_cube
-from nowcast.nowcasts import ModelNowcast, cube_inputs, get_method
+from nowcast.nowcasts.inputs import cube_inputs
+from nowcast.nowcasts.interface import get_method
+from nowcast.nowcasts.model import ModelNowcast
+from nowcast.sources.cube import cube_path, open_cube
+from nowcast.windows import select_windows
 
 N_INPUT, N_TARGET = 4, 3
 #: A small residual ConvLSTM: untrained, it is Lagrangian persistence (LK extrapolation).
@@ -68,8 +68,8 @@ def synthetic_experiment(root: Path, **evaluate) -> ExperimentConfig:
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """Cube -> patch store -> untrained checkpoint -> evaluate with the default methods."""
-    from nowcast.ingest import ingest
-    from nowcast.patches import build_patches
+    from nowcast.patches.build import build_patches
+    from nowcast.sources.ingest import ingest
 
     root = tmp_path_factory.mktemp("evaluate")
     catalog = synthetic_catalog(n_frames=36)
@@ -136,7 +136,7 @@ def test_report_and_figures(evaluated):
 
 def window_stacks(experiment, reference_times, checkpoint):
     """Persistence forecasts and observations of the evaluated windows, on the common mask."""
-    from nowcast.io.cube import cube_path
+    from nowcast.sources.cube import cube_path
 
     cube = open_cube(cube_path(experiment.cube_root, "synthetic"))
     model = ModelNowcast(checkpoint, device="cpu")
@@ -253,7 +253,8 @@ def test_differences_are_paired_and_zero_for_the_same_method(evaluated, metrics)
 
 def _per_start_with_copy(evaluated):
     """Per-start accumulators of two windows, with persistence also listed as a second method."""
-    from nowcast.evaluate import ForecastSetup, Window, score_window
+    from nowcast.evaluate.scoring import score_window
+    from nowcast.evaluate.setup import ForecastSetup, Window
 
     experiment, outputs, _ = evaluated
     payload = json.loads(Path(outputs["metrics_json"]).read_text())
@@ -278,7 +279,7 @@ def _per_start_with_copy(evaluated):
 
 
 def test_patch_scores_equal_a_direct_computation(evaluated, tmp_path):
-    from nowcast.patch_store import PatchStore
+    from nowcast.patches.reader import PatchStore
 
     experiment, _, _ = evaluated
     update = {
@@ -297,11 +298,11 @@ def test_patch_scores_equal_a_direct_computation(evaluated, tmp_path):
 
     store = PatchStore.open(experiment.patch_store)
     test = store.samples("test")["sample"].to_numpy()
-    transform, params = store.transform()
+    normalization = store.normalization
     samples = [store.sample(int(index)) for index in test]
-    last = np.stack([transform.inverse(s["inputs"].values[-1], params) for s in samples])
+    last = np.stack([normalization.inverse(s["inputs"].values[-1]) for s in samples])
     last = np.where(np.stack([s["input_mask"].values[-1] for s in samples]), last, np.nan)
-    target = np.stack([transform.inverse(s["targets"].values[0], params) for s in samples])
+    target = np.stack([normalization.inverse(s["targets"].values[0]) for s in samples])
     target = np.where(np.stack([s["target_mask"].values[0] for s in samples]), target, np.nan)
     valid = np.isfinite(last) & np.isfinite(target)
     expected = np.mean((last[valid] - target[valid]) ** 2, dtype=np.float64)
@@ -390,9 +391,10 @@ def test_multi_source_experiment_is_scored_per_source(catalog, tmp_path):
     """Two radars at different timesteps (BoM 10 min, KNMI 5 min) share a 30-min step: one
     Lagrangian residual model is trained on both and every source is scored on its own test
     block, as in pipelines/configs/multi_source.yaml."""
-    from nowcast.ingest import ingest
-    from nowcast.patches import build_patches, evaluation_windows
-    from nowcast.train import train
+    from nowcast.patches.build import build_patches
+    from nowcast.patches.reader import evaluation_windows
+    from nowcast.sources.ingest import ingest
+    from nowcast.training.loop import train
 
     cube_dir = tmp_path / "cubes"
     ranges = {

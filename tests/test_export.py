@@ -16,14 +16,9 @@ import pytest
 import xarray as xr
 
 from nowcast.config import ConfigError
-from nowcast.export import (
-    ExportConfig,
-    export,
-    forecast_to_dataset,
-    write_forecast_netcdf,
-)
-from nowcast.forecast import forecast_crs, lead_time_minutes, make_forecast
-from nowcast.io.cube import cube_crs, open_cube
+from nowcast.export import ExportConfig, export, forecast_to_dataset, write_forecast_netcdf
+from nowcast.nowcasts.forecast import forecast_crs, lead_time_minutes, make_forecast
+from nowcast.sources.cube import cube_crs, open_cube
 
 REPO = Path(__file__).resolve().parent.parent
 N_LEAD = 6
@@ -213,8 +208,8 @@ KILLED_WRITER = textwrap.dedent(
     import os, signal, sys
     import numpy as np, xarray as xr
     from nowcast.export import write_forecast_netcdf
-    from nowcast.forecast import make_forecast
-    from nowcast.io.cube import crs_variable
+    from nowcast.nowcasts.forecast import make_forecast
+    from nowcast.sources.cube import crs_variable
     import pyproj
 
     grid = xr.Dataset(
@@ -317,10 +312,11 @@ def test_export_stage_needs_a_patch_store_and_a_valid_section(tmp_path):
 def test_export_stage_writes_forecasts_of_the_test_windows(tmp_path):
     from conftest import synthetic_catalog
 
-    from nowcast.experiment import ExperimentConfig
+    from nowcast.config import ExperimentConfig
     from nowcast.export import export
-    from nowcast.ingest import ingest
-    from nowcast.patches import build_patches, evaluation_windows
+    from nowcast.patches.build import build_patches
+    from nowcast.patches.reader import evaluation_windows
+    from nowcast.sources.ingest import ingest
 
     ingest(
         "synthetic",

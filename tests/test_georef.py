@@ -7,11 +7,10 @@ import pytest
 import xarray as xr
 from conftest import synthetic_catalog
 
-from nowcast.catalog import list_frames
-from nowcast.config import Catalog
-from nowcast.ingest import ingest
-from nowcast.io.cube import open_cube
-from nowcast.io.radar import GeoreferenceError, _call_importer, grid_from_metadata, read_grid
+from nowcast.sources.catalog import Catalog, list_frames
+from nowcast.sources.cube import open_cube
+from nowcast.sources.ingest import ingest
+from nowcast.sources.readers import GeoreferenceError, _call_importer, grid_from_metadata, read_grid
 
 REAL_SOURCES = ["bom", "fmi_2016", "fmi_2017", "knmi", "opera"]
 
@@ -89,7 +88,7 @@ def test_inconsistent_extent_names_the_source_and_numbers():
 
 @pytest.mark.realdata
 def test_netcdf_coordinates_that_disagree_fail(catalog, monkeypatch):
-    import nowcast.io.radar as radar
+    import nowcast.sources.readers as radar
 
     source = catalog["bom"]
     path = list_frames(source)[0].path

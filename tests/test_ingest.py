@@ -19,12 +19,12 @@ import xarray as xr
 from conftest import synthetic_catalog
 
 from nowcast import storage
-from nowcast.catalog import list_frames
-from nowcast.config import Catalog, ConfigError, SourceConfig, load_catalog
-from nowcast.ingest import ingest
-from nowcast.io.cube import cube_crs, ingest_report, open_cube
-from nowcast.io.radar import FrameReadError, GridMismatchError
-from nowcast.io.synthetic import SyntheticParams, synthetic_frame
+from nowcast.config import ConfigError
+from nowcast.sources.catalog import Catalog, SourceConfig, list_frames, load_catalog
+from nowcast.sources.cube import cube_crs, ingest_report, open_cube
+from nowcast.sources.ingest import ingest
+from nowcast.sources.readers import FrameReadError, GridMismatchError
+from nowcast.sources.synthetic import SyntheticParams, synthetic_frame
 
 REAL_SOURCES = ["bom", "fmi_2016", "fmi_2017", "knmi", "opera"]
 
@@ -267,7 +267,7 @@ def test_rerun_is_a_noop_and_force_rebuilds(tmp_path, small_synthetic_catalog):
 
 def test_failed_write_leaves_no_store(tmp_path, small_synthetic_catalog, monkeypatch):
     """A run that dies mid-write leaves only the resumable partial store, never a cube."""
-    import nowcast.ingest as ingest_module
+    import nowcast.sources.ingest as ingest_module
 
     real_write = ingest_module.write_frames
     calls = []

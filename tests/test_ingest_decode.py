@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from nowcast.catalog import list_frames
-from nowcast.config import SourceConfig
-from nowcast.io.radar import FrameReadError, _decode_xarray
+from nowcast.sources.catalog import SourceConfig, list_frames
+from nowcast.sources.readers import FrameReadError, _decode_xarray
 
 
 def _open_dataset_reference(path, variable: str) -> np.ndarray:

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from conftest import synthetic_catalog
 
-import nowcast.ingest as ingest_module
-from nowcast.catalog import list_frames
-from nowcast.config import Catalog, ConfigError
-from nowcast.ingest import IN_PROCESS_MAX_FRAMES_VARIABLE, Block, ingest
-from nowcast.io.cube import open_cube
+import nowcast.sources.ingest as ingest_module
 from nowcast.parallel import IN_PROCESS, dask_client
+from nowcast.sources.catalog import Catalog, list_frames
+from nowcast.sources.cube import open_cube
+from nowcast.sources.ingest import Block, ingest
 
 
 def _blocks(n_frames: int) -> list[Block]:
@@ -59,8 +58,7 @@ def test_in_process_and_cluster_write_the_same_store(catalog, tmp_path, cluster)
     assert here_files == there_files  # byte for byte: chunks, array metadata
 
 
-def test_small_job_runs_in_process_and_large_one_on_a_new_cluster(monkeypatch):
-    monkeypatch.delenv(IN_PROCESS_MAX_FRAMES_VARIABLE, raising=False)
+def test_small_job_runs_in_process_and_large_one_on_a_new_cluster():
     limit = ingest_module.IN_PROCESS_MAX_FRAMES
     assert ingest_module._executor_kind(None, _blocks(limit)) == IN_PROCESS
     assert ingest_module._executor_kind(None, _blocks(limit + 1)) is None  # LocalCluster
@@ -69,20 +67,17 @@ def test_small_job_runs_in_process_and_large_one_on_a_new_cluster(monkeypatch):
     assert ingest_module._executor_kind("processes", _blocks(3)) == "processes"
 
 
-def test_an_active_client_is_used_for_a_small_job(monkeypatch):
-    monkeypatch.delenv(IN_PROCESS_MAX_FRAMES_VARIABLE, raising=False)
+def test_an_active_client_is_used_for_a_small_job():
     with dask_client("threads", n_workers=1):
         assert ingest_module._executor_kind(None, _blocks(3)) is None  # dask_client reuses it
 
 
-def test_environment_variable_sets_the_limit(monkeypatch):
-    monkeypatch.setenv(IN_PROCESS_MAX_FRAMES_VARIABLE, "0")  # always a cluster
-    assert ingest_module._executor_kind(None, _blocks(1)) is None
-    monkeypatch.setenv(IN_PROCESS_MAX_FRAMES_VARIABLE, "100000")
-    assert ingest_module._executor_kind(None, _blocks(50000)) == IN_PROCESS
-    monkeypatch.setenv(IN_PROCESS_MAX_FRAMES_VARIABLE, "many")
-    with pytest.raises(ConfigError, match=IN_PROCESS_MAX_FRAMES_VARIABLE):
-        ingest_module._executor_kind(None, _blocks(1))
+def test_the_limit_is_an_argument(monkeypatch):
+    assert ingest_module._executor_kind(None, _blocks(1), 0) is None  # always a cluster
+    assert ingest_module._executor_kind(None, _blocks(50000), 100000) == IN_PROCESS
+    # The environment does not change the choice: only the argument does.
+    monkeypatch.setenv("NOWCAST_INGEST_IN_PROCESS_MAX_FRAMES", "0")
+    assert ingest_module._executor_kind(None, _blocks(1)) == IN_PROCESS
 
 
 def test_ingest_without_scheduler_follows_the_rule(tmp_path, monkeypatch):
@@ -97,10 +92,8 @@ def test_ingest_without_scheduler_follows_the_rule(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ingest_module, "task_executor", recording)
     cat = synthetic_catalog(n_frames=30)
-    monkeypatch.setenv(IN_PROCESS_MAX_FRAMES_VARIABLE, "30")
-    ingest("synthetic", str(tmp_path / "a"), catalog=cat, progress=False)
-    monkeypatch.setenv(IN_PROCESS_MAX_FRAMES_VARIABLE, "29")
-    ingest("synthetic", str(tmp_path / "b"), catalog=cat, progress=False)
+    ingest("synthetic", str(tmp_path / "a"), catalog=cat, progress=False, in_process_max_frames=30)
+    ingest("synthetic", str(tmp_path / "b"), catalog=cat, progress=False, in_process_max_frames=29)
     assert chosen == [IN_PROCESS, None]
     a, b = (open_cube(str(tmp_path / d / "synthetic.zarr")) for d in "ab")
     np.testing.assert_array_equal(a["rain_rate"].values, b["rain_rate"].values)

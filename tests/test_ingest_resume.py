@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from conftest import synthetic_catalog
 
-import nowcast.ingest as ingest_module
-from nowcast.config import Catalog, ConfigError
-from nowcast.ingest import ingest
-from nowcast.io.cube import CUBE_SCHEMA_VERSION, open_cube
+import nowcast.sources.ingest as ingest_module
+from nowcast.config import ConfigError
+from nowcast.sources.catalog import Catalog
+from nowcast.sources.cube import CUBE_SCHEMA_VERSION, open_cube
+from nowcast.sources.ingest import ingest
 from nowcast.storage import StoreLockedError
 
 # Frames 12..17 are one whole time chunk of gaps: no rain_rate chunk is stored for it, so only

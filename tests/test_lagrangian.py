@@ -1,6 +1,7 @@
 """Lagrangian frame: persistence there is pysteps extrapolation; it removes the advection.
 
-The shipped transport (:class:`nowcast.lagrangian.LagrangianFrame` on :mod:`nowcast.warp`) is
+The shipped transport (:class:`nowcast.advection.lagrangian.LagrangianFrame` on
+:mod:`nowcast.advection.warp`) is
 checked against the full-resolution pysteps/scipy reference in ``lagrangian_reference``.
 """
 
@@ -13,9 +14,12 @@ import pytest
 import torch
 from pysteps import extrapolation
 
-from nowcast.io.synthetic import SyntheticParams, synthetic_frame
-from nowcast.lagrangian import LagrangianFrame
-from nowcast.motion import coarse_motion, coarse_motion_field, motion_field
+from nowcast.advection.lagrangian import LagrangianFrame
+from nowcast.advection.motion import coarse_motion, coarse_motion_field, motion_field
+from nowcast.patches.normalization import Normalization
+from nowcast.sources.synthetic import SyntheticParams, synthetic_frame
+from nowcast.training.checkpoint import TrainedOn
+from nowcast.windows import FrameSpec
 
 
 def _frames(n: int, shape=(96, 96)) -> np.ndarray:
@@ -103,8 +107,8 @@ def test_untrained_residual_model_in_lagrangian_frame_is_extrapolation(stride):
     within the coarse grid's interpolation tolerance at stride 8."""
     import xarray as xr
 
-    from nowcast.models import build_model
-    from nowcast.nowcasts import get_method
+    from nowcast.models.registry import build_model
+    from nowcast.nowcasts.interface import get_method
     from nowcast.nowcasts.model import ModelNowcast
 
     frames = _frames(4).astype(np.float32)
@@ -120,11 +124,12 @@ def test_untrained_residual_model_in_lagrangian_frame_is_extrapolation(stride):
     )
     method = ModelNowcast(
         model=model,
-        normalization={"method": "log1p", "params": {"scale": 4.0}},
-        n_input_frames=4,
-        timestep_minutes=10,
-        frame="lagrangian",
-        motion_stride=stride,
+        trained_on=TrainedOn(
+            Normalization("log1p", {"scale": 4.0}),
+            FrameSpec(n_input=4, n_target=3, timestep=10),
+            reference_frame="lagrangian",
+            motion_node_spacing=stride,
+        ),
     )
     forecast = method(inputs, 3)
     expected = get_method("extrapolation")(inputs, 3)
@@ -140,12 +145,13 @@ def test_untrained_residual_model_in_lagrangian_frame_is_extrapolation(stride):
 
 
 def test_torch_trajectories_are_pysteps_trajectories():
-    """nowcast.warp integrates the semi-Lagrangian displacements as pysteps does (float64, the
+    """nowcast.advection.warp integrates the semi-Lagrangian displacements as pysteps does
+    (float64, the
     full-resolution motion as its own coarse grid); a linear field survives any coarsening."""
     import torch
 
-    from nowcast.warp import displacements as torch_displacements
-    from nowcast.warp import motion_at
+    from nowcast.advection.warp import displacements as torch_displacements
+    from nowcast.advection.warp import motion_at
 
     frames = _frames(4)
     velocity = motion_field(frames)
@@ -172,7 +178,7 @@ def test_warp_frames_is_map_coordinates_on_per_frame_boxes():
     import torch
     from scipy.ndimage import map_coordinates
 
-    from nowcast.warp import VALID_THRESHOLD, frame_boxes, warp_frames
+    from nowcast.advection.warp import VALID_THRESHOLD, frame_boxes, warp_frames
 
     rng = np.random.default_rng(0)
     domain, n_frames, reference, size = (40, 50), 3, 1, 8
@@ -211,7 +217,7 @@ def test_frame_boxes_stay_in_the_domain_when_every_point_is_outside():
     inside the domain (a box ending at or before 0 would be a negative, wrapping slice)."""
     import torch
 
-    from nowcast.warp import frame_boxes
+    from nowcast.advection.warp import frame_boxes
 
     where = torch.full((1, 2, 4, 4, 2), -5.0)  # every (x, y) left of and above the domain
     where[0, 1] = 3.0  # a second frame inside it
@@ -232,14 +238,14 @@ def test_pretrained_nowcast_matches_the_full_resolution_transport_on_bom(catalog
     99th percentile 0.61 mm/h, mean 0.037 mm/h; CSI of one against the other 0.96 at 5 and
     10 mm/h.
     """
-    from nowcast.checkpoint import PRETRAINED_CHECKPOINT
     from nowcast.nowcasts.model import ModelNowcast
     from nowcast.predict import inputs_from_files
+    from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT
 
     frames = inputs_from_files(catalog, "bom", pd.Timestamp("2020-10-31 08:50"), 6, 10)
     rain_rate = frames.values.astype(np.float32)
     method = ModelNowcast(PRETRAINED_CHECKPOINT, device="cpu")
-    assert method.frame == "lagrangian" and method.motion_stride == 8
+    assert method.reference_frame == "lagrangian" and method.motion_node_spacing == 8
     new = method.predict_values(rain_rate)
 
     # The replaced transport: full-resolution motion, inputs NaN at their own no-data pixels.
@@ -247,11 +253,10 @@ def test_pretrained_nowcast_matches_the_full_resolution_transport_on_bom(catalog
     velocity = motion_field(clipped)
     moved = reference.move_frames(clipped, reference.window_moves(velocity, 6, 0))
     moved[~np.isfinite(clipped)] = np.nan
-    params = method.normalization["params"]
-    normalized = np.nan_to_num(method.transform.forward(moved, params)).astype(np.float32)
+    normalized = np.nan_to_num(method.normalization.forward(moved)).astype(np.float32)
     with torch.no_grad():
         output = method.model(torch.from_numpy(normalized)[None, :, None])[0, :, 0]
-    lagrangian = method.transform.inverse(output, params).clamp(min=0.0).numpy()
+    lagrangian = method.normalization.inverse(output).clamp(min=0.0).numpy()
     old = reference.outputs_from_lagrangian(lagrangian, velocity)
 
     inside = np.isfinite(rain_rate[-1])

@@ -7,20 +7,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from nowcast.models import (
-    CNNLSTM,
-    FCLSTM,
-    ConvLSTMCell,
-    EncoderForecaster,
-    build_model,
-    count_parameters,
-    forward_flops,
-    get_method,
-    register,
-    registered_models,
-)
 from nowcast.models import registry as model_registry
-from nowcast.models.complexity import PeakTensorMemory
+from nowcast.models.cnn_lstm import CNNLSTM
+from nowcast.models.complexity import PeakTensorMemory, count_parameters, forward_flops
+from nowcast.models.convlstm import ConvLSTMCell, EncoderForecaster
+from nowcast.models.fc_lstm import FCLSTM
+from nowcast.models.registry import build_model, get_method, register, registered_models
 from nowcast.models.spatial import apply_tiled
 
 # Small enough to train in a fraction of a second per step on one core.

@@ -54,7 +54,7 @@ def test_quickstart_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
     assert set(metrics["method"]) == {"persistence", "extrapolation", "model"}
     assert (workdir / "run" / "checkpoints" / "best.pt").is_file()
     # The YAML the notebook writes is a valid experiment config for the CLI.
-    from nowcast.experiment import load_experiment
+    from nowcast.config import load_experiment
 
     assert load_experiment(workdir / "quickstart.yaml").name == "quickstart"
     (netcdf,) = (workdir / "run" / "netcdf").glob("*.nc")

@@ -11,8 +11,13 @@ from pysteps import motion
 from pysteps import nowcasts as pysteps_nowcasts
 from pysteps.utils.transformation import dB_transform
 
-from nowcast.io.synthetic import SyntheticParams, synthetic_frame, synthetic_grid
-from nowcast.nowcasts import ModelNowcast, cube_inputs, get_method, registered_methods
+from nowcast.nowcasts.inputs import cube_inputs
+from nowcast.nowcasts.interface import get_method, registered_methods
+from nowcast.nowcasts.model import ModelNowcast
+from nowcast.patches.normalization import Normalization
+from nowcast.sources.synthetic import SyntheticParams, synthetic_frame, synthetic_grid
+from nowcast.training.checkpoint import TrainedOn
+from nowcast.windows import FrameSpec
 
 TIMESTEP = 10
 MOTION = (2.0, -1.0)  # pixels per timestep, +x east, +y down
@@ -103,7 +108,7 @@ def test_extrapolation_beats_persistence_on_known_motion(frames):
 
 
 def test_motion_field_recovers_the_synthetic_motion(frames):
-    from nowcast.nowcasts.extrapolation import motion_field
+    from nowcast.advection.motion import motion_field
 
     velocity = motion_field(frames.values[:4])
     wet = frames.values[3] > 1.0
@@ -135,7 +140,7 @@ def test_extrapolation_needs_three_frames(frames):
 
 
 def test_sprog_is_finite_where_the_input_is(frames):
-    from nowcast.nowcasts.extrapolation import motion_field
+    from nowcast.advection.motion import motion_field
 
     inputs = frames[:4]
     n_leadtimes = 3
@@ -160,19 +165,19 @@ def test_sprog_is_finite_where_the_input_is(frames):
 
 N_INPUT, N_TARGET = 4, 3
 TINY_KWARGS = {"patch_factor": 4, "hidden_channels": [4], "kernel_sizes": 3}
-NORMALIZATION = {"method": "log1p", "params": {"scale": 3.5, "percentile": 99.9}}
+NORMALIZATION = Normalization("log1p", {"scale": 3.5, "percentile": 99.9})
 
 
 def tiny_model(n_input_frames: int = N_INPUT, n_target_frames: int = N_TARGET):
-    from nowcast.models import build_model
+    from nowcast.models.registry import build_model
 
     torch.manual_seed(0)
     return build_model("convlstm", n_input_frames, n_target_frames, **TINY_KWARGS)
 
 
-def save_tiny_checkpoint(path, model, normalization: dict = NORMALIZATION) -> None:
-    """A checkpoint of an untrained tiny ConvLSTM, written through nowcast.checkpoint."""
-    from nowcast.checkpoint import make_checkpoint, save_checkpoint
+def save_tiny_checkpoint(path, model, normalization: Normalization = NORMALIZATION) -> None:
+    """A checkpoint of an untrained tiny ConvLSTM, written through nowcast.training.checkpoint."""
+    from nowcast.training.checkpoint import make_checkpoint, save_checkpoint
 
     optimizer = torch.optim.AdamW(model.parameters())
     checkpoint = make_checkpoint(
@@ -184,12 +189,10 @@ def save_tiny_checkpoint(path, model, normalization: dict = NORMALIZATION) -> No
         experiment="test",
         model_name="convlstm",
         model_kwargs=TINY_KWARGS,
-        store_info={
-            "n_input_frames": model.n_input_frames,
-            "n_target_frames": model.n_target_frames,
-            "timestep_minutes": TIMESTEP,
-            "normalization": normalization,
-        },
+        trained_on=TrainedOn(
+            normalization,
+            FrameSpec(model.n_input_frames, model.n_target_frames, TIMESTEP),
+        ),
         step=0,
         epoch=0,
         batch_index=0,
@@ -218,7 +221,7 @@ def test_model_method_from_checkpoint(frames, tmp_path):
     assert (forecast.values[:, ~no_data] >= 0).all()
 
     # Same as normalizing by hand (NaN -> 0), running the network and transforming back.
-    scale = NORMALIZATION["params"]["scale"]
+    scale = NORMALIZATION.params["scale"]
     normalized = np.nan_to_num(np.log1p(inputs.values[-N_INPUT:]) / scale, nan=0.0)
     with torch.no_grad():
         output = model.eval()(torch.from_numpy(normalized.astype(np.float32))[None, :, None])
@@ -229,9 +232,7 @@ def test_model_method_from_checkpoint(frames, tmp_path):
 def test_model_method_from_memory_and_its_limits(frames):
     method = ModelNowcast(
         model=tiny_model(),
-        normalization=NORMALIZATION,
-        n_input_frames=N_INPUT,
-        timestep_minutes=TIMESTEP,
+        trained_on=TrainedOn(NORMALIZATION, FrameSpec(N_INPUT, N_TARGET, TIMESTEP)),
         device="cpu",
     )
     assert method(frames[:4], 3).shape == (3,) + frames.shape[1:]
@@ -248,8 +249,8 @@ def test_model_method_from_memory_and_its_limits(frames):
 def test_cube_inputs_reads_the_frames_before_the_reference_time(tmp_path):
     from conftest import synthetic_catalog
 
-    from nowcast.ingest import ingest
-    from nowcast.io.cube import open_cube
+    from nowcast.sources.cube import open_cube
+    from nowcast.sources.ingest import ingest
 
     catalog = synthetic_catalog(n_frames=8)
     path = ingest("synthetic", str(tmp_path), catalog=catalog, scheduler="threads", progress=False)
@@ -266,21 +267,49 @@ def test_cube_inputs_reads_the_frames_before_the_reference_time(tmp_path):
 
 
 def test_pysteps_imports_without_its_banner():
-    """Stages printed pysteps' "configuration file found" banner once per process and worker."""
+    """Importing the modules that use pysteps prints nothing; pysteps alone prints its banner."""
     import subprocess
     import sys
 
-    code = "import nowcast.nowcasts.sprog, pysteps; print(pysteps.rcparams['silent_import'])"
+    modules = (
+        "nowcast.advection.motion",
+        "nowcast.nowcasts.extrapolation",
+        "nowcast.nowcasts.persistence",
+        "nowcast.nowcasts.sprog",
+        "nowcast.nowcasts.variants",
+        "nowcast.verification",
+        "nowcast.sources.readers",
+    )
+    code = f"import {', '.join(modules)}, pysteps; print(pysteps.rcparams['silent_import'])"
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert quiet.stdout.strip() == "False"  # pysteps' own setting is untouched
+    assert quiet.stdout == "False\n"  # nothing else on stdout; pysteps' own setting is untouched
     loud = subprocess.run(
         [sys.executable, "-c", "import pysteps"], capture_output=True, text=True, check=True
     )
-    assert "Pysteps configuration file found" in loud.stdout  # what the finder removes
+    assert "Pysteps configuration file found" in loud.stdout  # what import_pysteps captures
+
+
+def test_every_pysteps_import_goes_through_import_pysteps():
+    """Whichever module imports pysteps first in a process (a Dask worker's too) is quiet."""
+    import ast
+    from pathlib import Path
+
+    import nowcast
+
+    package = Path(nowcast.__file__).parent
+    direct = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            direct += [f"{path.name}:{node.lineno}" for n in names if n.split(".")[0] == "pysteps"]
+    assert direct == []
+    assert nowcast.import_pysteps("pysteps.motion").get_method("LK") is not None
 
 
 def test_methods_declare_whether_they_use_motion():
-    from nowcast.nowcasts import METHOD_NEEDS, registered_methods, uses_motion
+    from nowcast.nowcasts.interface import METHOD_NEEDS, registered_methods, uses_motion
 
     assert set(METHOD_NEEDS) == set(registered_methods())
     assert uses_motion("extrapolation") and uses_motion("SPROG")

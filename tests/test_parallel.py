@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import io
 import threading
+import time
 
 import pytest
 
@@ -62,3 +64,27 @@ def test_task_executor_runs_tasks_and_shares_objects(scheduler):
 
 def _total(item, values):
     return item + sum(values)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_in_a_log_is_a_line_every_interval_not_a_redraw():
+    """40 tasks finishing over about 2 s: a log gets a line per 0.5 s and the final one."""
+    from nowcast.parallel import dask_client, progress_interval, show_progress
+
+    log = io.StringIO()
+    with dask_client("threads", n_workers=2) as client:
+        futures = client.map(time.sleep, [0.1] * 40, pure=False)
+        start = time.monotonic()
+        show_progress(futures, stream=log, interval=0.5)
+        elapsed = time.monotonic() - start
+        assert all(f.done() for f in futures)  # it blocked until every task finished
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert lines[-1].startswith("progress: 40/40 tasks (100%)")
+    assert 2 <= len(lines) <= elapsed / 0.5 + 2
+    assert progress_interval(log) >= 1.0  # the default for a log: seconds, not a redraw
+    assert progress_interval(FakeTerminal()) < 1.0  # a terminal keeps its live bar

@@ -1,4 +1,4 @@
-"""Patch store schema 2 (nowcast.patch_store): frames stored once, samples cut at load time."""
+"""Patch store schema 2 (nowcast.patches): frames stored once, samples cut at load time."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import pytest
 import zarr
 from conftest import bom_experiment
 
-from nowcast.config import Catalog, ConfigError, SourceConfig
-from nowcast.experiment import ExperimentConfig
-from nowcast.ingest import ingest
-from nowcast.io.cube import open_cube, write_cube
-from nowcast.patch_store import PatchStore, normalize_frames
-from nowcast.patch_store import writer as store_writer
-from nowcast.patches import build_patches, open_patch_store
-from nowcast.warp import read_frame_boxes
+from nowcast.advection.warp import read_frame_boxes
+from nowcast.config import ConfigError, ExperimentConfig
+from nowcast.patches import writer as store_writer
+from nowcast.patches.build import build_patches
+from nowcast.patches.layout import normalize_frames
+from nowcast.patches.reader import PatchStore, open_patch_store
+from nowcast.sources.catalog import Catalog, SourceConfig
+from nowcast.sources.cube import open_cube, write_cube
+from nowcast.sources.ingest import ingest
 
 SOURCES = ("alpha", "beta")
 
@@ -134,7 +135,7 @@ def test_store_is_at_most_one_and_a_half_cube_sizes(cube_dir, tmp_path):
 def _warp_errors(path, cube_paths, n_windows=None):
     """Per-pixel differences of the store's samples from ``lagrangian_window`` + cut."""
     store = PatchStore.open(path)
-    transform, params = store.transform()
+    normalization = store.normalization
     table = store.samples()
     n_input, size = store.n_input_frames, store.patch_size
     n_frames = n_input + store.n_target_frames
@@ -158,7 +159,7 @@ def _warp_errors(path, cube_paths, n_windows=None):
             mismatched += int((valid[k] != moved_valid[region]).sum())
             total += valid[k].size
             both = valid[k] & moved_valid[region]
-            rain_rate = transform.inverse(values[k].astype(np.float64), params)
+            rain_rate = normalization.inverse(values[k].astype(np.float64))
             diffs.append(np.abs(rain_rate - moved[region])[both])
             normalized.append(np.abs(values[k] - expected[region])[both])
             assert (values[k][~valid[k]] == 0).all()
@@ -169,7 +170,7 @@ def test_lagrangian_samples_match_direct_advection(cube_dir, tmp_path):
     experiment = _experiment(cube_dir, tmp_path, frame="lagrangian")
     path = build_patches(experiment, scheduler="threads", progress=False)
     store = PatchStore.open(path)
-    assert store.frame == "lagrangian" and store.margin >= 2
+    assert store.reference_frame == "lagrangian" and store.margin >= 2
     motion = zarr.open_group(path, mode="r")["frames/alpha/motion"]
     assert motion.shape[1:] == (2, 13, 13)  # 96 pixels at motion_stride 8
     cube_paths = {s: f"{cube_dir}/{s}.zarr" for s in SOURCES}

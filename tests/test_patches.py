@@ -1,4 +1,5 @@
-"""Patch store builder (nowcast.patches) and normalization transforms (nowcast.transforms)."""
+"""Patch store builder (nowcast.patches) and normalization transforms
+(nowcast.patches.normalization)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from nowcast import patches, storage, transforms
-from nowcast import windows as window_rules
-from nowcast.config import Catalog, ConfigError, SourceConfig
-from nowcast.experiment import ExperimentConfig
-from nowcast.ingest import ingest
-from nowcast.io.cube import open_cube, write_cube
-from nowcast.patch_store import PatchStore
-from nowcast.patches import build_patches, open_patch_store
+from nowcast import storage
+from nowcast.config import ConfigError, ExperimentConfig
+from nowcast.patches import build as patches
+from nowcast.patches.build import build_patches
+from nowcast.patches.normalization import Normalization, get_method
+from nowcast.patches.reader import PatchStore, open_patch_store
+from nowcast.sources.catalog import Catalog, SourceConfig
+from nowcast.sources.cube import open_cube, write_cube
+from nowcast.sources.ingest import ingest
+from nowcast.windows import carve_buffer, default_frame_counts, labels_by_fraction
 
 GAP_TIME = "2000-01-01T02:00"
 STEP = np.timedelta64(10, "m")
@@ -155,7 +158,7 @@ def test_reference_time_is_the_last_input_frame(store):
 
 
 def test_split_labels_from_fractions_and_pattern():
-    labels = window_rules.labels_by_fraction(
+    labels = labels_by_fraction(
         40, {"train": 0.5, "val": 0.25, "test": 0.25}, ["train", "val", "train", "test"], 2
     )
     runs = [labels[0]] + [labels[i] for i in range(1, 40) if labels[i] != labels[i - 1]]
@@ -169,16 +172,16 @@ def test_split_labels_from_fractions_and_pattern():
 
 
 def test_default_frame_counts_are_one_hour_each():
-    assert window_rules.default_frame_counts(10) == (6, 6)
-    assert window_rules.default_frame_counts(5) == (12, 12)
+    assert default_frame_counts(10) == (6, 6)
+    assert default_frame_counts(5) == (12, 12)
     with pytest.raises(ConfigError, match="7-minute"):
-        window_rules.default_frame_counts(7)
+        default_frame_counts(7)
 
 
 def test_buffer_is_taken_from_the_lower_priority_split():
     times = np.datetime64("2020-01-01T00:00") + np.arange(12) * STEP
     labels = np.array(["train"] * 4 + ["test"] * 4 + ["val"] * 4, dtype=object)
-    carved = window_rules.carve_buffer(times, labels, 20)
+    carved = carve_buffer(times, labels, 20)
     # test keeps all its frames; train and val lose the frames within < 20 min of it.
     assert list(carved) == ["train"] * 3 + [""] + ["test"] * 4 + [""] + ["val"] * 3
 
@@ -318,7 +321,7 @@ def test_normalization_is_fitted_on_train_only(store, cube_dir, tmp_path):
     cube = open_cube(f"{cube_dir}/synthetic.zarr")
     recorded = json.loads(ds.attrs["normalization"])
     assert recorded["method"] == "log1p"
-    expected = transforms.get_method("log1p").fit(_train_frame_values(ds, cube))
+    expected = get_method("log1p").fit(_train_frame_values(ds, cube))
     assert recorded["params"] == pytest.approx(expected)
 
     # A much wetter test block does not change the fitted parameters.
@@ -343,13 +346,14 @@ def test_store_values_invert_to_the_cube(method, cube_dir, tmp_path):
     experiment = _experiment(cube_dir, tmp_path, normalization=method, dtype="float32")
     path = build_patches(experiment, scheduler="threads", progress=False)
     ds = open_patch_store(path)
-    transform, params = patches_normalization(ds)
+    normalization = patches_normalization(ds)
+    params = normalization.params
     cube = open_cube(f"{cube_dir}/synthetic.zarr")
     rain = cube["rain_rate"].values
     targets = _cut(path)[1].astype(np.float64)
     for k, (t0, y0, x0) in enumerate(zip(*_cube_index(ds, cube), strict=True)):
         truth = rain[t0 + 3 : t0 + 6, y0 : y0 + 32, x0 : x0 + 32]
-        restored = transform.inverse(targets[k], params)
+        restored = normalization.inverse(targets[k])
         valid = np.isfinite(truth)
         if method == "dbz":
             # Rain rates at or below the 0 dBZ floor come back as 0.
@@ -358,9 +362,8 @@ def test_store_values_invert_to_the_cube(method, cube_dir, tmp_path):
         np.testing.assert_allclose(restored[valid], truth[valid], rtol=1e-5, atol=1e-5)
 
 
-def patches_normalization(ds):
-    normalization = json.loads(ds.attrs["normalization"])
-    return transforms.get_method(normalization["method"]), normalization["params"]
+def patches_normalization(ds) -> Normalization:
+    return Normalization.from_dict(ds.attrs["normalization"])
 
 
 rain_rates = arrays(
@@ -371,7 +374,7 @@ rain_rates = arrays(
 @settings(max_examples=60, deadline=None)
 @given(rain_rate=rain_rates, scale=st.floats(0.5, 10.0))
 def test_log1p_round_trip(rain_rate, scale):
-    method, params = transforms.get_method("log1p"), {"scale": scale}
+    method, params = get_method("log1p"), {"scale": scale}
     np.testing.assert_allclose(
         method.inverse(method.forward(rain_rate, params), params), rain_rate, rtol=1e-12, atol=1e-12
     )
@@ -384,7 +387,7 @@ def test_log1p_round_trip(rain_rate, scale):
 @settings(max_examples=60, deadline=None)
 @given(rain_rate=rain_rates)
 def test_dbz_round_trip_on_the_representable_range(rain_rate):
-    method = transforms.get_method("dbz")
+    method = get_method("dbz")
     params = method.fit(None)
     floor = (10 ** (params["dbz_min"] / 10) / params["a"]) ** (1 / params["b"])
     ceiling = (10 ** (params["dbz_max"] / 10) / params["a"]) ** (1 / params["b"])
@@ -402,14 +405,14 @@ def test_dbz_round_trip_on_the_representable_range(rain_rate):
 def test_transforms_keep_nan_and_reject_unknown_names():
     rain_rate = np.array([np.nan, 0.0, 1.0])
     for name in ("log1p", "dbz", "none"):
-        method = transforms.get_method(name)
+        method = get_method(name)
         params = method.fit(np.array([0.0, 1.0, 30.0]))
         forward = method.forward(rain_rate, params)
         assert np.isnan(forward[0]) and forward[1] == 0.0
         forward_torch = method.forward(torch.from_numpy(rain_rate), params)
         assert torch.isnan(forward_torch[0]) and forward_torch[1] == 0.0
     with pytest.raises(ValueError, match="registered: dbz, log1p, none"):
-        transforms.get_method("minmax")
+        get_method("minmax")
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,7 +522,7 @@ def test_bom_store(bom_cube, tmp_path):
     ).all()
 
     cube = open_cube(bom_cube)
-    transform, params = patches_normalization(ds)
+    normalization = patches_normalization(ds)
     rain = cube["rain_rate"].values
     ds = ds.load()
     inputs, targets, input_mask, target_mask = _cut(path)
@@ -529,7 +532,7 @@ def test_bom_store(bom_cube, tmp_path):
         stored = np.concatenate([inputs[k], targets[k]])
         mask = np.concatenate([input_mask[k], target_mask[k]])
         np.testing.assert_array_equal(mask, np.isfinite(truth))
-        restored = transform.inverse(stored.astype(np.float64), params)
+        restored = normalization.inverse(stored.astype(np.float64))
         # float16 keeps 11 significant bits of the normalized value x; R = expm1(x * scale)
         # then carries a relative error of about (1 + R) / R * log1p(R) * 2**-11.
         tolerance = (1 + truth) * np.log1p(np.nan_to_num(truth)) * 2.0**-10 + 1e-6

@@ -9,11 +9,13 @@ import torch
 import xarray as xr
 from conftest import synthetic_catalog
 
-from nowcast.checkpoint import make_checkpoint, save_checkpoint
 from nowcast.config import ConfigError
-from nowcast.ingest import ingest
-from nowcast.models import build_model
+from nowcast.models.registry import build_model
+from nowcast.patches.normalization import Normalization
 from nowcast.predict import InputFramesError, predict
+from nowcast.sources.ingest import ingest
+from nowcast.training.checkpoint import TrainedOn, make_checkpoint, save_checkpoint
+from nowcast.windows import FrameSpec
 
 MODEL_KWARGS = {"patch_factor": 2, "hidden_channels": [4], "kernel_sizes": [3], "residual": True}
 
@@ -35,12 +37,9 @@ def residual_checkpoint(
         experiment="test",
         model_name=model_name,
         model_kwargs=model_kwargs,
-        store_info={
-            "n_input_frames": n_input,
-            "n_target_frames": n_target,
-            "timestep_minutes": timestep,
-            "normalization": {"method": "log1p", "params": {"scale": 4.0}},
-        },
+        trained_on=TrainedOn(
+            Normalization("log1p", {"scale": 4.0}), FrameSpec(n_input, n_target, timestep)
+        ),
         step=0,
         epoch=0,
         batch_index=0,
@@ -131,7 +130,7 @@ def test_every_registered_model_runs_through_predict_and_export(
     synthetic_setup, model_name, model_kwargs
 ):
     from nowcast.export import export
-    from nowcast.models import registered_models
+    from nowcast.models.registry import registered_models
 
     assert model_name in registered_models()
     catalog, tmp_path, _ = synthetic_setup
@@ -149,8 +148,8 @@ def test_every_registered_model_runs_through_predict_and_export(
         assert ds["rain_rate"].sizes == {"lead_time": 4, "y": 64, "x": 64}
         assert np.isfinite(ds["rain_rate"].values).any()
 
-    from nowcast.experiment import ExperimentConfig
-    from nowcast.patches import build_patches
+    from nowcast.config import ExperimentConfig
+    from nowcast.patches.build import build_patches
 
     longer = synthetic_catalog(n_frames=30)
     ingest(
@@ -182,7 +181,8 @@ def test_every_registered_model_runs_through_predict_and_export(
 
 def test_predict_applies_a_forecast_method_variant_as_evaluate_does(synthetic_setup):
     """--method model_mix: the model blended with extrapolation and CDF-matched, same function."""
-    from nowcast.nowcasts import cube_inputs, get_method
+    from nowcast.nowcasts.inputs import cube_inputs
+    from nowcast.nowcasts.interface import get_method
     from nowcast.nowcasts.variants import apply_variant, parse_variants
 
     catalog, tmp_path, checkpoint = synthetic_setup

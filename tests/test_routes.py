@@ -1,11 +1,12 @@
-"""Blend-weight fitting (nowcast.blend_fit) and the route targets of pipelines/skill_routes."""
+"""Blend-weight fitting (nowcast.evaluate.blend_fit) and the route targets of
+pipelines/skill_routes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from nowcast.blend_fit import blend_sums, weights_from_sums
+from nowcast.evaluate.blend_fit import blend_sums, weights_from_sums
 from pipelines.skill_routes import LEADS, bom_targets, moonshot_targets, select_route
 
 

@@ -1,4 +1,4 @@
-"""Tests of the training loop (nowcast.train), checkpoints (nowcast.checkpoint) and losses."""
+"""Tests of the training loop (nowcast.training.loop), its checkpoints and losses."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import math
 import os
 import random
 import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +19,14 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from nowcast import losses, transforms
-from nowcast import train as train_module
-from nowcast.checkpoint import (
+from nowcast.config import ConfigError, ExperimentConfig
+from nowcast.patches.normalization import Normalization
+from nowcast.patches.reader import PatchStore
+from nowcast.sources.catalog import Catalog, SourceConfig
+from nowcast.training import loop as train_module
+from nowcast.training import losses
+from nowcast.training import step as step_module
+from nowcast.training.checkpoint import (
     CHECKPOINT_KEYS,
     capture_rng_state,
     checkpoint_path,
@@ -26,11 +34,9 @@ from nowcast.checkpoint import (
     load_model,
     restore_rng_state,
 )
-from nowcast.config import Catalog, ConfigError, SourceConfig
-from nowcast.dataset import store_info
-from nowcast.experiment import ExperimentConfig
-from nowcast.train import TrainingDivergedError, train
-from nowcast.training import step as step_module
+from nowcast.training.config import TrainingDivergedError
+from nowcast.training.loop import train
+from nowcast.training.setup import LOG_FIELDS
 
 N_INPUT, N_TARGET, SIZE = 3, 2, 32
 TINY_MODEL = {
@@ -38,8 +44,7 @@ TINY_MODEL = {
     "kwargs": {"patch_factor": 4, "hidden_channels": [8], "kernel_sizes": 3},
 }
 MAX_RAIN_RATE = 32.0  # mm/h; scale of the log1p normalization in the loss tests
-LOG1P = transforms.get_method("log1p")
-NORMALIZATION = {"scale": math.log1p(MAX_RAIN_RATE)}
+LOG1P = Normalization("log1p", {"scale": math.log1p(MAX_RAIN_RATE)})
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -54,8 +59,8 @@ N_TRAIN = 12
 @pytest.fixture(scope="module")
 def store_root(tmp_path_factory) -> Path:
     """A synthetic cube (moving cells) cut into a small real patch store, shared by the tests."""
-    from nowcast.ingest import ingest
-    from nowcast.patches import build_patches
+    from nowcast.patches.build import build_patches
+    from nowcast.sources.ingest import ingest
 
     root = tmp_path_factory.mktemp("train_store")
     source = SourceConfig(
@@ -73,7 +78,7 @@ def store_root(tmp_path_factory) -> Path:
     )
     store = build_patches(make_experiment(root), scheduler="threads", progress=False)
     # The step counts below assume it: 12 training samples, 3 batches of 4 per epoch.
-    assert store_info(store)["counts"]["samples"]["train"] == N_TRAIN
+    assert PatchStore.open(store).counts["samples"]["train"] == N_TRAIN
     return root
 
 
@@ -179,7 +184,7 @@ def _loss_inputs(seed: int = 0):
     prediction = torch.rand(shape, generator=generator)
     target = torch.rand(shape, generator=generator)
     mask = (torch.rand(shape, generator=generator) > 0.3).float()
-    target_rain_rate = LOG1P.inverse(target, NORMALIZATION)
+    target_rain_rate = LOG1P.inverse(target)
     return prediction, target, mask, target_rain_rate
 
 
@@ -187,7 +192,7 @@ def _bound_loss(name: str):
     """The registered loss, with normalised wet thresholds bound where it needs them."""
     loss_fn = losses.get_method(name)
     if name in losses.THRESHOLD_LOSSES:
-        thresholds = LOG1P.forward(torch.tensor(losses.WET_AREA_THRESHOLDS), NORMALIZATION)
+        thresholds = LOG1P.forward(torch.tensor(losses.WET_AREA_THRESHOLDS))
         return functools.partial(loss_fn, wet_thresholds=thresholds)
     return loss_fn
 
@@ -268,7 +273,7 @@ def test_balanced_loss_weights_at_bin_edges():
 
 
 def test_balanced_weights_match_the_verification_scores():
-    from nowcast.verification import detcont  # imports pysteps: not at module level (DDP test)
+    from nowcast.verification import detcont
 
     assert losses.HKO7_THRESHOLDS == detcont.HKO7_THRESHOLDS
     assert losses.HKO7_WEIGHTS == detcont.HKO7_WEIGHTS
@@ -349,7 +354,7 @@ def test_loss_decreases_and_logs(store_root, tmp_path):
     summary = run_training(experiment)
     assert summary["stop_reason"] == "max_steps" and summary["steps"] == 30
     rows = read_log(tmp_path / "run")
-    assert set(rows[0]) == set(train_module.LOG_FIELDS)
+    assert set(rows[0]) == set(LOG_FIELDS)
     train_losses = [float(row["loss"]) for row in rows if row["split"] == "train"]
     assert len(train_losses) == 30
     assert np.mean(train_losses[-5:]) < 0.7 * np.mean(train_losses[:5])
@@ -389,6 +394,50 @@ def test_resume_continues_exactly(store_root, tmp_path, stop_at):
     assert read_log(tmp_path / "split", timings=False) == read_log(
         tmp_path / "whole", timings=False
     )
+
+
+#: A fresh process (numba changes the count only when its threading layer starts) validates
+#: once with torch on one thread and prints torch's thread count before and after.
+_VALIDATE_IN_A_FRESH_PROCESS = textwrap.dedent(
+    """
+    import math
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from nowcast.patches.normalization import Normalization
+    from nowcast.training import losses
+    from nowcast.training.loop import validate
+    from nowcast.training.step import StepParts
+
+    class LastFrames(torch.nn.Module):
+        def forward(self, frames):
+            return frames[:, -2:]
+
+    torch.set_num_threads(1)
+    model = LastFrames()
+    parts = StepParts(model, model, None, None, losses.get_method("mse"), torch.device("cpu"))
+    data = torch.rand(8, 3, 1, 32, 32)
+    loader = DataLoader(TensorDataset(data, data[:, :2], torch.ones(8, 2, 1, 32, 32)), 4)
+    print(torch.get_num_threads())
+    validate(model, loader, parts, Normalization("log1p", {"scale": math.log1p(32.0)}))
+    print(torch.get_num_threads())
+    """
+)
+
+
+def test_validation_keeps_torchs_thread_count():
+    # The validation CSI counts with the verification package's numba kernels; starting numba's
+    # threading layer would reset the OpenMP thread count it shares with torch, and the steps
+    # after a validation would then sum in another order than those of a run resumed in a new
+    # process (and a torchrun rank would take every core).
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", _VALIDATE_IN_A_FRESH_PROCESS],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert result.stdout.split() == ["1", "1"]
 
 
 def test_time_budget_stops_cleanly_with_a_checkpoint(store_root, tmp_path):
@@ -433,7 +482,7 @@ def test_checkpoint_round_trip_with_weights_only(store_root, tmp_path):
     assert set(CHECKPOINT_KEYS) <= set(checkpoint)
     assert (
         checkpoint["normalization"]
-        == store_info(make_experiment(store_root).patch_store)["normalization"]
+        == PatchStore.open(make_experiment(store_root).patch_store).attrs["normalization"]
     )
     assert (checkpoint["n_input_frames"], checkpoint["n_target_frames"]) == (N_INPUT, N_TARGET)
     assert checkpoint["timestep_minutes"] == 10
@@ -515,9 +564,8 @@ def test_ddp_two_processes_gloo(store_root, tmp_path):
 
 
 def test_training_on_a_real_patch_store_resumes_exactly(tmp_path):
-    from nowcast.dataset import store_info
-    from nowcast.ingest import ingest
-    from nowcast.patches import build_patches
+    from nowcast.patches.build import build_patches
+    from nowcast.sources.ingest import ingest
 
     source = SourceConfig(
         name="synthetic",
@@ -574,7 +622,7 @@ def test_training_on_a_real_patch_store_resumes_exactly(tmp_path):
     actual = load_checkpoint(checkpoint_path(tmp_path / "split"))
     assert_same_tensors(actual["model_state"], expected["model_state"])
 
-    info = store_info(store)
+    info = PatchStore.open(store).attrs
     assert info["counts"]["samples"]["train"] == 16  # so the stop above is mid-epoch 2
     assert expected["normalization"] == info["normalization"]
     assert expected["n_input_frames"] == info["n_input_frames"] == 3

@@ -13,9 +13,10 @@ from pysteps.postprocessing.probmatching import nonparam_match_empirical_cdf
 from test_evaluate import synthetic_experiment
 
 from nowcast.config import ConfigError
-from nowcast.evaluate import ForecastSetup, Window, score_window
-from nowcast.io.cube import cube_path, open_cube
-from nowcast.nowcasts import cube_inputs, get_method
+from nowcast.evaluate.scoring import score_window
+from nowcast.evaluate.setup import ForecastSetup, Window
+from nowcast.nowcasts.inputs import cube_inputs
+from nowcast.nowcasts.interface import get_method
 from nowcast.nowcasts.variants import (
     MethodSpec,
     apply_variant,
@@ -23,6 +24,7 @@ from nowcast.nowcasts.variants import (
     parse_variants,
     probability_match,
 )
+from nowcast.sources.cube import cube_path, open_cube
 
 
 def _field(seed: int, shape=(3, 40, 50), wet=0.3, scale=4.0) -> np.ndarray:
@@ -109,7 +111,7 @@ def test_variant_config_errors_name_the_variant_and_field():
 
 @pytest.fixture(scope="module")
 def cube_root(tmp_path_factory) -> Path:
-    from nowcast.ingest import ingest
+    from nowcast.sources.ingest import ingest
 
     root = tmp_path_factory.mktemp("variants")
     catalog = synthetic_catalog(n_frames=36)
@@ -136,7 +138,7 @@ def test_apply_variant_keeps_the_grid_and_no_data_area(cube_root):
 
 def test_evaluate_scores_a_variant_from_its_base_forecast(cube_root, tmp_path):
     """A variant in forecast_methods is scored beside its base, built from the same forecast."""
-    from nowcast.evaluate import evaluate
+    from nowcast.evaluate.stage import evaluate
 
     experiment = synthetic_experiment(
         cube_root, methods=["persistence", "persistence_cdf"], figures=False

@@ -23,21 +23,24 @@ from conftest import synthetic_catalog  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nowcast.forecast import make_forecast  # noqa: E402
-from nowcast.ingest import ingest  # noqa: E402
-from nowcast.io.cube import cube_crs, open_cube  # noqa: E402
-from nowcast.visualization import (  # noqa: E402
+from nowcast.nowcasts.forecast import make_forecast
+from nowcast.sources.cube import cube_crs, open_cube
+from nowcast.sources.ingest import ingest
+from nowcast.visualization import coastlines
+from nowcast.visualization.coastlines import basemap
+from nowcast.visualization.maps import (
+    NO_DATA_COLOR,
     animate_forecast,
-    basemap,
     cartopy_crs,
-    coastlines,  # noqa: E402
-    method_styles,
-    plot_continuous_scores,
+    grid_extent,
     plot_forecast_panels,
     plot_rain_rate,
+)
+from nowcast.visualization.plots import (
+    method_styles,
+    plot_continuous_scores,
     plot_score_vs_lead_time,
 )
-from nowcast.visualization.maps import NO_DATA_COLOR, grid_extent  # noqa: E402
 
 # Radar CRSs as the pysteps importers describe them (KNMI already converted to metres).
 RADAR_CRS = {

@@ -1,5 +1,5 @@
-"""Zero-shot evaluation on a catalog source (nowcast.zeroshot) and the model-vs-source timestep
-rule (nowcast.windows.frame_stride) in evaluate --source, predict and the model method."""
+"""Zero-shot evaluation on a catalog source (nowcast.evaluate.zeroshot) and the model-vs-source
+timestep rule (nowcast.windows.frame_stride) in evaluate --source, predict and the model method."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import xarray as xr
 from conftest import REPO, synthetic_catalog
 from test_predict import residual_checkpoint
 
-from nowcast.checkpoint import PRETRAINED_CHECKPOINT, load_checkpoint
-from nowcast.config import Catalog, ConfigError, SourceConfig
-from nowcast.ingest import ingest
-from nowcast.nowcasts import ModelNowcast
+from nowcast.config import ConfigError
+from nowcast.evaluate.zeroshot import evaluate_source
+from nowcast.nowcasts.model import ModelNowcast
 from nowcast.predict import predict
+from nowcast.sources.catalog import Catalog, SourceConfig
+from nowcast.sources.ingest import ingest
+from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT, load_checkpoint, save_checkpoint
 from nowcast.windows import Timeline, counted_back, frame_stride, list_windows, stride_note
-from nowcast.zeroshot import evaluate_source, training_pixel_size
 
 N_INPUT, N_TARGET = 3, 2
 
@@ -145,7 +146,9 @@ def test_predict_on_a_five_minute_source_with_a_ten_minute_model(tmp_path):
 
 def evaluate_five_minute_source(tmp_path: Path, **kwargs) -> dict:
     """evaluate_source on the 5-minute synthetic source, starts 00:25 .. 00:50, to ``zero/``."""
-    checkpoint = residual_checkpoint(tmp_path / "model.pt", n_input=N_INPUT, n_target=N_TARGET)
+    checkpoint = kwargs.pop("checkpoint", None) or residual_checkpoint(
+        tmp_path / "model.pt", n_input=N_INPUT, n_target=N_TARGET
+    )
     return evaluate_source(
         "synthetic",
         catalog=five_minute_catalog(n_frames=16),
@@ -188,7 +191,8 @@ def test_evaluate_source_on_a_synthetic_five_minute_source(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "every 2nd frame counted back" in report
     assert "native grid" in report and "1000 m" in report
-    assert "training pixel size is not recorded" in report  # an old-style checkpoint
+    # The store of this checkpoint named no cube, so make_checkpoint recorded no pixel size.
+    assert "training pixel size is not recorded" in report
     assert "one start every 5.0 min" in report
     assert "Catalog source `synthetic` (zero-shot); methods:" in report and "Split" not in report
 
@@ -212,16 +216,15 @@ def test_evaluate_source_errors_are_one_line(tmp_path):
         evaluate_source("synthetic", checkpoint=checkpoint, progress=False, **kwargs)
 
 
-def test_training_pixel_size_recorded_derived_or_not_recorded(tmp_path):
-    catalog = synthetic_catalog()
-    ingest("synthetic", str(tmp_path), catalog=catalog, scheduler="threads", progress=False)
-    recorded = {"pixel_size_m": {"bom": 500.0}}
-    assert training_pixel_size(recorded, catalog, str(tmp_path)) == ({"bom": 500.0}, "checkpoint")
-    old = {"normalization": {"fitted_on": {"sources": [{"source": "synthetic"}]}}}
-    assert training_pixel_size(old, catalog, str(tmp_path)) == ({"synthetic": 1000.0}, "catalog")
-    # No cube: the grid of the source itself (the synthetic generator's).
-    assert training_pixel_size(old, catalog, str(tmp_path / "none"))[0] == {"synthetic": 1000.0}
-    assert training_pixel_size({}, catalog, str(tmp_path)) == ({}, "not recorded")
+def test_a_checkpoint_without_a_schema_key_is_a_one_line_error(tmp_path):
+    checkpoint = residual_checkpoint(tmp_path / "model.pt", n_input=N_INPUT, n_target=N_TARGET)
+    state = load_checkpoint(checkpoint)
+    del state["pixel_size_m"], state["motion_stride"]
+    save_checkpoint(checkpoint, state)
+    with pytest.raises(ConfigError, match="lacks the checkpoint keys pixel_size_m, motion_stride"):
+        evaluate_five_minute_source(tmp_path, checkpoint=checkpoint)
+    with pytest.raises(ConfigError, match="lacks the checkpoint keys"):
+        ModelNowcast(checkpoint, device="cpu")
 
 
 def test_cli_evaluate_needs_exactly_one_of_config_or_source():
@@ -245,7 +248,7 @@ def test_cli_evaluate_needs_exactly_one_of_config_or_source():
 def test_pretrained_model_zero_shot_on_fmi_2016(catalog, tmp_path):
     assert PRETRAINED_CHECKPOINT.is_file() and PRETRAINED_CHECKPOINT.is_relative_to(REPO)
     meta = load_checkpoint(PRETRAINED_CHECKPOINT)
-    assert meta["timestep_minutes"] == 10 and "pixel_size_m" not in meta  # predates the key
+    assert meta["timestep_minutes"] == 10 and meta["pixel_size_m"] == {"bom": 500.0}
     # Only the frames of two starts (16:00, 16:05: 15:10 .. 17:05), to keep the test short.
     fmi = SourceConfig.model_validate(
         {
@@ -254,7 +257,7 @@ def test_pretrained_model_zero_shot_on_fmi_2016(catalog, tmp_path):
             "end": "2016-09-28T17:05",
         }
     )
-    small = Catalog(sources={"fmi_2016": fmi, "bom": catalog.sources["bom"]})
+    small = Catalog(sources={"fmi_2016": fmi})  # no bom: the checkpoint records its grid
     outputs = evaluate_source(
         "fmi_2016",
         catalog=small,
@@ -270,7 +273,6 @@ def test_pretrained_model_zero_shot_on_fmi_2016(catalog, tmp_path):
     zero = summary["zero_shot"]
     assert zero["frame_stride"] == 2 and zero["grid_shape"] == [1226, 760]
     assert abs(zero["source_pixel_size_m"] - 1000) < 1
-    # The pretrained checkpoint predates pixel_size_m: BoM's 500 m from one raw file.
     assert zero["training_pixel_size_m"] == {"bom": 500.0}
     report = Path(outputs["report"]).read_text()
     assert "500 m (bom)" in report and "every 2nd frame counted back" in report

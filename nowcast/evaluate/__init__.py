@@ -32,9 +32,7 @@ from nowcast.evaluate.report import markdown_table, report_text
 from nowcast.evaluate.scoring import (
     accumulate_scores,
     cube_windows,
-    observed_frames,
     plan_windows,
-    run_methods,
     score_store_patches,
     score_window,
     store_windows,
@@ -67,7 +65,7 @@ from nowcast.evaluate.tables import (
     metrics_table,
     stack_starts,
 )
-from nowcast.windows import select_windows  # public: evaluate's thinning rule
+from nowcast.windows import select_windows
 
 __all__ = [
     "ALL_SOURCES",
@@ -93,12 +91,10 @@ __all__ = [
     "map_windows",
     "markdown_table",
     "metrics_table",
-    "observed_frames",
     "plan_evaluation",
     "plan_windows",
     "report_text",
     "resolve_methods",
-    "run_methods",
     "score_and_write",
     "score_store_patches",
     "score_window",

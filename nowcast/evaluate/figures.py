@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nowcast import nowcasts as forecast_methods
 from nowcast import visualization
 from nowcast.config import ConfigError
-from nowcast.evaluate.scoring import observed_frames, run_methods
 from nowcast.evaluate.setup import EvaluateConfig, ForecastSetup, Window, WindowScores
-from nowcast.io.cube import open_cube
+from nowcast.nowcasts.runner import forecast_window
+from nowcast.sources.cube import open_cube
 
 
 def _time_label(time) -> str:
@@ -45,20 +44,16 @@ def draw_figures(
         fss = at_source[np.isclose(at_source["threshold"], config.report_threshold)]
         visualization.plot_score_vs_lead_time(fss, "FSS", folder / paths[2])
         for window in map_windows(config, windows, results, source):
-            cube = open_cube(window.cube_path)
             try:
-                inputs = forecast_methods.cube_inputs(
-                    cube, window.reference_time, setup.n_input_frames, setup.timestep_minutes
-                )
-                observed = observed_frames(
-                    cube, window.reference_time, setup.n_leadtimes, setup.timestep_minutes
+                forecast = forecast_window(
+                    open_cube(window.cube_path), window.reference_time, setup
                 )
             except KeyError:
                 raise ConfigError(
                     f"evaluate.map_times: the cube of '{source}' lacks the frames of a forecast "
                     f"from {pd.Timestamp(window.reference_time)}"
                 ) from None
-            forecasts = run_methods(inputs, setup)
+            observed, forecasts = forecast.observed, forecast.forecasts
             label = _time_label(window.reference_time)
             lead_times = [t for t in config.map_lead_times if t in setup.lead_times]
             panel = f"figures/maps_{source}_{label}.png"

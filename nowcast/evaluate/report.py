@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nowcast.config import ExperimentConfig
 from nowcast.evaluate.setup import EvaluateConfig
-from nowcast.experiment import ExperimentConfig
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,17 +1,12 @@
-"""Forecast and score windows: which windows, every method on one, their accumulators."""
+"""Score windows: which windows, and the accumulators of one (forecast by the runner)."""
 
 from __future__ import annotations
-
-import functools
-import os
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from nowcast import nowcasts as forecast_methods
-from nowcast import windows as window_rules
-from nowcast.config import ConfigError
+from nowcast.config import ConfigError, ExperimentConfig, stage_config
 from nowcast.evaluate.setup import (
     MAP_RAIN_THRESHOLD,
     EvaluateConfig,
@@ -20,20 +15,20 @@ from nowcast.evaluate.setup import (
     WindowScores,
 )
 from nowcast.evaluate.tables import DRY_RAIN, FALSE_ALARM_RAIN, MASKED_FAMILIES, stack_starts
-from nowcast.experiment import ExperimentConfig, stage_config
-from nowcast.forecast import make_forecast
-from nowcast.io.cube import cube_path, open_cube
-from nowcast.motion import motion_field
-from nowcast.nowcasts.variants import (
-    base_methods,
-    forecast_variants,
+from nowcast.nowcasts.runner import forecast_inputs, forecast_window
+from nowcast.patches.build import PatchesConfig
+from nowcast.patches.reader import PatchStore
+from nowcast.sources.cube import cube_path, open_cube
+from nowcast.verification._accumulator import ScoreAccumulator
+from nowcast.verification.interface import get_method as score_family
+from nowcast.windows import (
+    Timeline,
+    frame_counts,
+    input_times,
+    list_windows,
+    select_windows,
+    split_labels,
 )
-from nowcast.patch_store import PatchStore
-from nowcast.patches import PatchesConfig
-from nowcast.verification import (
-    ScoreAccumulator,
-)
-from nowcast.verification import get_method as score_family
 
 # windows
 
@@ -72,17 +67,15 @@ def cube_windows(experiment: ExperimentConfig, split: str) -> tuple[pd.DataFrame
     for source in experiment.sources:
         path = cube_path(experiment.cube_root, source)
         timelines.append(
-            window_rules.Timeline.from_cube(
-                source, path, open_cube(path), patches_config.resample_minutes
-            )
+            Timeline.from_cube(source, path, open_cube(path), patches_config.resample_minutes)
         )
-    n_input, n_target = window_rules.frame_counts(
+    n_input, n_target = frame_counts(
         timelines, patches_config.n_input_frames, patches_config.n_target_frames
     )
     tables = []
     for timeline in timelines:
-        labels = window_rules.split_labels(timeline, patches_config)
-        listed = window_rules.list_windows(timeline, labels, n_input, n_target)
+        labels = split_labels(timeline, patches_config)
+        listed = list_windows(timeline, labels, n_input, n_target)
         tables.append(listed[listed["split"] == split])
     info = {
         "n_input_frames": n_input,
@@ -100,74 +93,12 @@ def plan_windows(table: pd.DataFrame, stride: int, max_windows: int | None) -> l
     for source, group in table.groupby("source", sort=False):
         group = group.sort_values("reference_time")
         times = group["reference_time"].to_numpy(dtype="datetime64[ns]")
-        for index in window_rules.select_windows(times, stride, max_windows):
+        for index in select_windows(times, stride, max_windows):
             windows.append(Window(source, group["cube_path"].iloc[index], times[index]))
     return windows
 
 
-# forecasts and scores of one window
-
-
-@functools.lru_cache(maxsize=4)
-def _model_method(checkpoint: str, device: str | None, modified: float):
-    # One model per process and checkpoint version (``modified`` is the file's mtime).
-    return forecast_methods.get_method("model")(checkpoint=checkpoint, device=device)
-
-
-def run_methods(inputs: xr.DataArray, setup: ForecastSetup) -> dict[str, xr.DataArray]:
-    """Forecast with every method of ``setup`` from the same inputs.
-
-    The Lucas-Kanade motion field is estimated once and shared by ``extrapolation`` and
-    ``sprog`` (unless their ``method_kwargs`` choose another motion method). Variants
-    (``setup.variants``, :mod:`nowcast.nowcasts.variants`) are built from their bases'
-    forecasts, which run once even when several variants share them.
-
-    Parameters
-    ----------
-    inputs : xarray.DataArray
-        Input frames (time, y, x), see :func:`nowcast.nowcasts.cube_inputs`.
-    setup : ForecastSetup
-        Methods, their keyword arguments and the number of lead times.
-
-    Returns
-    -------
-    dict of xarray.DataArray
-        Method name to Forecast.
-    """
-    velocity = None
-    forecasts = {}
-    for name in base_methods(setup.methods, setup.variants):
-        kwargs = dict(setup.method_kwargs.get(name, {}))
-        if name == "model":
-            modified = os.path.getmtime(setup.checkpoint)
-            method = _model_method(setup.checkpoint, setup.device, modified)
-        else:
-            method = forecast_methods.get_method(name)
-        # One LK field per window, shared by every method that advects (a Lagrangian model too).
-        if forecast_methods.uses_motion(name, method) and "motion_method" not in kwargs:
-            if velocity is None:
-                velocity = motion_field(np.asarray(inputs.values))
-            kwargs.setdefault("velocity", velocity)
-        forecasts[name] = method(inputs, setup.n_leadtimes, **kwargs)
-    return forecast_variants(setup.methods, setup.variants, forecasts, inputs)
-
-
-def observed_frames(
-    cube: xr.Dataset, reference_time, n_leadtimes: int, timestep_minutes: int
-) -> xr.DataArray:
-    """The observations at the lead times of a forecast, in the Forecast layout.
-
-    Returns
-    -------
-    xarray.DataArray
-        Rain rate (lead_time, y, x) with the method attribute ``observed``.
-    """
-    times = window_rules.valid_times(reference_time, n_leadtimes, timestep_minutes)
-    indices = window_rules.cube_time_indices(cube, times, "observations")
-    values = cube["rain_rate"].isel(time=indices).compute(scheduler="synchronous")
-    return make_forecast(
-        values.values, pd.Timestamp(reference_time), timestep_minutes, cube, method="observed"
-    )
+# scores of one window
 
 
 def accumulate_scores(
@@ -255,16 +186,10 @@ def score_window(window: Window, setup: ForecastSetup) -> WindowScores:
     WindowScores
         Pooled accumulators per method and family, and the window's observed wet fraction.
     """
-    cube = open_cube(window.cube_path)
-    inputs = forecast_methods.cube_inputs(
-        cube, window.reference_time, setup.n_input_frames, setup.timestep_minutes
-    )
-    observed = observed_frames(
-        cube, window.reference_time, setup.n_leadtimes, setup.timestep_minutes
-    ).values
-    forecasts = run_methods(inputs, setup)
+    forecast = forecast_window(open_cube(window.cube_path), window.reference_time, setup)
+    observed = forecast.observed.values
     accumulators = accumulate_scores(
-        {name: forecast.values for name, forecast in forecasts.items()},
+        {name: values.values for name, values in forecast.forecasts.items()},
         observed,
         setup.lead_times,
         setup.thresholds,
@@ -295,10 +220,10 @@ def score_store_patches(
     most ``max_patches``, evenly spread over the split's patches.
     """
     store = PatchStore.open(store)
-    transform, params = store.transform()
+    normalization = store.normalization
 
     def rain_rate(values, mask) -> np.ndarray:
-        values = transform.inverse(np.asarray(values, dtype=np.float32), params)
+        values = normalization.inverse(np.asarray(values, dtype=np.float32))
         return np.where(np.asarray(mask), values, np.nan).astype(np.float32)
 
     in_split = store.samples(config.split)["sample"].to_numpy()
@@ -322,14 +247,14 @@ def score_store_patches(
             rain_rate(sample["inputs"].values, sample["input_mask"].values),
             dims=("time", "y", "x"),
             coords={
-                "time": window_rules.input_times(reference, n_input, setup.timestep_minutes),
+                "time": input_times(reference, n_input, setup.timestep_minutes),
                 "y": crop["y"],
                 "x": crop["x"],
             },
             attrs={"crs_wkt": cube["crs"].attrs["crs_wkt"]},
         )
         observed = rain_rate(sample["targets"].values, sample["target_mask"].values)
-        forecasts = run_methods(inputs, setup)
+        forecasts = forecast_inputs(inputs, setup).forecasts
         accumulators = accumulate_scores(
             {name: f.values for name, f in forecasts.items()},
             observed[: setup.n_leadtimes],

@@ -9,7 +9,8 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from nowcast.config import StrictModel
-from nowcast.verification import ScoreAccumulator
+from nowcast.nowcasts.runner import ForecastRun
+from nowcast.verification._accumulator import ScoreAccumulator
 
 #: ``source`` of the rows pooled over all sources (only written with several sources).
 ALL_SOURCES = "all"
@@ -124,26 +125,13 @@ class Window:
     reference_time: np.datetime64
 
 
-@dataclasses.dataclass(frozen=True)
-class ForecastSetup:
-    """Everything a window task needs besides the window (small, sent to every task)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ForecastSetup(ForecastRun):
+    """Everything a window task needs besides the window (small, sent to every task): the
+    forecasts to make (:class:`~nowcast.nowcasts.runner.ForecastRun`) and how to score them."""
 
-    methods: tuple[str, ...]
-    method_kwargs: dict
-    checkpoint: str | None
-    device: str | None
-    n_input_frames: int
-    n_leadtimes: int
-    timestep_minutes: int
     thresholds: tuple[float, ...]
     scales: tuple[int, ...]
-    #: Forecast-method variants among ``methods`` (name to MethodSpec).
-    variants: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def lead_times(self) -> np.ndarray:
-        """Lead times in minutes."""
-        return self.timestep_minutes * np.arange(1, self.n_leadtimes + 1, dtype=float)
 
 
 @dataclasses.dataclass

@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from nowcast import __version__, storage
-from nowcast.checkpoint import load_checkpoint
-from nowcast.config import ConfigError
+from nowcast.advection.motion import N_MOTION_FRAMES
+from nowcast.config import ConfigError, ExperimentConfig, load_experiment, stage_config
 from nowcast.evaluate.figures import draw_figures
 from nowcast.evaluate.report import report_text
 from nowcast.evaluate.scoring import (
@@ -23,16 +23,11 @@ from nowcast.evaluate.scoring import (
 )
 from nowcast.evaluate.setup import EVALUATION_DIR, EvaluateConfig, ForecastSetup, Window
 from nowcast.evaluate.tables import METRIC_COLUMNS, differences_table, metrics_table, stack_starts
-from nowcast.experiment import ExperimentConfig, load_experiment, stage_config
-from nowcast.io.cube import cube_pixel_size, open_cube
-from nowcast.motion import N_MOTION_FRAMES
-from nowcast.nowcasts import uses_motion
-from nowcast.nowcasts.variants import (
-    base_methods,
-    check_method_names,
-    parse_variants,
-)
+from nowcast.nowcasts.interface import uses_motion
+from nowcast.nowcasts.variants import base_methods, check_method_names, parse_variants
 from nowcast.parallel import dask_client, show_progress
+from nowcast.sources.cube import cube_pixel_size, open_cube
+from nowcast.training.checkpoint import load_checkpoint
 
 
 def _experiment(config: str | Path | ExperimentConfig) -> ExperimentConfig:

@@ -7,15 +7,10 @@ import functools
 import pandas as pd
 
 from nowcast.evaluate.setup import ALL_SOURCES, WindowScores
-from nowcast.verification import (
-    ScoreAccumulator,
-    bootstrap_ci,
-    bootstrap_difference,
-    concat_starts,
-    scores_to_frame,
-    sum_starts,
-)
-from nowcast.verification import get_method as score_family
+from nowcast.verification._accumulator import ScoreAccumulator, concat_starts, sum_starts
+from nowcast.verification.bootstrap import bootstrap_ci, bootstrap_difference
+from nowcast.verification.interface import get_method as score_family
+from nowcast.verification.interface import scores_to_frame
 
 #: Scores reported per family (pysteps names).
 FAMILY_SCORES = {

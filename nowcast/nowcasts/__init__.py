@@ -14,8 +14,12 @@ extrapolation   Lucas-Kanade motion + semi-Lagrangian extrapolation (pysteps)
 sprog           S-PROG (pysteps) on dB fields with the Lucas-Kanade motion
 model           a trained network: ``get_method("model")(checkpoint=path)`` -> callable
 =============== ==========================================================================
+
+:func:`forecast_window` (:mod:`nowcast.nowcasts.runner`) forecasts one window of a cube with
+every method and variant of a :class:`ForecastRun`, as every stage does.
 """
 
+from nowcast.nowcasts.inputs import cube_inputs
 from nowcast.nowcasts.interface import (
     BASELINES,
     METHOD_NEEDS,
@@ -24,13 +28,16 @@ from nowcast.nowcasts.interface import (
     uses_motion,
 )
 from nowcast.nowcasts.model import ModelNowcast
-from nowcast.nowcasts.utils import cube_inputs
+from nowcast.nowcasts.runner import ForecastRun, WindowForecast, forecast_window
 
 __all__ = [
     "BASELINES",
     "METHOD_NEEDS",
+    "ForecastRun",
     "ModelNowcast",
+    "WindowForecast",
     "cube_inputs",
+    "forecast_window",
     "get_method",
     "registered_methods",
     "uses_motion",

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from pysteps import extrapolation
 
-from nowcast.motion import (  # noqa: F401  (re-exported: the baselines' motion recipe)
-    DB_THRESHOLD,
-    DB_ZEROVALUE,
+from nowcast import import_pysteps
+from nowcast.advection.motion import (
     N_MOTION_FRAMES,
     motion_field,
-    to_db,
 )
-from nowcast.nowcasts.utils import check_inputs, input_timestep, to_forecast
+from nowcast.nowcasts.inputs import check_inputs, input_timestep, to_forecast
+
+extrapolation = import_pysteps("pysteps.extrapolation")
 
 
 def forecast(

@@ -2,7 +2,7 @@
 
 Per lead time, a monotone regression of the observed on the forecast rain rate maps forecast
 intensities back to what was observed at them; being monotone it keeps the forecast's ranking
-and spatial structure. :mod:`nowcast.calibration` fits the curves on validation windows and
+and spatial structure. :mod:`nowcast.evaluate.calibration` fits the curves on validation windows and
 writes them to a calibration file; forecast-method variants apply them
 (``postprocess: {method: isotonic, file: ...}``, :mod:`nowcast.nowcasts.variants`).
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nowcast.checkpoint import load_checkpoint
 from nowcast.config import ConfigError
 from nowcast.storage import file_sha256
+from nowcast.training.checkpoint import load_checkpoint
 
 #: ``kind`` of a calibration file.
 CALIBRATION_KIND = "nowcast-isotonic-calibration"

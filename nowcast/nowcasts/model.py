@@ -18,12 +18,11 @@ import torch
 import xarray as xr
 from torch import nn
 
-from nowcast import transforms
-from nowcast.checkpoint import load_model
-from nowcast.devices import resolve_device
-from nowcast.lagrangian import DEFAULT_MOTION_STRIDE, LagrangianFrame
+from nowcast.advection.lagrangian import LagrangianFrame
+from nowcast.nowcasts.inputs import check_inputs, input_timestep, to_forecast
 from nowcast.nowcasts.isotonic import apply_calibration
-from nowcast.nowcasts.utils import check_inputs, input_timestep, to_forecast
+from nowcast.training.checkpoint import TrainedOn, load_model
+from nowcast.training.device import resolve_device
 from nowcast.windows import counted_back, frame_stride, stride_note
 
 LOGGER = logging.getLogger(__name__)
@@ -37,27 +36,17 @@ class ModelNowcast:
     checkpoint : str or path-like, optional
         Checkpoint written by ``nowcast train`` (loaded once, with ``weights_only=True``).
     model : torch.nn.Module, optional
-        An in-memory model instead of a checkpoint; then ``normalization``,
-        ``n_input_frames`` and ``timestep_minutes`` must be given.
-    normalization : dict, optional
-        ``{"method": name, "params": {...}}`` as the patch store records it.
+        An in-memory model instead of a checkpoint; then ``trained_on`` must be given.
+    trained_on : TrainedOn, optional
+        For an in-memory model: its normalization, frames (the model reads
+        ``frames.n_input`` inputs; inputs at a step k times shorter than ``frames.timestep``
+        are read every k-th frame counted back from the last,
+        :func:`nowcast.windows.frames_per_model_step`, any other spacing is refused), reference
+        frame and motion grid (from a checkpoint all this is read from the checkpoint).
     calibrated : bool, optional
         Apply the isotonic calibration that checkpoints written before calibration files
         stored in themselves (deprecated, with a warning), by default True. New calibrations
-        are files (:mod:`nowcast.calibration`) applied by a forecast-method variant.
-    frame : {"eulerian", "lagrangian"}, optional
-        For an in-memory model: whether it works in the Lagrangian frame of its inputs (from a
-        checkpoint this is read from the checkpoint).
-    motion_stride : int, optional
-        For an in-memory Lagrangian model: pixels between the nodes of the coarse motion grid
-        it was trained with (from a checkpoint: its ``motion_stride``, else
-        :data:`nowcast.lagrangian.DEFAULT_MOTION_STRIDE`).
-    n_input_frames : int, optional
-        Input frames the model reads.
-    timestep_minutes : float, optional
-        Timestep the model was trained on. Inputs at a step k times shorter are read every k-th
-        frame counted back from the last (:func:`nowcast.windows.frame_stride`); any other
-        spacing is refused.
+        are files (:mod:`nowcast.evaluate.calibration`) applied by a forecast-method variant.
     device : str or torch.device, optional
         Where the model (and a Lagrangian model's frame transport) runs; by default CUDA when
         available, else the CPU.
@@ -78,13 +67,9 @@ class ModelNowcast:
         checkpoint: str | os.PathLike | None = None,
         *,
         model: nn.Module | None = None,
-        normalization: dict | None = None,
-        n_input_frames: int | None = None,
-        timestep_minutes: float | None = None,
+        trained_on: TrainedOn | None = None,
         device: str | torch.device | None = None,
         name: str = "model",
-        frame: str = "eulerian",
-        motion_stride: int = DEFAULT_MOTION_STRIDE,
         calibrated: bool = True,
         compile: bool = False,
     ) -> None:
@@ -94,11 +79,7 @@ class ModelNowcast:
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         if checkpoint is not None:
             model, meta = load_model(checkpoint, self.device)
-            normalization = meta["normalization"]
-            n_input_frames = meta["n_input_frames"]
-            timestep_minutes = meta["timestep_minutes"]
-            frame = meta.get("frame", "eulerian")
-            motion_stride = meta.get("motion_stride") or motion_stride
+            trained_on = TrainedOn.from_checkpoint(meta)
             self.calibration = meta.get("calibration") if calibrated else None
             if self.calibration:
                 warnings.warn(
@@ -108,28 +89,30 @@ class ModelNowcast:
                     DeprecationWarning,
                     stacklevel=2,
                 )
-            self.n_target_frames = int(meta["n_target_frames"])
+            self.n_target_frames = trained_on.frames.n_target
             self.model_name = meta["model_name"]
         else:
             self.calibration = None
-            if normalization is None or n_input_frames is None:
-                raise ValueError("an in-memory model needs normalization and n_input_frames")
+            if trained_on is None:
+                raise ValueError("an in-memory model needs trained_on")
             self.n_target_frames = getattr(model, "n_target_frames", None)
             self.model_name = type(model).__name__
         self.model = model.to(self.device).eval()
         if compile:
             self.model = torch.compile(self.model)
-        self.normalization = dict(normalization)
-        self.transform = transforms.get_method(self.normalization["method"])
-        self.n_input_frames = int(n_input_frames)
-        self.timestep_minutes = timestep_minutes
+        self.normalization = trained_on.normalization
+        self.n_input_frames = trained_on.frames.n_input
+        self.timestep_minutes = trained_on.frames.timestep
         self.name = name
-        if frame not in ("eulerian", "lagrangian"):
-            raise ValueError(f"unknown frame {frame!r}; expected 'eulerian' or 'lagrangian'")
-        self.frame = frame
-        self.motion_stride = int(motion_stride)
+        reference_frame = trained_on.reference_frame
+        if reference_frame not in ("eulerian", "lagrangian"):
+            raise ValueError(
+                f"unknown reference frame {reference_frame!r}; expected 'eulerian' or 'lagrangian'"
+            )
+        self.reference_frame = reference_frame
+        self.motion_node_spacing = int(trained_on.motion_node_spacing)
         # The registry's METHOD_NEEDS: a Lagrangian-frame model advects along the LK motion.
-        self.uses_motion = frame == "lagrangian"
+        self.uses_motion = reference_frame == "lagrangian"
 
     def predict_values(
         self, rain_rate: np.ndarray, velocity: np.ndarray | None = None
@@ -149,24 +132,24 @@ class ModelNowcast:
         numpy.ndarray
             float32 rain rate (n_target_frames, y, x), >= 0 everywhere (no mask applied).
         """
-        params = self.normalization["params"]
         rain_rate = np.clip(np.asarray(rain_rate, dtype=np.float32), 0.0, None)
-        if self.frame == "lagrangian":
-            # One set of trajectories moves the inputs in and the outputs out (nowcast.warp).
+        if self.reference_frame == "lagrangian":
+            # One set of trajectories moves the inputs in and the outputs out
+            # (nowcast.advection.warp).
             n_steps = max(rain_rate.shape[0] - 1, self.n_target_frames or 1)
             lagrangian = LagrangianFrame.of_inputs(
-                rain_rate, self.motion_stride, n_steps, velocity=velocity, device=self.device
+                rain_rate, self.motion_node_spacing, n_steps, velocity=velocity, device=self.device
             )
             rain_rate = lagrangian.inputs_to_lagrangian(rain_rate)
-        normalized = self.transform.forward(rain_rate, params)
+        normalized = self.normalization.forward(rain_rate)
         normalized = np.where(np.isfinite(normalized), normalized, 0.0).astype(np.float32)
         frames = torch.from_numpy(normalized)[None, :, None].to(self.device)
         # inference_mode rather than no_grad: no autograd bookkeeping on the tensors at all.
         with torch.inference_mode():
             prediction = self.model(frames)[0, :, 0].float()
-            rain = self.transform.inverse(prediction, params)
+            rain = self.normalization.inverse(prediction)
             rain = torch.clamp(rain, min=0.0)
-            if self.frame == "lagrangian":
+            if self.reference_frame == "lagrangian":
                 rain = lagrangian.outputs_from_lagrangian(rain)
             else:
                 rain = rain.cpu().numpy()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from pysteps.extrapolation.interface import eulerian_persistence
 
-from nowcast.nowcasts.utils import check_inputs, input_timestep, to_forecast
+from nowcast import import_pysteps
+from nowcast.nowcasts.inputs import check_inputs, input_timestep, to_forecast
+
+eulerian_persistence = import_pysteps("pysteps.extrapolation.interface").eulerian_persistence
 
 
 def forecast(

@@ -11,19 +11,16 @@ import contextlib
 import io
 import threading
 
+import dask
 import numpy as np
 import xarray as xr
-from pysteps.nowcasts import sprog as pysteps_sprog
-from pysteps.utils.transformation import dB_transform
 
-from nowcast.motion import (
-    DB_THRESHOLD,
-    DB_ZEROVALUE,
-    N_MOTION_FRAMES,
-    motion_field,
-)
-from nowcast.nowcasts.utils import check_inputs, input_timestep, to_forecast
+from nowcast import import_pysteps
+from nowcast.advection.motion import DB_THRESHOLD, DB_ZEROVALUE, N_MOTION_FRAMES, motion_field
+from nowcast.nowcasts.inputs import check_inputs, input_timestep, to_forecast
 
+pysteps_sprog = import_pysteps("pysteps.nowcasts.sprog")
+dB_transform = import_pysteps("pysteps.utils.transformation").dB_transform
 _STDOUT_LOCK = threading.Lock()
 
 
@@ -74,14 +71,17 @@ def forecast(
     # No data is no rain, as for the extrapolation: rain is not advected out of the no-data area.
     db[~np.isfinite(db)] = DB_ZEROVALUE
     db_threshold = 10.0 * np.log10(DB_THRESHOLD)
-    # With dask installed, pysteps' S-PROG runs two extrapolations through dask.compute, which
-    # inside a Dask task goes to the distributed cluster from within a task and can deadlock a
-    # one-thread worker. With num_workers=1 that path does the same work in sequence, so pysteps
-    # is switched to its plain sequential path.
-    pysteps_sprog.DASK_IMPORTED = False
+    # With dask installed, pysteps' S-PROG advects the previous frames through dask.compute.
+    # Inside a Dask task that would submit to the distributed cluster from within a task, which
+    # can deadlock a one-thread worker; the configured scheduler is consulted before the
+    # worker's client, so the synchronous scheduler runs the same functions in this thread.
     # pysteps' S-PROG prints tables for every call. stdout is process-global, so the redirect is
     # serialised: concurrent redirects in threads could otherwise restore the wrong stream.
-    with _STDOUT_LOCK, contextlib.redirect_stdout(io.StringIO()):
+    with (
+        _STDOUT_LOCK,
+        contextlib.redirect_stdout(io.StringIO()),
+        dask.config.set(scheduler="synchronous"),
+    ):
         values_db = pysteps_sprog.forecast(
             db,
             velocity,

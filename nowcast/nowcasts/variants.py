@@ -28,7 +28,7 @@ Steps, in this order:
    (``extrapolation``: the observed distribution restricted to the pixels LK can still see).
    ``isotonic`` applies the per-lead curves of a calibration file written by
    ``nowcast calibrate`` (``file:``; only for the model, whose checkpoint the file must have
-   been fitted on, see :mod:`nowcast.calibration`).
+   been fitted on, see :mod:`nowcast.evaluate.calibration`).
 """
 
 from __future__ import annotations
@@ -41,11 +41,15 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pysteps.postprocessing.probmatching import nonparam_match_empirical_cdf
 
+from nowcast import import_pysteps
 from nowcast.config import ConfigError, StrictModel, format_validation_error
 from nowcast.nowcasts.interface import registered_methods
 from nowcast.nowcasts.isotonic import apply_calibration, load_calibration
+
+nonparam_match_empirical_cdf = import_pysteps(
+    "pysteps.postprocessing.probmatching"
+).nonparam_match_empirical_cdf
 
 #: Rain rate (mm/h) above which a pixel is wet for the ``mean`` matching (the dB threshold of
 #: the pysteps baselines, see :data:`nowcast.nowcasts.extrapolation.DB_THRESHOLD`).
@@ -203,10 +207,11 @@ def _match(values: np.ndarray, target: np.ndarray, method: str) -> np.ndarray:
 
 
 def blend_values(values: np.ndarray, other: np.ndarray, weights) -> np.ndarray:
-    """``w_k * values + (1 - w_k) * other`` per lead; ``values`` where ``other`` has no data."""
+    """``w_k * values + (1 - w_k) * other`` per lead (axis 0); ``values`` where ``other`` has no
+    data."""
     n_leads = values.shape[0]
     weights = np.asarray(list(weights) + [weights[-1]] * n_leads, dtype=np.float32)[:n_leads]
-    weights = weights[:, None, None]
+    weights = weights.reshape((n_leads,) + (1,) * (values.ndim - 1))
     mixed = weights * values + (1.0 - weights) * other
     return np.where(np.isfinite(other), mixed, values).astype(np.float32)
 
@@ -235,25 +240,39 @@ def apply_variant(
     xarray.DataArray
         Forecast (lead_time, y, x) in mm/h, same grid and no-data area as the base forecast.
     """
-    base = forecasts[spec.method]
+    dims = forecasts[spec.method].dims
+    # Lead time first, so that the per-lead steps index axis 0 whatever other dimensions the
+    # base forecast has (another method's forecast is broadcast to them).
+    base = forecasts[spec.method].transpose("lead_time", ...)
     values = np.asarray(base.values, dtype=np.float32)
     if spec.blend is not None:
-        other = np.asarray(forecasts[spec.blend.method].values, dtype=np.float32)
+        other = _like(forecasts[spec.blend.method], base)
         values = blend_values(values, other, spec.blend.weights)
     if spec.postprocess is not None and spec.postprocess.method == "isotonic":
         curves = _calibration_curves(spec.postprocess.file, base.attrs.get("model_checkpoint"))
         values = apply_calibration(values, curves)
     elif spec.postprocess is not None:
         if spec.postprocess.target == "extrapolation":
-            target = np.asarray(forecasts["extrapolation"].values, dtype=np.float32)
+            target = _like(forecasts["extrapolation"], base)
         else:
             target = np.asarray(inputs.values[-1], dtype=np.float32)
         values = probability_match(values, target, spec.postprocess.method)
     values = np.where(np.isfinite(base.values), values, np.nan).astype(np.float32)
-    result = base.copy(data=values)
+    result = base.copy(data=values).transpose(*dims)
     result.attrs["method"] = name
     result.attrs["method_config"] = spec.model_dump_json(exclude_none=True)
     return result
+
+
+def _like(forecast: xr.DataArray, base: xr.DataArray) -> np.ndarray:
+    """``forecast``'s float32 values laid out as ``base``: its dimensions in ``base``'s order,
+    and the dimensions it lacks repeated (positionally: no alignment of coordinates)."""
+    shared = [dim for dim in base.dims if dim in forecast.dims]
+    values = np.asarray(forecast.transpose(*shared).values, dtype=np.float32)
+    for axis, dim in enumerate(base.dims):
+        if dim not in forecast.dims:
+            values = np.expand_dims(values, axis)
+    return np.broadcast_to(values, base.shape)
 
 
 @functools.lru_cache(maxsize=8)

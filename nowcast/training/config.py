@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from nowcast.config import StrictModel
-from nowcast.models import DEFAULT_MODEL, get_method
+from nowcast.models.registry import DEFAULT_MODEL, get_method
 
 logger = logging.getLogger(__name__)
 

@@ -1,32 +1,30 @@
-"""Set-up of a training run: precision, seeds, optimizer and schedules, validation, the log."""
+"""Set-up of a training run: processes, run folder, loaders, precision, seeds, optimizer and
+schedules, the log."""
 
 from __future__ import annotations
 
 import csv
-import functools
-import inspect
 import logging
 import math
+import os
 import random
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, RandomSampler
 
-from nowcast import losses
-from nowcast.config import ConfigError
+from nowcast.patches.loader import make_dataloaders
+from nowcast.training.checkpoint import TrainedOn
 from nowcast.training.config import TrainConfig
+from nowcast.training.device import resolve_device
+from nowcast.training.step import StepParts
 
 logger = logging.getLogger(__name__)
 
 LOG_FIELDS = ("step", "epoch", "split", "loss", "mse_mmh", "csi_1mmh", "lr", "samples_per_s")
-#: Rain rate (mm/h) of the CSI reported at each validation.
-CSI_THRESHOLD = 1.0
 
 
 def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -212,6 +210,111 @@ def build_schedulers(optimizer: torch.optim.Optimizer, config: TrainConfig, tota
     return warmup, plateau
 
 
+def start_processes(device: str | torch.device | None) -> tuple[torch.device, int, int, bool]:
+    """Pick this process's device and, under torchrun, join the process group.
+
+    The group uses NCCL on CUDA and Gloo on the CPU; a group already initialised (by the
+    caller) is joined as it is.
+
+    Parameters
+    ----------
+    device : str, torch.device or None
+        The requested device (see :func:`nowcast.training.device.resolve_device`); under
+        torchrun a CUDA device is the one of ``LOCAL_RANK``.
+
+    Returns
+    -------
+    tuple
+        ``(device, world_size, rank, owns_process_group)``; ``owns_process_group`` is True
+        when this call initialised the group, which the caller then destroys.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns_process_group = world_size > 1 and not dist.is_initialized()
+    if owns_process_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world_size > 1 else 0
+    return device, world_size, rank, owns_process_group
+
+
+def check_run_folder(last_path: Path, resume: bool) -> None:
+    """Check that a run can start: a resumed run has its ``last.pt``, a new one has none.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``resume`` is set and there is no ``last_path``.
+    FileExistsError
+        If ``resume`` is not set and ``last_path`` exists.
+    """
+    if resume and not last_path.is_file():
+        raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
+    if not resume and last_path.is_file():
+        raise FileExistsError(
+            f"{last_path} exists: pass --resume to continue that run, or choose another run_dir"
+        )
+
+
+def make_train_loaders(
+    store: str, config: TrainConfig, distributed: bool
+) -> tuple[DataLoader, DataLoader]:
+    """The training and validation loaders of a patch store for a ``train`` section.
+
+    Raises
+    ------
+    ValueError
+        If the training split does not fill one batch.
+    """
+    loaders = make_dataloaders(
+        store,
+        config.batch_size,
+        num_workers=config.num_workers,
+        augment=config.augment,
+        distributed=distributed,
+        seed=config.seed,
+        time_reversal=config.time_reversal,
+    )
+    if len(loaders["train"]) == 0:
+        raise ValueError(f"the training split of {store} gives no batch of {config.batch_size}")
+    return loaders["train"], loaders["val"]
+
+
+def build_step_parts(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    trained_on: TrainedOn,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    steps_per_epoch: int,
+    distributed: bool,
+) -> tuple[StepParts, torch.optim.lr_scheduler.ReduceLROnPlateau | None]:
+    """The optimizer, schedules and loss of a ``train`` section around ``model``.
+
+    Returns
+    -------
+    tuple
+        ``(parts, plateau)``: the training step's parts (the per-step scheduler among them,
+        planned over :func:`planned_steps`) and the per-validation plateau scheduler (or None).
+    """
+    optimizer = build_optimizer(model, config, device)
+    step_scheduler, plateau = build_schedulers(
+        optimizer, config, planned_steps(config, steps_per_epoch)
+    )
+    parts = StepParts.for_config(
+        model,
+        optimizer,
+        config,
+        trained_on.normalization,
+        device,
+        amp_dtype,
+        scheduler=step_scheduler,
+        distributed=distributed,
+    )
+    return parts, plateau
+
+
 def planned_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     """Number of optimizer steps the run will take (the cosine's length)."""
     lengths = []
@@ -222,98 +325,18 @@ def planned_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return min(lengths)
 
 
-def global_mean(value: torch.Tensor, distributed: bool) -> float:
-    """Mean of a scalar over all processes (itself without DDP), as a Python float."""
-    if distributed:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value.item()
-
-
-def agree(flag: int, distributed: bool, device: torch.device) -> int:
-    """Maximum of an integer flag over all processes, so that every rank takes the same branch."""
-    if not distributed:
-        return flag
-    value = torch.tensor([flag], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return int(value.item())
-
-
-@torch.no_grad()
-def validate(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    loss_fn: Callable[..., torch.Tensor],
-    transform: Any,
-    normalization: Any,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    distributed: bool,
-) -> dict[str, float]:
-    """Validation loss, MSE in mm/h and CSI at 1 mm/h, pooled over the valid pixels of a loader.
-
-    The CSI counts hits, misses and false alarms over all valid pixels before dividing (pooled,
-    as pysteps' ``det_cat_fct`` accumulation); it is computed here in torch rather than with
-    :mod:`nowcast.verification` so that the counts stay on the GPU.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The model (not wrapped in DDP; each process validates its shard and sums are reduced).
-    loader : torch.utils.data.DataLoader
-        Validation batches ``(inputs, targets, target_mask)``.
-    loss_fn : callable
-        Training loss (mean over valid pixels).
-    transform, normalization : object
-        From ``load_normalization``; ``transform.inverse(values, normalization)`` gives mm/h.
-    device : torch.device
-        Device.
-    amp_dtype : torch.dtype or None
-        Autocast dtype.
-    distributed : bool
-        Sum the counts over processes.
-
-    Returns
-    -------
-    dict
-        ``loss``, ``mse_mmh`` and ``csi_1mmh`` (NaN when undefined).
-    """
-    model.eval()
-    # loss x n_valid, n_valid, squared error (mm/h), hits, misses, false alarms
-    totals = torch.zeros(6, dtype=torch.float64, device=device)
-    for inputs, targets, mask in loader:
-        inputs, targets, mask = (t.to(device, non_blocking=True) for t in (inputs, targets, mask))
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            prediction = model(inputs)
-        prediction = prediction.float()
-        target_rain_rate = transform.inverse(targets, normalization)
-        predicted_rain_rate = transform.inverse(prediction, normalization)
-        valid = mask > 0
-        n_valid = valid.sum()
-        loss = loss_fn(prediction, targets, mask, target_rain_rate)
-        error = torch.where(valid, predicted_rain_rate - target_rain_rate, 0.0)
-        observed = valid & (target_rain_rate >= CSI_THRESHOLD)
-        forecast = valid & (predicted_rain_rate >= CSI_THRESHOLD)
-        totals += torch.stack(
-            [
-                loss.double() * n_valid,
-                n_valid.double(),
-                (error.double() ** 2).sum(),
-                (observed & forecast).sum().double(),
-                (observed & ~forecast).sum().double(),
-                (~observed & forecast).sum().double(),
-            ]
-        )
-    if distributed:
-        dist.all_reduce(totals)
-    loss_sum, n_valid, squared_error, hits, misses, false_alarms = totals.tolist()
-    events = hits + misses + false_alarms
-    return {
-        "loss": loss_sum / n_valid if n_valid else math.nan,
-        "mse_mmh": squared_error / n_valid if n_valid else math.nan,
-        "csi_1mmh": hits / events if events else math.nan,
-    }
+def log_validation(log: TrainLog | None, step: int, epoch: int, metrics: dict) -> None:
+    """Report a validation: a ``val`` row of the log (rank 0) and a logger line."""
+    if log is not None:
+        log.write(step, epoch, "val", **metrics)
+    logger.info(
+        "epoch %d step %d: val loss %.4g, MSE %.4g (mm/h)^2, CSI(1 mm/h) %.3f",
+        epoch,
+        step,
+        metrics["loss"],
+        metrics["mse_mmh"],
+        metrics["csi_1mmh"],
+    )
 
 
 class TrainLog:
@@ -365,28 +388,3 @@ class TrainLog:
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""
         self.tensorboard.close()
-
-
-def build_loss(
-    train_config: TrainConfig, transform, normalization: dict, device: torch.device
-) -> Callable[..., torch.Tensor]:
-    """The configured loss with its keyword arguments bound.
-
-    A loss in :data:`nowcast.losses.THRESHOLD_LOSSES` also gets the rain thresholds
-    :data:`nowcast.losses.WET_AREA_THRESHOLDS` in the store's normalised units.
-    """
-    loss_fn = losses.get_method(train_config.loss)
-    kwargs: dict[str, Any] = dict(train_config.loss_kwargs)
-    if train_config.loss in losses.THRESHOLD_LOSSES:
-        rain_rate = torch.tensor(losses.WET_AREA_THRESHOLDS, dtype=torch.float32)
-        kwargs["wet_thresholds"] = transform.forward(rain_rate, normalization).to(device)
-    if not kwargs:
-        return loss_fn
-    try:
-        inspect.signature(loss_fn).bind_partial(**kwargs)
-    except TypeError as error:
-        raise ConfigError(
-            f"train.loss_kwargs {train_config.loss_kwargs} do not fit loss "
-            f"'{train_config.loss}': {error}"
-        ) from None
-    return functools.partial(loss_fn, **kwargs)

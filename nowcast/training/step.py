@@ -1,34 +1,59 @@
-"""One optimisation step (shared by the training loop and the benchmarks) and the run state."""
+"""The training step: forward, loss, backward and optimizer step.
+
+The training loop (:func:`nowcast.training.loop.train`) and the benchmarks
+(``benchmarks/bench_train.py``, ``bench_gpu.py``) run this same step.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from nowcast import losses
+from nowcast.config import ConfigError
+from nowcast.patches.normalization import Normalization
+from nowcast.training import losses
 from nowcast.training.config import TrainConfig, TrainingDivergedError
-from nowcast.training.setup import agree, build_loss, global_mean
 
 
-@dataclasses.dataclass
-class TrainingState:
-    """Where a run stands; what a checkpoint stores besides the weights and optimizer state.
+def global_mean(value: torch.Tensor, distributed: bool) -> float:
+    """Mean of a scalar over all processes (itself without DDP), as a Python float."""
+    if distributed:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value.item()
 
-    ``batch_index`` counts the batches of the current epoch already consumed (a run resumed
-    mid-epoch skips them); ``stop_reason`` is None while the run goes on, else ``epochs``,
-    ``max_steps``, ``time_budget`` or ``stop_requested``.
+
+def build_loss(
+    train_config: TrainConfig, normalization: Normalization, device: torch.device
+) -> Callable[..., torch.Tensor]:
+    """The configured loss with its keyword arguments bound.
+
+    A loss in :data:`nowcast.training.losses.THRESHOLD_LOSSES` also gets the rain thresholds
+    :data:`nowcast.training.losses.WET_AREA_THRESHOLDS` in the store's normalised units.
     """
-
-    step: int = 0
-    epoch: int = 0
-    batch_index: int = 0
-    best_metric: float = math.inf
-    stop_reason: str | None = None
+    loss_fn = losses.get_method(train_config.loss)
+    kwargs: dict[str, Any] = dict(train_config.loss_kwargs)
+    if train_config.loss in losses.THRESHOLD_LOSSES:
+        rain_rate = torch.tensor(losses.WET_AREA_THRESHOLDS, dtype=torch.float32)
+        kwargs["wet_thresholds"] = normalization.forward(rain_rate).to(device)
+    if not kwargs:
+        return loss_fn
+    try:
+        inspect.signature(loss_fn).bind_partial(**kwargs)
+    except TypeError as error:
+        raise ConfigError(
+            f"train.loss_kwargs {train_config.loss_kwargs} do not fit loss "
+            f"'{train_config.loss}': {error}"
+        ) from None
+    return functools.partial(loss_fn, **kwargs)
 
 
 @dataclasses.dataclass
@@ -54,8 +79,7 @@ class StepParts:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         config: TrainConfig,
-        transform,
-        normalization: dict,
+        normalization: Normalization,
         device: torch.device,
         amp_dtype: torch.dtype | None = None,
         **options,
@@ -68,11 +92,11 @@ class StepParts:
             raw_model=model,
             optimizer=optimizer,
             scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-            loss_fn=build_loss(config, transform, normalization, device),
+            loss_fn=build_loss(config, normalization, device),
             device=device,
             amp_dtype=amp_dtype,
             grad_clip=config.grad_clip,
-            rain_rate=(lambda t: transform.inverse(t, normalization)) if needs_rain_rate else None,
+            rain_rate=normalization.inverse if needs_rain_rate else None,
             **options,
         )
 
@@ -111,25 +135,3 @@ def train_step(parts: StepParts, inputs, targets, mask, step: int = 0, checkpoin
     if parts.scheduler is not None:
         parts.scheduler.step()
     return loss_value
-
-
-def stop_check(
-    config: TrainConfig,
-    state: TrainingState,
-    started: float,
-    stop_requested: Callable[[int], bool] | None,
-    distributed: bool,
-    device: torch.device,
-) -> str | None:
-    """Why the run stops after this step (the ranks agree), or None."""
-    if config.max_steps is not None and state.step >= config.max_steps:
-        return "max_steps"
-    if config.max_minutes is None and stop_requested is None:
-        return None
-    out_of_time = (
-        config.max_minutes is not None and time.monotonic() - started > 60.0 * config.max_minutes
-    )
-    requested = stop_requested is not None and stop_requested(state.step)
-    # agree() takes the largest code over the ranks: the time budget wins over a request.
-    verdict = agree(2 if out_of_time else int(requested), distributed, device)
-    return (None, "stop_requested", "time_budget")[verdict]

@@ -1,12 +1,10 @@
 """Compiled per-frame reductions behind the contingency and continuous accumulators.
 
-Why numba: numpy needs one pass (and one temporary) per comparison, threshold and sum, and on
-a 512 x 512 frame it stopped at about 0.5 ms for the contingency counts and 0.6 ms for the error
-sums. These kernels read each pixel once and keep their working set in the L1 cache: on 60 BoM
-frame pairs with 5 thresholds they take about 9 ms and 6 ms on one core (numpy: 32 and 37 ms).
-The FSS kernel counts the events in each window from a summed-area table instead of running
-``scipy.ndimage.uniform_filter`` per threshold and scale: 0.09 s of CPU against 1.7 s on 12 BoM
-frames, 6 thresholds and window sizes 1, 5, 10 and 20.
+Why numba: numpy needs one pass (and one temporary) per comparison, threshold and sum. These
+kernels read each pixel once and keep their working set in the L1 cache. The FSS kernel counts
+the events in each window from a summed-area table instead of running
+``scipy.ndimage.uniform_filter`` per threshold and scale. The speed-ups are measured by
+``benchmarks/bench_verification.py`` (docs/performance.md).
 
 Each kernel walks a range of frames, so :func:`run_over_frames` splits the frames between
 threads (the kernels release the GIL). Every frame is reduced by one thread in a fixed order,
@@ -21,7 +19,7 @@ import numba
 import numpy as np
 
 #: Pixels per block: two input slices and three 512-pixel buffers stay in the L1 cache, and a
-#: float32 count of at most 512 ones is exact. 512 and 1024 measured the same, 4096 twice slower.
+#: float32 count of at most 512 ones is exact; much larger blocks fall out of the cache.
 BLOCK_PIXELS = 512
 #: Below this many pixels per thread, starting a thread costs more than it saves.
 MIN_PIXELS_PER_THREAD = 1 << 17
@@ -60,12 +58,17 @@ def in_kernel_dtype(values, data_dtype: np.dtype) -> np.ndarray:
 def run_over_frames(kernel, n_frames: int, n_pixels: int, *args) -> None:
     """Call ``kernel(*args, first, stop)`` on frame ranges covering ``range(n_frames)``.
 
-    The ranges go to up to ``numba.get_num_threads()`` threads (``NUMBA_NUM_THREADS``, by
-    default the number of cores); small inputs stay on the calling thread. Python threads
-    rather than ``numba.prange``: numba's workqueue threading layer, the one every install has,
-    terminates the process when two threads (say, Dask workers) run parallel code at once.
+    The ranges go to up to ``NUMBA_NUM_THREADS`` threads (by default the number of cores);
+    small inputs stay on the calling thread. Python threads rather than ``numba.prange``:
+    numba's workqueue threading layer, the one every install has, terminates the process when
+    two threads (say, Dask workers) run parallel code at once. The count is read from
+    ``numba.config`` rather than ``numba.get_num_threads()``, which would start numba's threading
+    layer: that resets the OpenMP thread count torch shares, so a model run after the first
+    score would run on another number of threads and round differently.
     """
-    n_threads = min(numba.get_num_threads(), n_frames, n_frames * n_pixels // MIN_PIXELS_PER_THREAD)
+    n_threads = min(
+        numba.config.NUMBA_NUM_THREADS, n_frames, n_frames * n_pixels // MIN_PIXELS_PER_THREAD
+    )
     if n_threads <= 1:
         kernel(*args, 0, n_frames)
         return

@@ -23,8 +23,8 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-from pysteps.verification.detcatscores import det_cat_fct_compute
 
+from nowcast import import_pysteps
 from nowcast.verification._accumulator import (
     ScoreAccumulator,
     add_into,
@@ -41,6 +41,8 @@ from nowcast.verification._kernels import (
     kernel_dtype,
     run_over_frames,
 )
+
+det_cat_fct_compute = import_pysteps("pysteps.verification.detcatscores").det_cat_fct_compute
 
 DEFAULT_SCORES = ("CSI", "POD", "FAR", "HSS", "ETS", "BIAS")
 # Score names det_cat_fct_compute understands (it silently ignores anything else).

@@ -1,7 +1,7 @@
 """Maps in the radar projection, forecast panels and animations, and score plots."""
 
-from .coastlines import Basemap, basemap
-from .maps import (
+from nowcast.visualization.coastlines import Basemap, basemap
+from nowcast.visualization.maps import (
     animate_forecast,
     cartopy_crs,
     map_axes,
@@ -9,7 +9,11 @@ from .maps import (
     plot_rain_rate,
     rain_rate_colormap,
 )
-from .plots import method_styles, plot_continuous_scores, plot_score_vs_lead_time
+from nowcast.visualization.plots import (
+    method_styles,
+    plot_continuous_scores,
+    plot_score_vs_lead_time,
+)
 
 __all__ = [
     "Basemap",

@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Patch
 
-from ..forecast import forecast_crs, lead_time_minutes
-from .coastlines import add_basemap
+from nowcast.nowcasts.forecast import forecast_crs, lead_time_minutes
+from nowcast.visualization.coastlines import add_basemap
 
 RAIN_RATE_BOUNDS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
 RAIN_RATE_COLORS = (
@@ -62,7 +62,7 @@ def cartopy_crs(
     Parameters
     ----------
     crs : pyproj.CRS
-        Projected CRS of the grid (e.g. :func:`nowcast.io.cube.cube_crs`).
+        Projected CRS of the grid (e.g. :func:`nowcast.sources.cube.cube_crs`).
     extent : tuple of float, optional
         ``(x_min, x_max, y_min, y_max)`` of the grid in metres. A custom CRS carries no area
         of use, so cartopy cannot know where the projection is valid; the map boundary is set
@@ -129,7 +129,7 @@ def _gridlines(ax, left: bool = True, bottom: bool = True, fontsize: float = 8) 
         x_inline=False,
         y_inline=False,
     )
-    gl.n_steps = 30  # points per gridline: plenty for a radar-sized map, and 3x faster
+    gl.n_steps = 30  # points per gridline: plenty for a radar-sized map, and faster to draw
     gl.top_labels = False
     gl.right_labels = False
     gl.left_labels = left
