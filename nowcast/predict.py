@@ -25,7 +25,7 @@ from nowcast.sources.cube import build_cube, cube_path, open_cube
 from nowcast.sources.frames import read_frame_status, source_grid
 from nowcast.storage import file_sha256
 from nowcast.visualization.maps import plot_forecast_panels
-from nowcast.windows import cube_timestep, input_times, stride_note
+from nowcast.windows import cube_timestep, frame_step_note, input_times
 
 
 class InputFramesError(ConfigError):
@@ -47,7 +47,7 @@ class PredictResult:
         ``model`` (motion, transport and network), ``netcdf`` and ``map``. Together they are
         the work of a forecast; imports are not in any stage.
     note : str, optional
-        How the model's timestep reads the source (:func:`nowcast.windows.stride_note`), if
+        How the model's timestep reads the source (:func:`nowcast.windows.frame_step_note`), if
         not 1:1.
     """
 
@@ -319,9 +319,10 @@ def predict(
 
 
 def _timestep_note(source: str, source_step: int, model_step: int) -> str | None:
-    # The rule of nowcast.windows.frame_stride: inputs are read every k-th source frame counted
+    # The rule of nowcast.windows.frames_per_model_step: inputs are read every k-th source frame
+    # counted
     # back from the reference time (input_times at the model's step), or a ConfigError.
-    return stride_note(source, source_step, model_step)
+    return frame_step_note(source, source_step, model_step)
 
 
 def _close(figure) -> None:

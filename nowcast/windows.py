@@ -125,7 +125,7 @@ def default_frame_counts(timestep_minutes: int) -> tuple[int, int]:
 # the timestep rule: a model's step against a source's step
 
 
-def frame_stride(model_step: float, source_step: float, source: str = "the inputs") -> int:
+def frames_per_model_step(model_step: float, source_step: float, source: str = "the inputs") -> int:
     """Source frames per model step: a model takes every k-th source frame, or refuses.
 
     This is the one place of the rule. A model trained at ``model_step`` minutes reads a source
@@ -144,7 +144,7 @@ def frame_stride(model_step: float, source_step: float, source: str = "the input
     Returns
     -------
     int
-        k, the stride in source frames (1 when the steps are equal).
+        k, the step in source frames (1 when the steps are equal).
 
     Raises
     ------
@@ -163,9 +163,9 @@ def frame_stride(model_step: float, source_step: float, source: str = "the input
     return k
 
 
-def stride_note(source: str, source_step: float, model_step: float) -> str | None:
-    """One line saying how the rule of :func:`frame_stride` reads a source (None when k = 1)."""
-    k = frame_stride(model_step, source_step, source)
+def frame_step_note(source: str, source_step: float, model_step: float) -> str | None:
+    """One line saying how :func:`frames_per_model_step`'s rule reads a source (None if k = 1)."""
+    k = frames_per_model_step(model_step, source_step, source)
     if k == 1:
         return None
     step = f"{float(model_step):g}"
@@ -177,20 +177,20 @@ def stride_note(source: str, source_step: float, model_step: float) -> str | Non
     )
 
 
-def counted_back(n_available: int, n_frames: int, stride: int) -> np.ndarray:
-    """Indices of ``n_frames`` frames, every ``stride``-th counted back from the last available.
+def counted_back(n_available: int, n_frames: int, frame_step: int) -> np.ndarray:
+    """Indices of ``n_frames`` frames, every ``frame_step``-th counted back from the last available.
 
     Raises
     ------
     ValueError
-        If fewer than ``(n_frames - 1) * stride + 1`` frames are available.
+        If fewer than ``(n_frames - 1) * frame_step + 1`` frames are available.
     """
-    needed = (n_frames - 1) * stride + 1
+    needed = (n_frames - 1) * frame_step + 1
     if n_available < needed:
         raise ValueError(
-            f"{n_frames} frames every {stride} need {needed} input frames, got {n_available}"
+            f"{n_frames} frames every {frame_step} need {needed} input frames, got {n_available}"
         )
-    return np.arange(n_available - needed, n_available, stride)
+    return np.arange(n_available - needed, n_available, frame_step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,37 +420,38 @@ def label_blocks(times: np.ndarray, labels: np.ndarray, segment=None) -> list[di
 
 
 def valid_starts(
-    timeline: Timeline, labels: np.ndarray, n_frames: int, stride: int = 1
+    timeline: Timeline, labels: np.ndarray, n_frames: int, frame_step: int = 1
 ) -> np.ndarray:
     """Timeline indices of the first frames of every valid window.
 
-    A window's ``n_frames`` frames (every ``stride``-th timeline frame from its start, see
-    :func:`frame_stride`) are all valid, all carry the same (non-empty) split label, all lie in
-    one segment and are exactly ``stride`` timesteps apart.
+    A window's ``n_frames`` frames (every ``frame_step``-th timeline frame from its start, see
+    :func:`frames_per_model_step`) are all valid, all carry the same (non-empty) split label, all
+    lie in
+    one segment and are exactly ``frame_step`` timesteps apart.
     """
-    n_windows = len(timeline) - (n_frames - 1) * stride
+    n_windows = len(timeline) - (n_frames - 1) * frame_step
     if n_windows <= 0:
         return np.zeros(0, dtype=np.int64)
     first = np.arange(n_windows)
-    members = first[:, None] + stride * np.arange(n_frames)[None, :]
+    members = first[:, None] + frame_step * np.arange(n_frames)[None, :]
     last = members[:, -1]
     valid = timeline.frame_valid[members].all(axis=1)
     labelled = labels[:n_windows] != ""
     frames = labels[members]
     one_split = (frames == frames[:, :1]).all(axis=1)
     one_segment = timeline.segment[first] == timeline.segment[last]
-    span = np.timedelta64(timeline.timestep * stride * (n_frames - 1), "m")
+    span = np.timedelta64(timeline.timestep * frame_step * (n_frames - 1), "m")
     regular = (timeline.times[last] - timeline.times[first]) == span
     return np.flatnonzero(valid & labelled & one_split & one_segment & regular)
 
 
 def list_windows(
-    timeline: Timeline, labels: np.ndarray, n_input: int, n_target: int, stride: int = 1
+    timeline: Timeline, labels: np.ndarray, n_input: int, n_target: int, frame_step: int = 1
 ) -> pd.DataFrame:
     """Every valid window of a timeline, in time order.
 
-    With ``stride`` k > 1 a window takes every k-th timeline frame (a model whose step is k
-    source steps, :func:`frame_stride`); windows still start at every timeline frame.
+    With ``frame_step`` k > 1 a window takes every k-th timeline frame (a model whose step is k
+    source steps, :func:`frames_per_model_step`); windows still start at every timeline frame.
 
     Returns
     -------
@@ -459,7 +460,7 @@ def list_windows(
         frame), ``cube_start`` (its cube index), ``start_time``, ``reference_time`` (last input
         frame), ``split`` and ``segment``.
     """
-    starts = valid_starts(timeline, labels, n_input + n_target, stride)
+    starts = valid_starts(timeline, labels, n_input + n_target, frame_step)
     return pd.DataFrame(
         {
             "source": timeline.source,
@@ -467,7 +468,7 @@ def list_windows(
             "start": starts,
             "cube_start": timeline.cube_index[starts],
             "start_time": timeline.times[starts],
-            "reference_time": timeline.times[starts + (n_input - 1) * stride],
+            "reference_time": timeline.times[starts + (n_input - 1) * frame_step],
             "split": labels[starts].astype(str),
             "segment": timeline.segment[starts],
         }
@@ -484,16 +485,18 @@ def window_frame_indices(starts: np.ndarray, n_frames: int) -> np.ndarray:
 # thinning
 
 
-def select_windows(reference_times: np.ndarray, stride: int, max_windows: int | None) -> np.ndarray:
-    """Indices of the windows kept: every ``stride``-th, then at most ``max_windows`` evenly.
+def select_windows(
+    reference_times: np.ndarray, window_step: int, max_windows: int | None
+) -> np.ndarray:
+    """Indices of the windows kept: every ``window_step``-th, then at most ``max_windows`` evenly.
 
     Parameters
     ----------
     reference_times : numpy.ndarray
         Sorted reference times of one source's windows.
-    stride : int
-        Keep every ``stride``-th window (consecutive windows overlap almost entirely, so their
-        scores are strongly correlated; a stride bounds the cost without losing much).
+    window_step : int
+        Keep every ``window_step``-th window (consecutive windows overlap almost entirely, so their
+        scores are strongly correlated; a window_step bounds the cost without losing much).
     max_windows : int, optional
         Then keep at most this many, spread evenly over the kept ones.
 
@@ -502,7 +505,7 @@ def select_windows(reference_times: np.ndarray, stride: int, max_windows: int | 
     numpy.ndarray
         Indices into ``reference_times``.
     """
-    kept = np.arange(0, len(reference_times), stride)
+    kept = np.arange(0, len(reference_times), window_step)
     if max_windows is not None and kept.size > max_windows:
         kept = kept[np.unique(np.linspace(0, kept.size - 1, max_windows).round().astype(int))]
     return kept

@@ -1,5 +1,6 @@
 """Zero-shot evaluation on a catalog source (nowcast.evaluate.zeroshot) and the model-vs-source
-timestep rule (nowcast.windows.frame_stride) in evaluate --source, predict and the model method."""
+timestep rule (nowcast.windows.frames_per_model_step) in evaluate --source, predict and the model
+method."""
 
 from __future__ import annotations
 
@@ -20,7 +21,13 @@ from nowcast.predict import predict
 from nowcast.sources.catalog import Catalog, SourceConfig
 from nowcast.sources.ingest import ingest
 from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT, load_checkpoint, save_checkpoint
-from nowcast.windows import Timeline, counted_back, frame_stride, list_windows, stride_note
+from nowcast.windows import (
+    Timeline,
+    counted_back,
+    frame_step_note,
+    frames_per_model_step,
+    list_windows,
+)
 
 N_INPUT, N_TARGET = 3, 2
 
@@ -40,23 +47,23 @@ def five_minute_catalog(**kwargs) -> Catalog:
 
 
 def test_rule_takes_every_kth_frame_counted_back_and_refuses_other_steps():
-    assert frame_stride(10, 5, "fmi") == 2
-    assert frame_stride(10, 10, "bom") == 1
-    assert frame_stride(30, 5, "knmi") == 6
-    assert stride_note("bom", 10, 10) is None
-    assert "every 2nd frame counted back" in stride_note("fmi", 5, 10)
+    assert frames_per_model_step(10, 5, "fmi") == 2
+    assert frames_per_model_step(10, 10, "bom") == 1
+    assert frames_per_model_step(30, 5, "knmi") == 6
+    assert frame_step_note("bom", 10, 10) is None
+    assert "every 2nd frame counted back" in frame_step_note("fmi", 5, 10)
     # Counted back from the last frame: with 6 frames, 3 every 2nd are 1, 3, 5 (5 = reference).
     np.testing.assert_array_equal(counted_back(6, 3, 2), [1, 3, 5])
     np.testing.assert_array_equal(counted_back(3, 3, 1), [0, 1, 2])
     with pytest.raises(ValueError, match="need 5 input frames, got 4"):
         counted_back(4, 3, 2)
     with pytest.raises(ConfigError) as err:
-        frame_stride(10, 6, "radar6")
+        frames_per_model_step(10, 6, "radar6")
     message = str(err.value)
     assert "radar6" in message and "6-minute" in message and "10-minute" in message
     assert "\n" not in message
     with pytest.raises(ConfigError, match="15-minute frames do not fit .* 10-minute"):
-        frame_stride(10, 15, "opera")
+        frames_per_model_step(10, 15, "opera")
 
 
 def test_strided_windows_start_at_every_frame_and_skip_invalid_ones(tmp_path):
@@ -68,13 +75,13 @@ def test_strided_windows_start_at_every_frame_and_skip_invalid_ones(tmp_path):
     cube = xr.open_zarr(path)
     timeline = Timeline.from_cube("synthetic", path, cube)
     labels = np.full(len(timeline), "test", dtype=object)
-    table = list_windows(timeline, labels, N_INPUT, N_TARGET, stride=2)
+    table = list_windows(timeline, labels, N_INPUT, N_TARGET, frame_step=2)
     # A window spans (3 + 2 - 1) * 2 + 1 = 9 frames; frame 5 (00:25) is missing, so windows
     # starting at odd frames 1 and 3 (which use frame 5) are out, even ones never touch it.
     assert table["start"].tolist() == [0, 2, 4]
     refs = pd.DatetimeIndex(table["reference_time"])
     assert list(refs.strftime("%H:%M")) == ["00:20", "00:30", "00:40"]
-    assert stride_note("synthetic", 5, 10) is not None
+    assert frame_step_note("synthetic", 5, 10) is not None
 
 
 # --------------------------------------------------------------------------------------------

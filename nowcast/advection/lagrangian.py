@@ -8,7 +8,7 @@ extrapolation nowcast, which a residual ConvLSTM reproduces before any training.
 
 The motion is kept on a coarse grid (:func:`nowcast.advection.motion.coarse_motion_field`, a node
 every
-``stride`` pixels, 8 by default) and the frames move with the one transport of
+``node_spacing`` pixels, 8 by default) and the frames move with the one transport of
 :mod:`nowcast.advection.warp` (the semi-Lagrangian trajectories of pysteps, bilinear reads by
 ``grid_sample``): the load-time warp of the patch store and the nowcast of a Lagrangian model are
 the same computation, on a patch and on the whole domain: one batched transport instead of a
@@ -44,7 +44,7 @@ class LagrangianFrame:
         (2, yc, xc) motion on the coarse grid
         (:func:`nowcast.advection.motion.coarse_motion_field`), in
         pixels per timestep (x then y component).
-    stride : int
+    node_spacing : int
         Pixels between the coarse nodes (1: a full-resolution field).
     domain_shape : tuple of int
         (ny, nx) of the frames.
@@ -60,7 +60,7 @@ class LagrangianFrame:
 
     Examples
     --------
-    >>> frame = LagrangianFrame.of_inputs(rain_rate, stride=8, n_steps=6)
+    >>> frame = LagrangianFrame.of_inputs(rain_rate, node_spacing=8, n_steps=6)
     >>> moved_inputs = frame.inputs_to_lagrangian(rain_rate)
     >>> forecast = frame.outputs_from_lagrangian(outputs)
 
@@ -69,24 +69,33 @@ class LagrangianFrame:
     """
 
     def __init__(
-        self, coarse, stride: int, domain_shape, n_steps: int, dtype=torch.float32, device=None
+        self,
+        coarse,
+        node_spacing: int,
+        domain_shape,
+        n_steps: int,
+        dtype=torch.float32,
+        device=None,
     ):
         self.domain_shape = tuple(int(n) for n in domain_shape)
-        expected = coarse_grid_shape(self.domain_shape, stride)
+        expected = coarse_grid_shape(self.domain_shape, node_spacing)
         if tuple(np.shape(coarse)[1:]) != expected:
             raise ValueError(
                 f"coarse motion of shape {np.shape(coarse)} does not fit a "
-                f"{self.domain_shape} grid at stride {stride} (expected (2, *{expected}))"
+                f"{self.domain_shape} grid with nodes every {node_spacing} pixels "
+                f"(expected (2, *{expected}))"
             )
         self.dtype, self.device = dtype, torch.device(device or "cpu")
         self.points = warp.grid_points(self.domain_shape, dtype).to(self.device)
         coarse = torch.as_tensor(np.asarray(coarse), dtype=dtype, device=self.device)[None]
-        self.stride, self.coarse = int(stride), coarse
+        self.node_spacing, self.coarse = int(node_spacing), coarse
         self._forward = self._displacements(self.coarse, n_steps)
 
     def _displacements(self, coarse: torch.Tensor, n_steps: int) -> torch.Tensor:
         """(n_steps, ny, nx, 2): the displacement after 1, ..., n_steps steps along ``coarse``."""
-        moves = warp.displacements(coarse, self.stride, self.domain_shape, self.points, n_steps)
+        moves = warp.displacements(
+            coarse, self.node_spacing, self.domain_shape, self.points, n_steps
+        )
         return torch.cat(moves) if moves else self.points.new_zeros((0, *self.points.shape[1:]))
 
     def forward(self, n_steps: int) -> torch.Tensor:
@@ -99,7 +108,7 @@ class LagrangianFrame:
     def of_inputs(
         cls,
         rain_rate: np.ndarray,
-        stride: int,
+        node_spacing: int,
         n_steps: int,
         velocity=None,
         dtype=torch.float32,
@@ -112,10 +121,10 @@ class LagrangianFrame:
         equals estimating the coarse field directly, to float rounding.
         """
         if velocity is None:
-            coarse = coarse_motion_field(rain_rate, stride)
+            coarse = coarse_motion_field(rain_rate, node_spacing)
         else:
-            coarse = coarse_motion(velocity, stride)
-        return cls(coarse, stride, np.shape(rain_rate)[-2:], n_steps, dtype, device)
+            coarse = coarse_motion(velocity, node_spacing)
+        return cls(coarse, node_spacing, np.shape(rain_rate)[-2:], n_steps, dtype, device)
 
     def _read(self, fields: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
         """Fields (T, C, y, x) read at the grid points plus ``moves`` (T, y, x, 2)."""

@@ -5,11 +5,11 @@ with a 0.1 mm/h threshold, no rain and no data at -15 dB) go to pysteps' Lucas-K
 The extrapolation and S-PROG baselines, the Lagrangian-frame model and the Lagrangian patch store
 all use this one recipe, so they share one motion (an evaluation computes it once per window).
 
-The Lagrangian model and patch store keep the field on a coarse grid, a node every ``stride``
+The Lagrangian model and patch store keep the field on a coarse grid, a node every ``node_spacing``
 pixels (:func:`coarse_motion`), read bilinearly in between
 (:func:`nowcast.advection.warp.motion_at`). :func:`coarse_motion_field` computes those nodes
 directly: pysteps' dense LK spends most of its time interpolating its few hundred sparse vectors
-to every pixel, while the nodes of a grid with stride ``s`` are ``s**2`` times fewer.
+to every pixel, while the nodes of a grid with node_spacing ``s`` are ``s**2`` times fewer.
 """
 
 from __future__ import annotations
@@ -75,21 +75,21 @@ def motion_field(rain_rate: np.ndarray, method: str = "LK", **kwargs) -> np.ndar
     return motion.get_method(method)(frames, **kwargs)
 
 
-def coarse_grid_shape(shape: tuple[int, int], stride: int) -> tuple[int, int]:
-    """Nodes per axis of the coarse grid: every ``stride`` pixels, covering the last pixel."""
-    return tuple(math.ceil((n - 1) / stride) + 1 for n in shape)
+def coarse_grid_shape(shape: tuple[int, int], node_spacing: int) -> tuple[int, int]:
+    """Nodes per axis of the coarse grid: every ``node_spacing`` pixels, covering the last pixel."""
+    return tuple(math.ceil((n - 1) / node_spacing) + 1 for n in shape)
 
 
-def node_pixels(n: int, stride: int) -> np.ndarray:
+def node_pixels(n: int, node_spacing: int) -> np.ndarray:
     """Pixels along an axis of ``n`` whose values make the nodes (:func:`coarse_motion`).
 
-    Every ``stride``-th pixel, and the last pixel when the last node lies past the edge.
+    Every ``node_spacing``-th pixel, and the last pixel when the last node lies past the edge.
     """
-    m = coarse_grid_shape((n,), stride)[0]
-    return np.minimum(np.arange(m) * stride, n - 1)
+    m = coarse_grid_shape((n,), node_spacing)[0]
+    return np.minimum(np.arange(m) * node_spacing, n - 1)
 
 
-def _nodes(samples: np.ndarray, axis: int, n: int, stride: int) -> np.ndarray:
+def _nodes(samples: np.ndarray, axis: int, n: int, node_spacing: int) -> np.ndarray:
     """Node values along ``axis`` from the values at :func:`node_pixels` (an axis of ``n``).
 
     A node past the last pixel continues the line through the previous node and the last pixel,
@@ -97,9 +97,9 @@ def _nodes(samples: np.ndarray, axis: int, n: int, stride: int) -> np.ndarray:
     """
     nodes = np.array(samples, dtype=np.float64)
     m = nodes.shape[axis]
-    if m > 1 and (m - 1) * stride > n - 1:
-        before = (m - 2) * stride
-        share = ((m - 1) * stride - before) / (n - 1 - before)
+    if m > 1 and (m - 1) * node_spacing > n - 1:
+        before = (m - 2) * node_spacing
+        share = ((m - 1) * node_spacing - before) / (n - 1 - before)
         previous = np.take(nodes, m - 2, axis=axis)
         last = previous + (np.take(nodes, m - 1, axis=axis) - previous) * share
         index = [slice(None)] * nodes.ndim
@@ -108,20 +108,21 @@ def _nodes(samples: np.ndarray, axis: int, n: int, stride: int) -> np.ndarray:
     return nodes
 
 
-def coarse_motion(velocity: np.ndarray, stride: int) -> np.ndarray:
-    """A motion field (2, y, x) sampled every ``stride`` pixels, (2, yc, xc) float32.
+def coarse_motion(velocity: np.ndarray, node_spacing: int) -> np.ndarray:
+    """A motion field (2, y, x) sampled every ``node_spacing`` pixels, (2, yc, xc) float32.
 
-    Node ``(i, j)`` is pixel ``(i stride, j stride)`` (the last node may lie past the edge, see
+    Node ``(i, j)`` is pixel ``(i node_spacing, j node_spacing)`` (the last node may lie past the
+    edge, see
     :func:`_nodes`). With nodes on pixels every pixel cell lies inside one coarse cell, so
     pysteps' bilinear read of the bilinearly upsampled field is the bilinear read of the coarse
     grid itself (``nowcast.advection.warp.motion_at``). LK motion is a smooth interpolation of
-    sparse vectors, so little is lost; the store keeps ``stride**2`` times fewer values.
+    sparse vectors, so little is lost; the store keeps ``node_spacing**2`` times fewer values.
     """
     velocity = np.asarray(velocity, dtype=np.float64)
     n_rows, n_cols = velocity.shape[1:]
-    rows, cols = node_pixels(n_rows, stride), node_pixels(n_cols, stride)
+    rows, cols = node_pixels(n_rows, node_spacing), node_pixels(n_cols, node_spacing)
     samples = velocity[:, rows][:, :, cols]
-    nodes = _nodes(_nodes(samples, 1, n_rows, stride), 2, n_cols, stride)
+    nodes = _nodes(_nodes(samples, 1, n_rows, node_spacing), 2, n_cols, node_spacing)
     return np.ascontiguousarray(nodes, dtype=np.float32)
 
 
@@ -141,8 +142,8 @@ def lk_vectors(rain_rate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return decluster(xy, uv, DECLUSTER_SCALE, 1, False)
 
 
-def coarse_motion_field(rain_rate: np.ndarray, stride: int) -> np.ndarray:
-    """``coarse_motion(motion_field(rain_rate), stride)``, without the full-resolution field.
+def coarse_motion_field(rain_rate: np.ndarray, node_spacing: int) -> np.ndarray:
+    """``coarse_motion(motion_field(rain_rate), node_spacing)``, without the full-resolution field.
 
     pysteps' own inverse-distance interpolation (``idwinterp2d``) of the sparse LK vectors
     (:func:`lk_vectors`), evaluated at the node pixels only, which skips most of
@@ -159,7 +160,7 @@ def coarse_motion_field(rain_rate: np.ndarray, stride: int) -> np.ndarray:
     ----------
     rain_rate : numpy.ndarray
         Rain rate (time, y, x) in mm/h; the last :data:`N_MOTION_FRAMES` frames are used.
-    stride : int
+    node_spacing : int
         Pixels between nodes.
 
     Returns
@@ -168,14 +169,14 @@ def coarse_motion_field(rain_rate: np.ndarray, stride: int) -> np.ndarray:
         (2, yc, xc) float32 motion at the nodes (x then y component, pixels per timestep).
     """
     n_rows, n_cols = np.shape(rain_rate)[-2:]
-    shape = coarse_grid_shape((n_rows, n_cols), stride)
+    shape = coarse_grid_shape((n_rows, n_cols), node_spacing)
     xy, uv = lk_vectors(rain_rate)
     if xy.shape[0] == 0:
         return np.zeros((2, *shape), dtype=np.float32)
-    rows, cols = node_pixels(n_rows, stride), node_pixels(n_cols, stride)
+    rows, cols = node_pixels(n_rows, node_spacing), node_pixels(n_cols, node_spacing)
     spacing = np.mean(np.abs([np.gradient(cols).mean(), np.gradient(rows).mean()]))
     idw = utils.get_method("idwinterp2d")
     samples = idw(xy, uv, cols, rows, dist_offset=IDW_DIST_OFFSET / spacing, nchunks=1)
     samples = np.reshape(samples, (2, rows.size, cols.size))
-    nodes = _nodes(_nodes(samples, 1, n_rows, stride), 2, n_cols, stride)
+    nodes = _nodes(_nodes(samples, 1, n_rows, node_spacing), 2, n_cols, node_spacing)
     return np.ascontiguousarray(nodes, dtype=np.float32)

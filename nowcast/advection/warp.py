@@ -37,11 +37,12 @@ import torch.nn.functional as F
 VALID_THRESHOLD = 0.99
 
 
-def motion_at(coarse: torch.Tensor, stride: int, domain_shape, points: torch.Tensor):
+def motion_at(coarse: torch.Tensor, node_spacing: int, domain_shape, points: torch.Tensor):
     """Motion at arbitrary points, as pysteps reads its full-resolution motion field.
 
     The full-resolution field is the bilinear upsampling of the coarse grid (nodes every
-    ``stride`` pixels, :func:`nowcast.advection.lagrangian.coarse_motion`); pysteps interpolates it
+    ``node_spacing`` pixels, :func:`nowcast.advection.lagrangian.coarse_motion`); pysteps
+    interpolates it
     bilinearly, clamping points to the domain edge (``map_coordinates(mode="nearest")``). As
     the nodes sit on pixels, that is the coarse grid read bilinearly at the clamped point.
 
@@ -49,7 +50,7 @@ def motion_at(coarse: torch.Tensor, stride: int, domain_shape, points: torch.Ten
     ----------
     coarse : torch.Tensor
         (B, 2, yc, xc) motion (x then y component, pixels per step).
-    stride : int
+    node_spacing : int
         Pixels between coarse nodes.
     domain_shape : tuple of int
         (ny, nx) of the full-resolution grid.
@@ -61,17 +62,21 @@ def motion_at(coarse: torch.Tensor, stride: int, domain_shape, points: torch.Ten
     torch.Tensor
         (B, 2, h, w).
     """
-    return _motion_reader(coarse, stride, domain_shape, points.shape[2])(points).permute(0, 3, 1, 2)
+    return _motion_reader(coarse, node_spacing, domain_shape, points.shape[2])(points).permute(
+        0, 3, 1, 2
+    )
 
 
-def _motion_reader(coarse: torch.Tensor, stride: int, domain_shape, width: int):
+def _motion_reader(coarse: torch.Tensor, node_spacing: int, domain_shape, width: int):
     """:func:`motion_at` for points (B, h, ``width``, 2), as a function giving (B, h, w, 2)."""
     n_rows, n_cols = domain_shape
     nodes = [max(coarse.shape[-1] - 1, 1), max(coarse.shape[-2] - 1, 1)]
     # Bounds and scale of (x, y) repeated along a row of points: a (2,) operand broadcast
     # over the last dimension takes torch's slow path.
     limits = coarse.new_tensor([n_cols - 1, n_rows - 1]).repeat(width)
-    scale = coarse.new_tensor([2.0 / (stride * nodes[0]), 2.0 / (stride * nodes[1])]).repeat(width)
+    scale = coarse.new_tensor(
+        [2.0 / (node_spacing * nodes[0]), 2.0 / (node_spacing * nodes[1])]
+    ).repeat(width)
     zero = coarse.new_zeros(())
 
     def read(points: torch.Tensor) -> torch.Tensor:
@@ -85,7 +90,9 @@ def _motion_reader(coarse: torch.Tensor, stride: int, domain_shape, width: int):
     return read
 
 
-def displacements(coarse: torch.Tensor, stride: int, domain_shape, points, n_steps: int) -> list:
+def displacements(
+    coarse: torch.Tensor, node_spacing: int, domain_shape, points, n_steps: int
+) -> list:
     """Cumulative semi-Lagrangian displacements of ``points`` after 1, ..., ``n_steps`` steps.
 
     The scheme of ``pysteps.extrapolation.semilagrangian.extrapolate`` with ``n_iter=1``, chained
@@ -107,7 +114,7 @@ def displacements(coarse: torch.Tensor, stride: int, domain_shape, points, n_ste
     list of torch.Tensor
         ``n_steps`` displacements (B, h, w, 2) as (x, y).
     """
-    motion = _motion_reader(coarse.to(points.dtype), stride, domain_shape, points.shape[2])
+    motion = _motion_reader(coarse.to(points.dtype), node_spacing, domain_shape, points.shape[2])
     displacement = torch.zeros_like(points)
     result = []
     for _ in range(n_steps):
@@ -120,7 +127,7 @@ def displacements(coarse: torch.Tensor, stride: int, domain_shape, points, n_ste
 
 def window_displacements(
     coarse: torch.Tensor,
-    stride: int,
+    node_spacing: int,
     domain_shape: tuple[int, int],
     points: torch.Tensor,
     n_input: int,
@@ -136,8 +143,8 @@ def window_displacements(
     torch.Tensor
         (B, n_input + n_target, h, w, 2).
     """
-    forward = displacements(coarse, stride, domain_shape, points, n_input - 1)
-    backward = displacements(-coarse, stride, domain_shape, points, n_target)
+    forward = displacements(coarse, node_spacing, domain_shape, points, n_input - 1)
+    backward = displacements(-coarse, node_spacing, domain_shape, points, n_target)
     moves = [forward[n_input - 2 - i] for i in range(n_input - 1)]
     moves.append(torch.zeros_like(points))
     return torch.stack(moves + backward, dim=1)

@@ -88,9 +88,9 @@ def fit_blend_weights(
         n_leadtimes=eval_config.n_leadtimes or info["n_target_frames"],
         timestep_minutes=info["timestep_minutes"],
     )
-    stride = eval_config.window_stride or max(1, round(30 / info["timestep_minutes"]))
+    window_step = eval_config.window_stride or max(1, round(30 / info["timestep_minutes"]))
     sums = np.zeros((run.n_leadtimes, 2))
-    windows = plan_windows(table, stride, eval_config.max_windows)
+    windows = plan_windows(table, window_step, eval_config.max_windows)
     for forecast in forecast_windows(((w.cube_path, w.reference_time) for w in windows), run):
         values = forecast.forecasts
         sums += blend_sums(

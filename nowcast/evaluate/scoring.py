@@ -87,13 +87,13 @@ def cube_windows(experiment: ExperimentConfig, split: str) -> tuple[pd.DataFrame
     return table[["source", "cube_path", "reference_time"]], info
 
 
-def plan_windows(table: pd.DataFrame, stride: int, max_windows: int | None) -> list[Window]:
-    """Windows to evaluate, per source in time order, thinned by ``stride`` and ``max_windows``."""
+def plan_windows(table: pd.DataFrame, window_step: int, max_windows: int | None) -> list[Window]:
+    """Windows to evaluate per source in time order, thinned by ``window_step``, ``max_windows``."""
     windows = []
     for source, group in table.groupby("source", sort=False):
         group = group.sort_values("reference_time")
         times = group["reference_time"].to_numpy(dtype="datetime64[ns]")
-        for index in select_windows(times, stride, max_windows):
+        for index in select_windows(times, window_step, max_windows):
             windows.append(Window(source, group["cube_path"].iloc[index], times[index]))
     return windows
 

@@ -201,8 +201,8 @@ def plan_evaluation(
     compare = (eval_config.compare or ("model" if "model" in methods else methods[-1])).lower()
     if compare not in methods:
         raise ConfigError(f"evaluate.compare '{compare}' is not among the methods {list(methods)}")
-    stride = eval_config.window_stride or max(1, round(30 / info["timestep_minutes"]))
-    windows = plan_windows(table, stride, eval_config.max_windows)
+    window_step = eval_config.window_stride or max(1, round(30 / info["timestep_minutes"]))
+    windows = plan_windows(table, window_step, eval_config.max_windows)
     setup = ForecastSetup(
         methods=methods,
         method_kwargs={k.lower(): v for k, v in eval_config.method_kwargs.items()},
@@ -232,7 +232,7 @@ def plan_evaluation(
         "n_input_frames": setup.n_input_frames,
         "timestep_minutes": setup.timestep_minutes,
         "lead_times": setup.lead_times.tolist(),
-        "window_stride": stride,
+        "window_stride": window_step,
         "sources": {},
         "config": json.loads(eval_config.model_dump_json()),
     }

@@ -4,7 +4,8 @@
 (default: the committed pretrained one) on every forecast start of a catalog source, with no
 experiment config and no patch store. The source's cube is ingested first when it is missing.
 The windows come from :mod:`nowcast.windows` at the model's frame counts and timestep, read by
-the rule of :func:`nowcast.windows.frame_stride` (a 10-minute model on a 5-minute source takes
+the rule of :func:`nowcast.windows.frames_per_model_step` (a 10-minute model on a 5-minute source
+takes
 every second frame counted back from the reference time; starts are every source frame), and
 the scoring and the outputs are those of ``nowcast evaluate CONFIG``
 (:func:`nowcast.evaluate.plan_evaluation` and :func:`nowcast.evaluate.score_and_write`).
@@ -30,7 +31,13 @@ from nowcast.sources.catalog import Catalog, load_catalog
 from nowcast.sources.cube import cube_path, cube_pixel_size, open_cube
 from nowcast.sources.ingest import ingest
 from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT, load_checkpoint
-from nowcast.windows import Timeline, cube_timestep, frame_stride, list_windows, stride_note
+from nowcast.windows import (
+    Timeline,
+    cube_timestep,
+    frame_step_note,
+    frames_per_model_step,
+    list_windows,
+)
 
 #: Methods scored by ``nowcast evaluate --source``.
 SOURCE_METHODS = ("persistence", "extrapolation", "sprog", "model")
@@ -70,14 +77,14 @@ def source_windows(
     cube: xr.Dataset,
     n_input: int,
     n_target: int,
-    stride: int,
+    frame_step: int,
     start: datetime | None = None,
     end: datetime | None = None,
 ) -> pd.DataFrame:
     """Every forecast start of a cube whose input and target frames are all valid.
 
     A start (reference time) is kept when its ``n_input`` input and ``n_target`` target frames,
-    every ``stride``-th cube frame counted from it, are present and valid in one segment
+    every ``frame_step``-th cube frame counted from it, are present and valid in one segment
     (:func:`nowcast.windows.list_windows`), and it lies in [``start``, ``end``].
 
     Returns
@@ -87,7 +94,7 @@ def source_windows(
     """
     timeline = Timeline.from_cube(source, path, cube)
     labels = np.full(len(timeline), SOURCE_SPLIT, dtype=object)
-    table = list_windows(timeline, labels, n_input, n_target, stride)
+    table = list_windows(timeline, labels, n_input, n_target, frame_step)
     reference = table["reference_time"]
     keep = np.ones(len(table), dtype=bool)
     if start is not None:
@@ -184,7 +191,7 @@ def evaluate_source(
     ------
     ConfigError
         For an unknown source, a missing checkpoint, a source step that does not fit the model's
-        (:func:`nowcast.windows.frame_stride`), or no valid forecast start in the range.
+        (:func:`nowcast.windows.frames_per_model_step`), or no valid forecast start in the range.
     """
     if not isinstance(catalog, Catalog):
         catalog = load_catalog(catalog)
@@ -201,11 +208,11 @@ def evaluate_source(
     path = ensure_cube(source, cube_dir, catalog, scheduler, progress)
     cube = open_cube(path)
     source_step = cube_timestep(cube)
-    stride = frame_stride(model_step, source_step, source)
-    note = stride_note(source, source_step, model_step)
+    frame_step = frames_per_model_step(model_step, source_step, source)
+    note = frame_step_note(source, source_step, model_step)
     if note:
         print(f"note: {note}")
-    table = source_windows(source, path, cube, n_input, n_target, stride, start, end)
+    table = source_windows(source, path, cube, n_input, n_target, frame_step, start, end)
     if table.empty:
         raise ConfigError(
             f"evaluate --source {source}: no forecast start between {start or 'the start'} and "
@@ -242,7 +249,7 @@ def evaluate_source(
         "cube": path,
         "source_timestep_minutes": source_step,
         "model_timestep_minutes": model_step,
-        "frame_stride": stride,
+        "frame_stride": frame_step,
         "timestep_note": note,
         "n_input_frames": n_input,
         "n_target_frames": n_target,
@@ -254,8 +261,8 @@ def evaluate_source(
         "training_pixel_size_m": trained,
     }
     plan.summary["zero_shot"] = zero_shot
-    # Starts are window_stride source steps apart: window_stride / stride in model steps.
-    plan.summary["window_stride"] = window_stride / stride
+    # Starts are window_stride source steps apart: window_stride / frame_step in model steps.
+    plan.summary["window_stride"] = window_stride / frame_step
     plan.notes = zero_shot_notes(zero_shot)
     return score_and_write(plan, scheduler=scheduler, progress=progress)
 

@@ -23,7 +23,7 @@ from nowcast.nowcasts.inputs import check_inputs, input_timestep, to_forecast
 from nowcast.nowcasts.isotonic import apply_calibration
 from nowcast.training.checkpoint import TrainedOn, load_model
 from nowcast.training.device import resolve_device
-from nowcast.windows import counted_back, frame_stride, stride_note
+from nowcast.windows import counted_back, frame_step_note, frames_per_model_step
 
 LOGGER = logging.getLogger(__name__)
 
@@ -210,14 +210,14 @@ class ModelNowcast:
         return forecast
 
     def _at_model_step(self, inputs: xr.DataArray, step: float) -> xr.DataArray:
-        """Inputs at the model's timestep by :func:`nowcast.windows.frame_stride`'s rule.
+        """Inputs at the model's timestep by :func:`nowcast.windows.frames_per_model_step`'s rule.
 
         Frames ``step`` minutes apart are read every k-th, counted back from the last one (the
         reference time), when the model's step is k times theirs; otherwise a one-line
         ConfigError names both steps.
         """
         source = inputs.attrs.get("radar_source") or "the inputs"
-        k = frame_stride(self.timestep_minutes, step, source)
+        k = frames_per_model_step(self.timestep_minutes, step, source)
         if k == 1:
             return inputs
         try:
@@ -226,5 +226,5 @@ class ModelNowcast:
             raise ValueError(
                 f"{source}: {err} at the model's {float(self.timestep_minutes):g}-minute step"
             ) from None
-        LOGGER.info(stride_note(source, step, self.timestep_minutes))
+        LOGGER.info(frame_step_note(source, step, self.timestep_minutes))
         return inputs.isel(time=kept)

@@ -170,38 +170,40 @@ class PatchesConfig(StrictModel):
 # patch statistics and selection
 
 
-def patch_origins(n_rows: int, n_cols: int, patch_size: int, stride: int):
-    """Row and column indices of patch origins on a ``stride`` grid inside the domain."""
+def patch_origins(n_rows: int, n_cols: int, patch_size: int, patch_step: int):
+    """Row and column indices of patch origins on a ``patch_step`` grid inside the domain."""
     if patch_size > min(n_rows, n_cols):
         raise ConfigError(
             f"patch_size={patch_size} is larger than the grid ({n_rows} x {n_cols} pixels)"
         )
-    return np.arange(0, n_rows - patch_size + 1, stride), np.arange(
-        0, n_cols - patch_size + 1, stride
+    return np.arange(0, n_rows - patch_size + 1, patch_step), np.arange(
+        0, n_cols - patch_size + 1, patch_step
     )
 
 
-def _patch_counts_block(block: np.ndarray, patch_size: int, stride: int, threshold: float):
+def _patch_counts_block(block: np.ndarray, patch_size: int, patch_step: int, threshold: float):
     """Per frame and patch origin: number of wet and of valid pixels, shape (t, 2, ny, nx)."""
     wet = (block >= threshold).astype(np.int32)
     valid = np.isfinite(block).astype(np.int32)
     counts = []
     for values in (wet, valid):
         windows = np.lib.stride_tricks.sliding_window_view(values, (patch_size, patch_size), (1, 2))
-        counts.append(windows[:, ::stride, ::stride].sum(axis=(-2, -1), dtype=np.int32))
+        counts.append(windows[:, ::patch_step, ::patch_step].sum(axis=(-2, -1), dtype=np.int32))
     return np.stack(counts, axis=1)
 
 
-def patch_counts(rain_rate: da.Array, patch_size: int, stride: int, threshold: float) -> da.Array:
+def patch_counts(
+    rain_rate: da.Array, patch_size: int, patch_step: int, threshold: float
+) -> da.Array:
     """Wet and valid pixel counts per frame and patch origin (lazy), shape (t, 2, ny, nx)."""
     n_rows, n_cols = rain_rate.shape[1:]
-    rows, cols = patch_origins(n_rows, n_cols, patch_size, stride)
+    rows, cols = patch_origins(n_rows, n_cols, patch_size, patch_step)
     frames = rain_rate.rechunk({0: min(6, rain_rate.shape[0]), 1: -1, 2: -1})
     return da.map_blocks(
         _patch_counts_block,
         frames,
         patch_size,
-        stride,
+        patch_step,
         threshold,
         dtype=np.int32,
         new_axis=1,

@@ -36,7 +36,7 @@ MOTION_SHARD = 16
 
 
 def window_motions(
-    cube: str, cube_starts: list[int], step: int, n_input: int, stride: int
+    cube: str, cube_starts: list[int], step: int, n_input: int, node_spacing: int
 ) -> np.ndarray:
     """Coarse LK motion (window, 2, yc, xc) of the input frames of windows of one cube.
 
@@ -53,7 +53,7 @@ def window_motions(
     fields = []
     for first in cube_starts:
         inputs = rain_rate[first : first + (n_input - 1) * step + 1 : step]
-        fields.append(coarse_motion_field(np.asarray(inputs, dtype=np.float64), stride))
+        fields.append(coarse_motion_field(np.asarray(inputs, dtype=np.float64), node_spacing))
     return np.stack(fields)
 
 
@@ -163,20 +163,20 @@ def _lazy_frames(cube, cube_indices, shape, per_shard, normalization, dtype):
     return da.concatenate(pieces)
 
 
-def _lazy_motion(plan, starts: np.ndarray, stride: int, n_input: int):
+def _lazy_motion(plan, starts: np.ndarray, node_spacing: int, n_input: int):
     """Coarse motion of the windows starting at ``starts``: one task per shard of windows."""
     import dask
     import dask.array as da
 
     from nowcast.advection.motion import coarse_grid_shape
 
-    shape = coarse_grid_shape(plan.rain_rate.shape[1:], stride)
+    shape = coarse_grid_shape(plan.rain_rate.shape[1:], node_spacing)
     cube_starts = plan.timeline.cube_index[starts]
     pieces = []
     for begin in range(0, len(starts), MOTION_SHARD):
         chunk = [int(s) for s in cube_starts[begin : begin + MOTION_SHARD]]
         task = dask.delayed(window_motions, pure=True)(
-            plan.path, chunk, plan.timeline.step, n_input, stride
+            plan.path, chunk, plan.timeline.step, n_input, node_spacing
         )
         pieces.append(da.from_delayed(task, shape=(len(chunk), 2, *shape), dtype=np.float32))
     return da.concatenate(pieces)
