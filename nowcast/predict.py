@@ -23,7 +23,7 @@ from nowcast.nowcasts.variants import check_method_names, parse_variants
 from nowcast.sources.catalog import Catalog, FrameRef, frame_path, load_catalog, plan_frames
 from nowcast.sources.cube import build_cube, cube_path, open_cube
 from nowcast.sources.frames import read_frame_status, source_grid
-from nowcast.storage import file_sha256
+from nowcast.storage import exists, file_sha256
 from nowcast.visualization.maps import plot_forecast_panels
 from nowcast.windows import cube_timestep, frame_step_note, input_times
 
@@ -268,7 +268,10 @@ def predict(
         note = _timestep_note(source, catalog[source].timestep, step)
         cube, reference = cube_from_files(catalog, source, at, model.n_input_frames, step)
     else:
-        cube = open_cube(cube_path(cube_dir, source))
+        path = cube_path(cube_dir, source)
+        if catalog is not None and source not in catalog.sources and not exists(path):
+            catalog[source]  # no cube and no such source: say the source is unknown
+        cube = open_cube(path)
         note = _timestep_note(source, cube_timestep(cube), step)
         reference = cube_reference_time(cube, at, model.n_input_frames, step)
     opened = time.perf_counter() - start

@@ -225,3 +225,22 @@ def test_predict_applies_a_forecast_method_variant_as_evaluate_does(synthetic_se
             forecast_methods=variants,
             out_dir=tmp_path / "x",
         )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["predict", "--source", "nosuch", "--latest"],
+        ["data", "--source", "nosuch"],
+    ],
+)
+def test_an_unknown_source_is_named_as_such(args, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from nowcast.cli import app
+
+    monkeypatch.chdir(tmp_path)  # no cube of any name here
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "unknown source 'nosuch'" in result.output
+    assert "no cube" not in result.output and "0 files" not in result.output

@@ -396,6 +396,39 @@ def test_resume_continues_exactly(store_root, tmp_path, stop_at):
     )
 
 
+class _KilledWhileSaving(BaseException):
+    """Stands for a kill: raised instead of writing a file, so nothing of that write lands."""
+
+
+@pytest.mark.parametrize("killed_at", [1, 2, 3])  # the n-th best.pt write of the run
+def test_a_kill_while_best_is_written_keeps_the_best_model(
+    store_root, tmp_path, monkeypatch, killed_at
+):
+    from nowcast.training import loop
+
+    uninterrupted = run_training(make_experiment(tmp_path, store=store_root, run="whole"))
+    assert uninterrupted["stop_reason"] == "epochs"
+    real_save, best_writes = loop.save_checkpoint, []
+
+    def save_or_die(path, checkpoint):
+        if Path(path).name == "best.pt":
+            best_writes.append(path)
+            if len(best_writes) == killed_at:
+                raise _KilledWhileSaving
+        real_save(path, checkpoint)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_or_die)
+    with pytest.raises(_KilledWhileSaving):
+        run_training(make_experiment(tmp_path, store=store_root, run="killed"))
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    run_training(make_experiment(tmp_path, store=store_root, run="killed"), resume=True)
+    for name in ("last", "best"):
+        whole = load_checkpoint(checkpoint_path(tmp_path / "whole", name))
+        killed = load_checkpoint(checkpoint_path(tmp_path / "killed", name))
+        assert (killed["step"], killed["best_metric"]) == (whole["step"], whole["best_metric"])
+        assert_same_tensors(killed["model_state"], whole["model_state"])
+
+
 #: A fresh process (numba changes the count only when its threading layer starts) validates
 #: once with torch on one thread and prints torch's thread count before and after.
 _VALIDATE_IN_A_FRESH_PROCESS = textwrap.dedent(

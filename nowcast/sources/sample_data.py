@@ -40,6 +40,8 @@ class FetchResult:
 
 def sample_files(catalog: Catalog, sources: list[str] | None = None) -> list[str]:
     """Registry names (paths relative to the data root) of the sources' files."""
+    for name in sources or ():
+        catalog[name]  # an unknown name is a ConfigError that lists the catalog's sources
     root = os.path.abspath(data_root())
     registry = _registry()
     names = []

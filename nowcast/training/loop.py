@@ -502,7 +502,10 @@ def train(
             if distributed:
                 dist.barrier()
             if is_master:
-                paths = (last_path, best_path) if is_best else (last_path,)
+                # best.pt before last.pt: last.pt records this loss as the best, so it must not
+                # reach the disk before best.pt does, or a run killed in between resumes past it
+                # and never writes that best model.
+                paths = (best_path, last_path) if is_best else (last_path,)
                 write_checkpoints(
                     paths, experiment, train_config, trained_on, parts, plateau, state
                 )
