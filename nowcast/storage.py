@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import socket
+import sys
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -162,11 +164,33 @@ def _create_exclusive(path: str, text: str) -> bool:
         return True
 
 
+#: Seconds after which a lock file with no readable holder is stale: a live process writes its
+#: host and pid right after creating the file.
+EMPTY_LOCK_STALE_SECONDS = 60
+
+
+def _age_seconds(path: str) -> float | None:
+    """Seconds since ``path`` was last modified; None where the filesystem does not say."""
+    if not is_url(path):
+        try:
+            return time.time() - os.stat(_local(path)).st_mtime
+        except OSError:
+            return None
+    fs, inner = filesystem(path)
+    try:
+        modified = fs.modified(inner)
+    except (FileNotFoundError, NotImplementedError, OSError):
+        return None
+    return time.time() - modified.timestamp()
+
+
 @contextmanager
 def exclusive_lock(path: str | os.PathLike):
     """Hold a lock file (``O_CREAT | O_EXCL``, host and pid inside) for the block.
 
-    A lock whose holder is a pid of this host that no longer exists is stale and is taken over.
+    A lock is stale, and taken over with a note naming its holder, when its holder is a pid of
+    this host that no longer exists, or when it has no readable holder and is older than
+    :data:`EMPTY_LOCK_STALE_SECONDS`.
 
     Raises
     ------
@@ -183,8 +207,29 @@ def exclusive_lock(path: str | os.PathLike):
             break
         holder = _lock_holder(read_text(path) or "")
         if holder and not _alive_here(holder):
+            print(
+                f"note: taking over {path}: its holder, host {holder['host']} pid "
+                f"{holder['pid']}, is gone",
+                file=sys.stderr,
+            )
             remove(path)  # stale: its process is gone; retry the exclusive create
             continue
+        age = _age_seconds(path)
+        if not holder and age is not None and age > EMPTY_LOCK_STALE_SECONDS:
+            # An empty or unreadable lock: its writer died between creating and writing it (a
+            # live one writes within moments, hence the grace period).
+            print(
+                f"note: taking over {path}: empty or unreadable for {age:.0f} s",
+                file=sys.stderr,
+            )
+            remove(path)
+            continue
+        if not holder:
+            raise StoreLockedError(
+                f"{path} names no holder yet (another process may be taking it; it counts as "
+                f"stale after {EMPTY_LOCK_STALE_SECONDS} s): retry, or remove it if no other run "
+                "is starting"
+            )
         raise StoreLockedError(
             f"{path} is held by host {holder.get('host', '?')} pid {holder.get('pid', '?')} "
             f"since {holder.get('since', '?')}: another ingest of this store is running "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from nowcast.config import ConfigError
 from nowcast.sources.catalog import Catalog
 from nowcast.sources.cube import CUBE_SCHEMA_VERSION, open_cube
 from nowcast.sources.ingest import ingest
-from nowcast.storage import StoreLockedError
+from nowcast.storage import EMPTY_LOCK_STALE_SECONDS, StoreLockedError
 
 # Frames 12..17 are one whole time chunk of gaps: no rain_rate chunk is stored for it, so only
 # the block records can tell a resumed run that it is done.
@@ -108,11 +109,25 @@ def test_second_ingest_while_locked_fails_with_the_holder(tmp_path):
         holder.wait()
 
 
-def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path):
+def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path, capsys):
     dead = subprocess.Popen(["true"])
     dead.wait()
     lock = tmp_path / "synthetic.zarr.lock"
     lock.write_text(f'{{"host": "{socket.gethostname()}", "pid": {dead.pid}}}')
+    result = ingest("synthetic", str(tmp_path), catalog=_catalog(), **KW)
+    assert result.n_times == 40 and not lock.exists()
+    assert f"pid {dead.pid}, is gone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage"])
+def test_an_empty_or_unreadable_lock_is_stale_only_after_a_grace_period(tmp_path, content):
+    lock = tmp_path / "synthetic.zarr.lock"
+    lock.write_bytes(content)  # its writer died between creating and writing it, or is writing
+    with pytest.raises(StoreLockedError, match="names no holder"):
+        ingest("synthetic", str(tmp_path), catalog=_catalog(), **KW)
+    assert lock.read_bytes() == content
+    old = time.time() - EMPTY_LOCK_STALE_SECONDS - 1
+    os.utime(lock, (old, old))
     result = ingest("synthetic", str(tmp_path), catalog=_catalog(), **KW)
     assert result.n_times == 40 and not lock.exists()
 
