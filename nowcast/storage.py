@@ -198,8 +198,14 @@ def exclusive_lock(path: str | os.PathLike):
         If another live process holds the lock (one line naming the file and the holder).
     """
     path = str(path)
+    created = []  # folders made for the lock, removed again if the run leaves them empty
     if not is_url(path):
-        Path(_local(path)).parent.mkdir(parents=True, exist_ok=True)
+        for folder in reversed([Path(_local(path)).parent, *Path(_local(path)).parent.parents]):
+            try:
+                folder.mkdir()
+                created.append(folder)
+            except FileExistsError:
+                pass
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
     text = json.dumps(me)
     for _ in range(3):
@@ -242,6 +248,9 @@ def exclusive_lock(path: str | os.PathLike):
     finally:
         if _lock_holder(read_text(path) or "").get("pid") == os.getpid():
             remove(path)
+        for folder in reversed(created):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _now() -> str:

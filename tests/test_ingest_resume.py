@@ -194,3 +194,20 @@ def test_local_cluster_does_not_spill_and_cleans_its_scratch(tmp_path, monkeypat
         (run_dir,) = scratch_root().iterdir()
         assert run_dir.name.startswith(f"run-{os.getpid()}-")
     assert list(scratch_root().iterdir()) == []
+
+
+def test_a_run_that_fails_leaves_no_empty_folder(tmp_path):
+    cube_dir = tmp_path / "new" / "cubes"
+    with pytest.raises(ConfigError, match="before start"):
+        ingest(
+            "synthetic",
+            str(cube_dir),
+            catalog=_catalog(),
+            start="2020-10-31T10:00",
+            end="2020-10-31T09:00",
+            **KW,
+        )
+    assert list(tmp_path.iterdir()) == []
+    # The folders a successful run made stay, with the cube in them.
+    result = ingest("synthetic", str(cube_dir), catalog=_catalog(), **KW)
+    assert Path(result.path).parent == cube_dir and not (cube_dir / "synthetic.zarr.lock").exists()
