@@ -61,6 +61,26 @@ def stale_temporaries(path: str | os.PathLike) -> list[str]:
     return [p for p in fs.glob(inner + ".tmp-*")]
 
 
+def restore_swapped_out(final: str | os.PathLike) -> str | None:
+    """Put back a store that :func:`replace` moved aside, if a kill stopped the swap there.
+
+    :func:`replace` moves the old store to ``<final>.tmp-*.old`` before moving the new one in;
+    a run killed between the two renames leaves no store at ``final`` and the complete old one
+    aside. That one is moved back (and a note printed), so the next run starts from it instead
+    of deleting it with the other temporaries. Returns the restored temporary name, or None.
+    """
+    final = str(final).rstrip("/")
+    if exists(final):
+        return None
+    fs, inner = filesystem(final)
+    aside = sorted(fs.glob(inner + ".tmp-*.old"))
+    if not aside:
+        return None
+    fs.mv(aside[-1], inner, recursive=True)
+    print(f"note: {final} was being replaced when a run stopped: restored it from {aside[-1]}")
+    return aside[-1]
+
+
 def replace(tmp: str, final: str) -> None:
     """Move ``tmp`` to ``final``, replacing what is there."""
     if not is_url(final):
@@ -93,6 +113,7 @@ def atomic_path(final: str | os.PathLike):
     Temporaries of earlier killed runs are removed first, so a re-run redoes the work.
     """
     final = str(final).rstrip("/")
+    restore_swapped_out(final)
     for stale in stale_temporaries(final):
         remove(stale)
     if not is_url(final):

@@ -14,8 +14,9 @@ import pytest
 from conftest import synthetic_catalog
 
 import nowcast.sources.ingest as ingest_module
+import nowcast.storage as storage_module
 from nowcast.config import ConfigError
-from nowcast.sources.catalog import Catalog
+from nowcast.sources.catalog import Catalog, list_frames
 from nowcast.sources.cube import CUBE_SCHEMA_VERSION, open_cube
 from nowcast.sources.ingest import ingest
 from nowcast.storage import EMPTY_LOCK_STALE_SECONDS, StoreLockedError
@@ -211,3 +212,39 @@ def test_a_run_that_fails_leaves_no_empty_folder(tmp_path):
     # The folders a successful run made stay, with the cube in them.
     result = ingest("synthetic", str(cube_dir), catalog=_catalog(), **KW)
     assert Path(result.path).parent == cube_dir and not (cube_dir / "synthetic.zarr.lock").exists()
+
+
+class _KilledBetweenRenames(BaseException):
+    """Stands for a kill: nothing after the first rename of the swap runs."""
+
+
+def test_a_kill_between_the_renames_of_an_append_keeps_every_frame(tmp_path, monkeypatch):
+    catalog = synthetic_catalog(n_frames=40)
+    times = [frame.time for frame in list_frames(catalog["synthetic"])]
+    first = ingest("synthetic", str(tmp_path), catalog=catalog, end=times[23], **KW)
+    assert open_cube(first.path).sizes["time"] == 24
+    real_replace, renames = os.replace, []
+
+    def replace_then_die(src, dst):
+        if renames and str(renames[-1][1]).endswith(".old"):  # the new store would move in now
+            raise _KilledBetweenRenames
+        renames.append((src, dst))
+        real_replace(src, dst)
+
+    # The archive has moved on: the old frames' files are no longer in the source's range, so
+    # only the cube still holds them.
+    window = {"start": times[24].isoformat(), "end": times[-1].isoformat()}
+    source = catalog["synthetic"].model_copy(update=window)
+    archive = Catalog(sources={"synthetic": source})
+    monkeypatch.setattr(storage_module.os, "replace", replace_then_die)
+    with pytest.raises(_KilledBetweenRenames):
+        ingest("synthetic", str(tmp_path), catalog=archive, append=True, **KW)
+    monkeypatch.setattr(storage_module.os, "replace", real_replace)
+    assert not Path(first.path).exists()  # the old cube is aside, under a temporary name
+
+    again = ingest("synthetic", str(tmp_path), catalog=archive, append=True, **KW)
+    reference = ingest("synthetic", str(tmp_path / "ref"), catalog=catalog, **KW)
+    cube, expected = open_cube(again.path), open_cube(reference.path)
+    assert cube.sizes["time"] == 40
+    np.testing.assert_array_equal(cube.rain_rate.values, expected.rain_rate.values)
+    assert not list(tmp_path.glob("synthetic.zarr.tmp-*"))

@@ -234,6 +234,7 @@ def _ingest_locked(source, path, start, end, choose, strict, append, latlon, for
     full = plan_frames(source, start, end)
     digest = source_digest(source, full.frames, latlon)
     partial = path + ".partial"
+    storage.restore_swapped_out(path)  # a swap killed between its two renames
     for stale in storage.stale_temporaries(path):  # left by killed runs
         storage.remove(stale)
     if force:
