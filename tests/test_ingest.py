@@ -128,8 +128,12 @@ def test_latlon_option(tmp_path):
 @pytest.fixture
 def bom_copy(catalog, tmp_path) -> tuple[Catalog, list[Path]]:
     """Six BoM files copied into a writable directory, and a catalog pointing at them."""
+    return _bom_copy(catalog, tmp_path, 6)
+
+
+def _bom_copy(catalog, tmp_path, n_files: int) -> tuple[Catalog, list[Path]]:
     source = catalog["bom"]
-    frames = list_frames(source)[48:54]
+    frames = list_frames(source)[48 : 48 + n_files]
     root = tmp_path / "bom"
     copies = []
     for frame in frames:
@@ -179,6 +183,16 @@ def test_strict_makes_corrupt_files_fatal(bom_copy, tmp_path):
             strict=True,
         )
     assert not (tmp_path / "out" / "bom.zarr").exists()
+
+
+def test_strict_names_every_unreadable_file_of_every_block(catalog, tmp_path):
+    cat, files = _bom_copy(catalog, tmp_path, 13)  # three time chunks of the cube
+    corrupt = [files[1], files[7], files[12]]
+    for path in corrupt:
+        path.write_bytes(b"truncated")
+    with pytest.raises(FrameReadError, match=r"^3 unreadable file\(s\)") as raised:
+        ingest("bom", str(tmp_path / "out"), catalog=cat, scheduler="threads", strict=True)
+    assert all(path.name in str(raised.value) for path in corrupt)
 
 
 def test_grid_mismatch_names_the_file(bom_copy, tmp_path):

@@ -462,7 +462,7 @@ def _run_blocks(todo, done, source, grid, store, old_store, choose, strict, prog
     """
     results = dict(done)
     for statuses in done.values():
-        _check_statuses(statuses, strict)
+        _check_grid(statuses)
     if todo:
         with task_executor(choose(todo)) as tasks:
             args = (source, tasks.share(grid), store, old_store)
@@ -473,11 +473,12 @@ def _run_blocks(todo, done, source, grid, store, old_store, choose, strict, prog
             bar.mininterval = every
             for block, statuses in finished:
                 results[block.index] = statuses
-                _check_statuses(statuses, strict)
+                _check_grid(statuses)  # fatal at once; unreadable files are judged on them all
                 bar.update()
             bar.close()
-    order = sorted(results)
-    return [s for index in order for s in results[index]]
+    statuses = [s for index in sorted(results) for s in results[index]]
+    _check_unreadable(statuses, strict)
+    return statuses
 
 
 def _executor_kind(
@@ -492,10 +493,13 @@ def _executor_kind(
     return IN_PROCESS if n_frames <= in_process_max else None
 
 
-def _check_statuses(statuses: list[dict], strict: bool) -> None:
+def _check_grid(statuses: list[dict]) -> None:
     bad_grid = [s for s in statuses if s["state"] == "grid_mismatch"]
     if bad_grid:
         raise GridMismatchError(bad_grid[0]["reason"])
+
+
+def _check_unreadable(statuses: list[dict], strict: bool) -> None:
     corrupt = [s for s in statuses if s["state"] == "corrupt"]
     if corrupt and strict:
         listing = "; ".join(f"{s['file']}: {s['reason']}" for s in corrupt)
