@@ -380,6 +380,15 @@ def test_resume_continues_exactly(store_root, tmp_path, stop_at):
 
     resumed = run_training(make_experiment(tmp_path, store=store_root, run="split"), resume=True)
     assert resumed["steps"] == uninterrupted["steps"] == 9
+    assert uninterrupted["resumed_from"] is None
+    epoch, batch = divmod(stop_at, 3)
+    assert resumed["resumed_from"] == {
+        "checkpoint": str(checkpoint_path(tmp_path / "split")),
+        "step": stop_at,
+        "epoch": epoch,
+        "batch_index": batch,
+        "best_metric": stopped["best_metric"],
+    }
     whole = load_checkpoint(checkpoint_path(tmp_path / "whole"))
     split = load_checkpoint(checkpoint_path(tmp_path / "split"))
     assert_same_tensors(split["model_state"], whole["model_state"])

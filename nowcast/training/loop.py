@@ -102,6 +102,7 @@ class TrainingState:
     seconds: float = 0.0
     samples: int = 0
     checkpoints_written: int = 0
+    resumed_from: dict | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> TrainingState:
@@ -187,13 +188,8 @@ def resume_from(path: Path, parts: StepParts, plateau, device: torch.device) -> 
     if checkpoint["scaler_state"]:
         parts.scaler.load_state_dict(checkpoint["scaler_state"])
     state = TrainingState.from_checkpoint(checkpoint)
-    logger.info(
-        "resuming from %s at step %d (epoch %d, batch %d)",
-        path,
-        state.step,
-        state.epoch + 1,
-        state.batch_index,
-    )
+    state.resumed_from = {"checkpoint": str(path), **state.position()}
+    logger.info("resuming from %s", state.resumed_from)
     return state
 
 
@@ -225,6 +221,7 @@ def run_summary(
         "last_checkpoint": str(checkpoint_path(run_dir, LAST)),
         "best_checkpoint": str(best_path) if best_path.is_file() else None,
         "checkpoints_written": state.checkpoints_written,
+        "resumed_from": state.resumed_from,
     }
 
 
@@ -442,7 +439,8 @@ def train(
         ``epochs_completed``, ``stop_reason`` (``epochs``, ``max_steps``, ``time_budget`` or
         ``stop_requested``), ``best_val_loss``, ``val`` (last validation metrics),
         ``samples_per_s``, ``last_checkpoint``, ``best_checkpoint``, ``checkpoints_written``
-        (by this process).
+        (by this process) and ``resumed_from`` (the checkpoint and the step, epoch and batch a
+        resumed run started from; None for a new run).
 
     Raises
     ------
