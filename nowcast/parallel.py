@@ -81,8 +81,10 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None):
     saved = {key: os.environ.get(key) for key in _THREAD_VARIABLES}
     scratch = run_scratch_directory()
     try:
-        # Workers of a process cluster get this config from their nanny at start.
-        with dask.config.set(NO_SPILL):
+        # Workers of a process cluster get this config from their nanny at start. The scheduler
+        # and nannies put their work space in distributed's temporary directory, which is
+        # pointed into this run's scratch directory too, so nothing is left in the temp folder.
+        with dask.config.set({**NO_SPILL, "temporary-directory": str(scratch)}):
             cluster = LocalCluster(
                 n_workers=n_workers or default_n_workers(),
                 threads_per_worker=1,
@@ -103,6 +105,10 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None):
             cluster.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            scratch.parent.rmdir()  # the per-user root, unless another run still uses it
+        except OSError:
+            pass
 
 
 NO_SPILL = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}
@@ -122,7 +128,7 @@ def run_scratch_directory() -> Path:
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
     path = root / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
+    path.mkdir(parents=True)  # parents: another run may just have removed the empty root
     return path
 
 

@@ -88,3 +88,20 @@ def test_progress_in_a_log_is_a_line_every_interval_not_a_redraw():
     assert 2 <= len(lines) <= elapsed / 0.5 + 2
     assert progress_interval(log) >= 1.0  # the default for a log: seconds, not a redraw
     assert progress_interval(FakeTerminal()) < 1.0  # a terminal keeps its live bar
+
+
+def test_a_local_cluster_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    import dask.array as da
+
+    from nowcast.parallel import dask_client
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with dask_client("processes", n_workers=1) as client:
+        assert client.compute(da.ones((40, 40), chunks=10).sum()).result() == 1600
+        assert list(temp.iterdir())  # the run's scratch space is there while it runs
+    assert list(temp.iterdir()) == []
