@@ -259,7 +259,7 @@ def exclusive_lock(path: str | os.PathLike):
             )
         raise StoreLockedError(
             f"{path} is held by host {holder.get('host', '?')} pid {holder.get('pid', '?')} "
-            f"since {holder.get('since', '?')}: another ingest of this store is running "
+            f"since {holder.get('since', '?')}: another run is writing this store "
             "(remove the lock file if that process is gone)"
         )
     else:

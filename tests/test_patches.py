@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,6 +28,7 @@ from nowcast.patches.reader import PatchStore, open_patch_store
 from nowcast.sources.catalog import Catalog, SourceConfig
 from nowcast.sources.cube import open_cube, write_cube
 from nowcast.sources.ingest import ingest
+from nowcast.storage import StoreLockedError
 from nowcast.windows import carve_buffer, default_frame_counts, labels_by_fraction
 
 GAP_TIME = "2000-01-01T02:00"
@@ -488,6 +492,27 @@ def test_rerun_after_a_killed_write(cube_dir, tmp_path, monkeypatch):
     assert build_patches(experiment, scheduler="threads", progress=False) == final
     assert open_patch_store(final).sizes["sample"] > 0
     assert storage.stale_temporaries(final) == []
+
+
+def test_a_second_build_of_a_store_in_use_fails_and_leaves_its_files(cube_dir, tmp_path):
+    experiment = _experiment(cube_dir, tmp_path)
+    final = f"{tmp_path}/syn.zarr"
+    live = subprocess.Popen(["sleep", "60"])  # stands for a build that is writing the store
+    try:
+        Path(f"{final}.lock").write_text(
+            json.dumps({"host": socket.gethostname(), "pid": live.pid})
+        )
+        in_use = f"{final}.tmp-{live.pid}-0123abcd"
+        os.makedirs(in_use)
+        with pytest.raises(StoreLockedError, match=f"pid {live.pid}"):
+            build_patches(experiment, scheduler="threads", progress=False)
+        assert os.path.isdir(in_use) and not os.path.exists(final)
+    finally:
+        live.kill()
+        live.wait()
+    # Its holder gone, the lock is stale: the next build takes it over and cleans up.
+    assert build_patches(experiment, scheduler="threads", progress=False) == final
+    assert storage.stale_temporaries(final) == [] and not os.path.exists(f"{final}.lock")
 
 
 # --------------------------------------------------------------------------------------------

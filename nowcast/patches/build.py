@@ -488,6 +488,8 @@ def build_patches(
 
     Raises
     ------
+    nowcast.storage.StoreLockedError
+        If another run is writing the same store (``<store>.lock``).
     ConfigError
         For an unknown source or missing cube, a window longer than a cube, or a split with too
         few windows (the message lists the counts per split).
@@ -502,48 +504,50 @@ def build_patches(
         patches_config.n_target_frames,
     )
     digest = build_digest(patches_config, plans)
-    if not force and storage.exists(path) and _existing_digest(path) == digest:
-        for stale in storage.stale_temporaries(path):
-            storage.remove(stale)
-        return path
+    # One writer per store: a second run would delete the first one's temporaries.
+    with storage.exclusive_lock(path + ".lock"):
+        if not force and storage.exists(path) and _existing_digest(path) == digest:
+            for stale in storage.stale_temporaries(path):
+                storage.remove(stale)
+            return path
 
-    for plan in plans:
-        plan.set_windows(patches_config, n_input, n_target)
-    n_frames = n_input + n_target
-    with dask_client(_scheduler(scheduler)) as client:
-        counts = client.compute(
-            [
-                patch_counts(
-                    plan.rain_rate,
-                    patches_config.patch_size,
-                    patches_config.stride,
-                    patches_config.rain_threshold,
-                )
-                for plan in plans
-            ]
-        )
-        for plan, future in zip(plans, counts, strict=True):
-            plan.select(future.result(), patches_config, n_input, n_target)
-        window_counts, sample_counts = _check_counts(plans, patches_config, n_input, n_target)
-        normalization = fit_normalization(plans, patches_config, n_frames, client)
-        groups, encodings = {}, {}
         for plan in plans:
-            groups[plan.source], encodings[plan.source] = frames_group(
-                plan, patches_config, n_input, n_frames, normalization
+            plan.set_windows(patches_config, n_input, n_target)
+        n_frames = n_input + n_target
+        with dask_client(_scheduler(scheduler)) as client:
+            counts = client.compute(
+                [
+                    patch_counts(
+                        plan.rain_rate,
+                        patches_config.patch_size,
+                        patches_config.stride,
+                        patches_config.rain_threshold,
+                    )
+                    for plan in plans
+                ]
             )
-        attrs = _store_attrs(
-            experiment,
-            patches_config,
-            plans,
-            (n_input, n_target),
-            normalization,
-            digest,
-            {"windows": window_counts, "samples": sample_counts},
-        )
-        root = root_dataset(plans, n_input, n_target, attrs)
-        content = StoreContent(root, groups, encodings, n_input, n_target)
-        with storage.atomic_path(path) as tmp:
-            write_store(content, tmp, client, progress)
+            for plan, future in zip(plans, counts, strict=True):
+                plan.select(future.result(), patches_config, n_input, n_target)
+            window_counts, sample_counts = _check_counts(plans, patches_config, n_input, n_target)
+            normalization = fit_normalization(plans, patches_config, n_frames, client)
+            groups, encodings = {}, {}
+            for plan in plans:
+                groups[plan.source], encodings[plan.source] = frames_group(
+                    plan, patches_config, n_input, n_frames, normalization
+                )
+            attrs = _store_attrs(
+                experiment,
+                patches_config,
+                plans,
+                (n_input, n_target),
+                normalization,
+                digest,
+                {"windows": window_counts, "samples": sample_counts},
+            )
+            root = root_dataset(plans, n_input, n_target, attrs)
+            content = StoreContent(root, groups, encodings, n_input, n_target)
+            with storage.atomic_path(path) as tmp:
+                write_store(content, tmp, client, progress)
     return path
 
 
