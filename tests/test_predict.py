@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -244,3 +246,56 @@ def test_an_unknown_source_is_named_as_such(args, tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "unknown source 'nosuch'" in result.output
     assert "no cube" not in result.output and "0 files" not in result.output
+
+
+def _bad_checkpoint(kind: str, tmp_path) -> str:
+    """A checkpoint file of one of the kinds a user may hand over by mistake."""
+    path = tmp_path / f"{kind}.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        good = Path(residual_checkpoint(tmp_path / "good.pt")).read_bytes()
+        path.write_bytes(good[: len(good) // 2])
+    elif kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "text":
+        path.write_text("model: convlstm\n")
+    elif kind == "bare tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "dict without the keys":
+        torch.save({"model_state": {}}, path)
+    elif kind == "another architecture":
+        checkpoint = torch.load(residual_checkpoint(tmp_path / "good.pt"), weights_only=True)
+        checkpoint["model_kwargs"] = {**checkpoint["model_kwargs"], "hidden_channels": [5]}
+        torch.save(checkpoint, path)
+    return str(path)
+
+
+BAD_CHECKPOINTS = {
+    "empty": "is empty",
+    "truncated": "is not a readable checkpoint",
+    "random bytes": "is not a readable checkpoint",
+    "text": "is not a readable checkpoint",
+    "bare tensor": "holds a Tensor, not a nowcast checkpoint",
+    "dict without the keys": "lacks the checkpoint keys",
+    "another architecture": "another model or architecture",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_bad_checkpoint_is_one_line_that_says_what_is_wrong(kind, command, tmp_path):
+    from typer.testing import CliRunner
+
+    from nowcast.cli import app
+
+    checkpoint = _bad_checkpoint(kind, tmp_path)
+    args = {
+        "predict": ["predict", "--source", "bom", "--at", "2020-10-31T09:50"],
+        "evaluate": ["evaluate", "--source", "bom", "--cube-dir", str(tmp_path / "cubes")],
+    }[command]
+    result = CliRunner().invoke(app, [*args, "--checkpoint", checkpoint])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert checkpoint in lines[0] and BAD_CHECKPOINTS[kind] in lines[0]

@@ -27,7 +27,7 @@ from nowcast.nowcasts.interface import uses_motion
 from nowcast.nowcasts.variants import base_methods, check_method_names, parse_variants
 from nowcast.parallel import dask_client, show_progress
 from nowcast.sources.cube import cube_pixel_size, open_cube
-from nowcast.training.checkpoint import load_checkpoint
+from nowcast.training.checkpoint import check_checkpoint
 
 
 def _experiment(config: str | Path | ExperimentConfig) -> ExperimentConfig:
@@ -67,7 +67,7 @@ def resolve_methods(
 
 
 def _check_model(checkpoint: str, info: dict, n_leadtimes: int) -> None:
-    meta = load_checkpoint(checkpoint)
+    meta = check_checkpoint(checkpoint)
     problems = []
     if int(meta["timestep_minutes"]) != info["timestep_minutes"]:
         problems.append(

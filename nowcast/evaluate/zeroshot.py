@@ -30,7 +30,7 @@ from nowcast.evaluate.stage import plan_evaluation, score_and_write
 from nowcast.sources.catalog import Catalog, load_catalog
 from nowcast.sources.cube import cube_path, cube_pixel_size, open_cube
 from nowcast.sources.ingest import ingest
-from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT, load_checkpoint
+from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT, check_checkpoint
 from nowcast.windows import (
     Timeline,
     cube_timestep,
@@ -201,7 +201,7 @@ def evaluate_source(
         raise ConfigError(f"evaluate --source: checkpoint not found: {checkpoint}")
     if start is not None and end is not None and pd.Timestamp(start) > pd.Timestamp(end):
         raise ConfigError(f"evaluate --source: --start {start} is after --end {end}")
-    meta = load_checkpoint(checkpoint)
+    meta = check_checkpoint(checkpoint)
     n_input, n_target = int(meta["n_input_frames"]), int(meta["n_target_frames"])
     model_step = int(meta["timestep_minutes"])
 

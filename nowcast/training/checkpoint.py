@@ -31,6 +31,11 @@ from nowcast.sources.cube import cube_pixel_size, open_cube
 from nowcast.storage import atomic_write_file
 from nowcast.windows import FrameSpec
 
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be used; the message says why (one line)."""
+
+
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last"
 BEST = "best"
@@ -376,21 +381,50 @@ def load_checkpoint(
     ------
     FileNotFoundError
         If ``path`` does not exist.
-    ConfigError
-        If the checkpoint lacks a key of :data:`CHECKPOINT_KEYS`.
+    CheckpointError
+        If the file is empty, unreadable, not a checkpoint dict, or lacks a key of
+        :data:`CHECKPOINT_KEYS` (the message says which).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty: not a checkpoint (a write that never finished?)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for a file it cannot read
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated, or not written by torch.save): "
+            f"{str(err).splitlines()[0][:200]}"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(checkpoint).__name__}, not a nowcast checkpoint (a dict "
+            "written by nowcast.training.checkpoint.make_checkpoint)"
+        )
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if missing:
-        raise ConfigError(
+        raise CheckpointError(
             f"{path} lacks the checkpoint keys {', '.join(missing)} "
             "(nowcast.training.checkpoint.CHECKPOINT_KEYS); it was not written by this version "
             "of nowcast.training.checkpoint.make_checkpoint"
         )
     return checkpoint
+
+
+def check_checkpoint(path: str | os.PathLike) -> dict:
+    """Check a checkpoint before any work uses it; return its metadata (as :func:`load_model`).
+
+    The model is rebuilt and its weights loaded on the CPU, so an unusable file (empty,
+    truncated, not a checkpoint, missing keys, weights of another architecture) fails here, in
+    the calling process, with one line, rather than later in a worker.
+
+    Raises
+    ------
+    FileNotFoundError, CheckpointError
+        As :func:`load_model`.
+    """
+    return load_model(path, device="cpu")[1]
 
 
 def load_model(
@@ -422,7 +456,14 @@ def load_model(
         checkpoint["n_target_frames"],
         **checkpoint["model_kwargs"],
     )
-    model.load_state_dict(checkpoint["model_state"])
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: its weights do not fit model '{checkpoint['model_name']}' with the "
+            f"architecture it records (another model or architecture): "
+            f"{str(err).splitlines()[0][:200]}"
+        ) from None
     model.to(device).eval()
     meta = {key: value for key, value in checkpoint.items() if key not in STATE_KEYS}
     return model, meta

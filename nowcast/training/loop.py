@@ -49,6 +49,7 @@ from nowcast.patches.reader import PatchStore
 from nowcast.training.checkpoint import (
     BEST,
     LAST,
+    CheckpointError,
     TrainedOn,
     checkpoint_path,
     load_checkpoint,
@@ -179,7 +180,13 @@ def resume_from(path: Path, parts: StepParts, plateau, device: torch.device) -> 
     """Load a checkpoint's model, optimizer, schedulers and scaler into ``parts`` and
     ``plateau``; return the state it records (position and random-generator states)."""
     checkpoint = load_checkpoint(path, map_location=device)
-    parts.raw_model.load_state_dict(checkpoint["model_state"])
+    try:
+        parts.raw_model.load_state_dict(checkpoint["model_state"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: its weights do not fit this run's model (another model or architecture): "
+            f"{str(err).splitlines()[0][:200]}"
+        ) from None
     parts.optimizer.load_state_dict(checkpoint["optimizer_state"])
     if parts.scheduler is not None:
         parts.scheduler.load_state_dict(checkpoint["scheduler_state"]["step"])
