@@ -8,9 +8,8 @@ the whole window, ``wet_fraction_over``) reaches ``min_wet_fraction``. All wet p
 plus a seeded random draw of dry ones making up ``dry_share`` of the kept patches.
 
 The store keeps each frame used by a sampled window once, normalized with
-:mod:`nowcast.patches.normalization` (fitted on the train windows' frames only), NaN where there is
-no data;
-a sample is an index (source, first frame, patch origin) cut at load time by
+:mod:`nowcast.patches.normalization` (fitted on the train windows' frames only), NaN where
+there is no data; a sample is an index (source, first frame, patch origin) cut at load time by
 :class:`nowcast.patches.PatchStore`, the one reader of the layout (``docs/architecture.md``,
 "Patch store"). A Lagrangian store (``frame: lagrangian``) adds each sampled window's LK motion
 on a coarse grid; samples are advected at load time (:mod:`nowcast.advection.warp`).
@@ -504,8 +503,7 @@ def build_patches(
         patches_config.n_target_frames,
     )
     digest = build_digest(patches_config, plans)
-    # One writer per store: a second run would delete the first one's temporaries.
-    with storage.exclusive_lock(path + ".lock"):
+    with storage.exclusive_lock(path + ".lock"):  # another build would delete our temporaries
         if not force and storage.exists(path) and _existing_digest(path) == digest:
             for stale in storage.stale_temporaries(path):
                 storage.remove(stale)

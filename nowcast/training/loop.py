@@ -507,9 +507,7 @@ def train(
             if distributed:
                 dist.barrier()
             if is_master:
-                # best.pt before last.pt: last.pt records this loss as the best, so it must not
-                # reach the disk before best.pt does, or a run killed in between resumes past it
-                # and never writes that best model.
+                # best.pt first: a kill between the two must not leave last.pt past a lost best.
                 paths = (best_path, last_path) if is_best else (last_path,)
                 write_checkpoints(
                     paths, experiment, train_config, trained_on, parts, plateau, state
