@@ -7,7 +7,9 @@ pysteps, xarray and Dask, and ``nowcast --help`` or a one-stage command should n
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
+import inspect
 import os
 import time
 from contextlib import contextmanager
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import typer
 
-from nowcast.config import ConfigError
+from nowcast.config import UserError
 
 app = typer.Typer(
     help="Precipitation nowcasting pipeline: data -> ingest -> patches -> train -> evaluate "
@@ -25,29 +27,93 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+#: Exit codes: a user error (bad input, full disk, unknown name) and a lock held by another run.
+#: Usage errors exit with 2, click's code.
+EXIT_USER_ERROR = 1
+EXIT_LOCK_HELD = 3
+EXIT_INTERRUPTED = 130
 
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks of every error"),
+) -> None:
+    ctx.obj = {"debug": debug}
 
 
-@app.command()
+def user_error_line(err: BaseException) -> tuple[str, int] | None:
+    """The one line and exit code for a failure the user can cause; None for a bug.
+
+    The listed types are :class:`~nowcast.config.UserError` (bad files, YAML, checkpoints,
+    unknown names, empty ranges, full or read-only disks, held locks), ``OSError`` (a file
+    that is missing or cannot be written, a scheduler that cannot be reached) and an
+    interrupt. Anything else keeps its traceback.
+    """
+    if isinstance(err, UserError):
+        return str(err), err.exit_code
+    if isinstance(err, OSError):
+        from nowcast.storage import disk_write_error
+
+        where = err.filename or ""
+        explained = disk_write_error(err, where) if where else None
+        if explained is not None:
+            return str(explained), EXIT_USER_ERROR
+        text = f"{where}: {err.strerror}" if where and err.strerror else str(err)
+        return text, EXIT_USER_ERROR
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted", EXIT_INTERRUPTED
+    return None
+
+
+class UsageError(UserError):
+    """Options that do not go together (exit code 2, as for click's own usage errors)."""
+
+    exit_code = 2
+
+
+def _command(func):
+    """Register a command behind the error boundary: a user's error is one line on stderr and
+    a non-zero exit (``--debug`` shows its traceback); a bug keeps its traceback.
+
+    The registered function takes the command's context first (typer fills a parameter
+    annotated ``typer.Context``), which is where the global ``--debug`` is.
+    """
+
+    @functools.wraps(func)
+    def run(ctx: typer.Context, *args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (UserError, OSError, KeyboardInterrupt) as err:
+            line = user_error_line(err)
+            if line is None or (ctx.find_root().obj or {}).get("debug"):
+                raise
+            message, code = line
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=code) from None
+
+    signature = inspect.signature(func, eval_str=True)
+    context = inspect.Parameter(
+        "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+    )
+    run.__signature__ = signature.replace(parameters=[context, *signature.parameters.values()])
+    return app.command()(run)
+
+
+@_command
 def data(
     source: list[str] = typer.Option(None, "--source", "-s", help="catalog source(s); default all"),
     catalog: Path = typer.Option(None, help="data catalog YAML"),
 ) -> None:
     """Verify or download the pysteps sample radar data into NOWCAST_DATA_ROOT."""
     from nowcast.sources.catalog import load_catalog
-    from nowcast.sources.sample_data import DataUnavailableError, fetch_sample_data
+    from nowcast.sources.sample_data import fetch_sample_data
 
-    try:
-        result = fetch_sample_data(source or None, load_catalog(catalog))
-    except (DataUnavailableError, ConfigError) as err:
-        _fail(err)
+    result = fetch_sample_data(source or None, load_catalog(catalog))
     typer.echo(result.summary())
 
 
-@app.command()
+@_command
 def ingest(
     source: str = typer.Argument(..., help="catalog source name, e.g. bom"),
     cube_dir: str = typer.Option("data/cubes", help="output directory or fsspec URL"),
@@ -69,31 +135,27 @@ def ingest(
         from nowcast.sources.catalog import load_catalog
         from nowcast.sources.cube import describe_cube, open_cube
         from nowcast.sources.ingest import ingest as run_ingest
-        from nowcast.sources.readers import FrameReadError
 
         catalog_config = load_catalog(catalog)
     _skip_exit_collection()
 
-    try:
-        result = run_ingest(
-            source,
-            cube_dir,
-            catalog=catalog_config,
-            start=start,
-            end=end,
-            scheduler=scheduler,
-            strict=strict,
-            append=append,
-            latlon=latlon,
-            force=force,
-        )
-    except (ConfigError, FrameReadError) as err:
-        _fail(err)
+    result = run_ingest(
+        source,
+        cube_dir,
+        catalog=catalog_config,
+        start=start,
+        end=end,
+        scheduler=scheduler,
+        strict=strict,
+        append=append,
+        latlon=latlon,
+        force=force,
+    )
     typer.echo(result.summary())
     typer.echo(describe_cube(open_cube(result.path)))
 
 
-@app.command()
+@_command
 def patches(
     config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
     scheduler: str = typer.Option(None, help="Dask scheduler address (default: local cluster)"),
@@ -103,10 +165,7 @@ def patches(
     from nowcast.patches.build import build_patches
     from nowcast.patches.reader import PatchStore
 
-    try:
-        path = build_patches(config, scheduler=scheduler, force=force)
-    except ConfigError as err:
-        _fail(err)
+    path = build_patches(config, scheduler=scheduler, force=force)
     store = PatchStore.open(path)
     splits = store.samples()["split"].value_counts().to_dict()
     windows = store.windows()["split"].value_counts().to_dict()
@@ -114,7 +173,7 @@ def patches(
     typer.echo(f"samples per split: {splits}; full-domain windows per split: {windows}")
 
 
-@app.command()
+@_command
 def train(
     config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
     resume: bool = typer.Option(False, help="continue exactly from checkpoints/last.pt"),
@@ -123,17 +182,13 @@ def train(
     """Train the experiment's model (multi-GPU: torchrun --nproc_per_node=N -m nowcast.train)."""
     import json
 
-    from nowcast.training.config import TrainingDivergedError
     from nowcast.training.loop import train as run_train
 
-    try:
-        summary = run_train(config, resume=resume, device=device)
-    except (ConfigError, FileExistsError, FileNotFoundError, TrainingDivergedError) as err:
-        _fail(err)
+    summary = run_train(config, resume=resume, device=device)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
-@app.command()
+@_command
 def evaluate(
     config: Path = typer.Argument(
         None, help="experiment config, pipelines/configs/<name>.yaml (or give --source)"
@@ -167,47 +222,44 @@ def evaluate(
         "--cube-dir": cube_dir,
         "--no-figures": None if figures else False,
     }
-    try:
-        if (config is None) == (source is None):
-            raise ConfigError("evaluate: give exactly one of CONFIG or --source NAME")
-        if config is not None:
-            given = [name for name, value in source_options.items() if value is not None]
-            if given:
-                raise ConfigError(f"evaluate: {', '.join(given)} only apply with --source")
-            from nowcast.evaluate.stage import evaluate as run_evaluate
+    if (config is None) == (source is None):
+        raise UsageError("give exactly one of CONFIG or --source NAME")
+    if config is not None:
+        given = [name for name, value in source_options.items() if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --source")
+        from nowcast.evaluate.stage import evaluate as run_evaluate
 
-            outputs = run_evaluate(config, scheduler=scheduler)
-        else:
-            from nowcast.evaluate.zeroshot import evaluate_source
+        outputs = run_evaluate(config, scheduler=scheduler)
+    else:
+        from nowcast.evaluate.zeroshot import evaluate_source
 
-            methods, variants = None, None
-            if methods_from is not None:
-                from nowcast.config import load_experiment
+        methods, variants = None, None
+        if methods_from is not None:
+            from nowcast.config import load_experiment
 
-                declared = load_experiment(methods_from)
-                methods = declared.evaluate.get("methods")
-                variants = declared.forecast_methods
-                checkpoint = checkpoint or declared.evaluate.get("checkpoint")
-            outputs = evaluate_source(
-                source,
-                methods=methods,
-                forecast_methods=variants,
-                catalog=catalog,
-                checkpoint=checkpoint,
-                start=start,
-                end=end,
-                out_dir=out_dir,
-                cube_dir=cube_dir or "data/cubes",
-                scheduler=scheduler,
-                figures=figures,
-            )
-    except (ConfigError, FileNotFoundError) as err:
-        _fail(err)
+            declared = load_experiment(methods_from)
+            methods = declared.evaluate.get("methods")
+            variants = declared.forecast_methods
+            checkpoint = checkpoint or declared.evaluate.get("checkpoint")
+        outputs = evaluate_source(
+            source,
+            methods=methods,
+            forecast_methods=variants,
+            catalog=catalog,
+            checkpoint=checkpoint,
+            start=start,
+            end=end,
+            out_dir=out_dir,
+            cube_dir=cube_dir or "data/cubes",
+            scheduler=scheduler,
+            figures=figures,
+        )
     typer.echo(Path(outputs["report"]).read_text())
     typer.echo(f"outputs: {Path(outputs['report']).parent}")
 
 
-@app.command()
+@_command
 def calibrate(
     config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
     checkpoint: Path = typer.Option(None, help="default <run_dir>/checkpoints/best.pt"),
@@ -218,10 +270,7 @@ def calibrate(
 
     from nowcast.evaluate.calibration import calibrate as run_calibrate
 
-    try:
-        summary = run_calibrate(config, checkpoint=checkpoint, out=out)
-    except (ConfigError, FileNotFoundError) as err:
-        _fail(err)
+    summary = run_calibrate(config, checkpoint=checkpoint, out=out)
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(
         "apply it with a forecast method: postprocess: {method: isotonic, file: "
@@ -229,21 +278,18 @@ def calibrate(
     )
 
 
-@app.command()
+@_command
 def export(
     config: Path = typer.Argument(..., help="experiment config, pipelines/configs/<name>.yaml"),
 ) -> None:
     """Write forecasts of the experiment's test windows as CF-1.8 NetCDF."""
     from nowcast.export import export as run_export
 
-    try:
-        paths = run_export(config)
-    except (ConfigError, FileNotFoundError) as err:
-        _fail(err)
+    paths = run_export(config)
     typer.echo(f"wrote {len(paths)} NetCDF file(s) to {Path(paths[0]).parent if paths else '-'}")
 
 
-@app.command()
+@_command
 def predict(
     source: str = typer.Option(..., "--source", "-s", help="catalog source name"),
     checkpoint: Path = typer.Option(
@@ -278,30 +324,27 @@ def predict(
 
     checkpoint = checkpoint or PRETRAINED_CHECKPOINT
     if at is None and not latest:
-        _fail(ConfigError("give --at TIME or --latest"))
-    try:
-        variants = load_experiment(config).forecast_methods if config else None
-        if calibration is not None:
-            if config is not None or method != "model":
-                raise ConfigError("predict: --calibration replaces --config/--method")
-            method = "model_isotonic"
-            postprocess = {"method": "isotonic", "file": str(calibration)}
-            variants = {method: {"method": "model", "postprocess": postprocess}}
-        catalog_config = load_catalog(catalog)
-        startup = _seconds_since_process_start()
-        result = run_predict(
-            source,
-            checkpoint,
-            at=at,
-            cube_dir=cube_dir,
-            from_files=from_files,
-            out_dir=out_dir,
-            catalog=catalog_config,
-            method=method,
-            forecast_methods=variants,
-        )
-    except (ConfigError, FileNotFoundError) as err:
-        _fail(err)
+        raise UsageError("give --at TIME or --latest")
+    variants = load_experiment(config).forecast_methods if config else None
+    if calibration is not None:
+        if config is not None or method != "model":
+            raise UsageError("--calibration replaces --config/--method")
+        method = "model_isotonic"
+        postprocess = {"method": "isotonic", "file": str(calibration)}
+        variants = {method: {"method": "model", "postprocess": postprocess}}
+    catalog_config = load_catalog(catalog)
+    startup = _seconds_since_process_start()
+    result = run_predict(
+        source,
+        checkpoint,
+        at=at,
+        cube_dir=cube_dir,
+        from_files=from_files,
+        out_dir=out_dir,
+        catalog=catalog_config,
+        method=method,
+        forecast_methods=variants,
+    )
     timings = result.process_timings(startup, _seconds_since_process_start())
     typer.echo(result.summary(timings))
     if timings_json is not None:

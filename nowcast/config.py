@@ -17,7 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A failure the user can fix: bad input, an unknown name, a full or read-only disk.
+
+    The command line prints its message as one line on stderr (it names the file, field or value
+    and what to do) and exits with :attr:`exit_code`; anything else is a bug and keeps its
+    traceback.
+    """
+
+    exit_code = 1
+
+
+class ConfigError(UserError, ValueError):
     """A configuration file or entry is invalid."""
 
 
@@ -70,10 +81,15 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file (give a YAML file)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        problem = " ".join(str(err).split())  # pyyaml's message spans lines
+        raise ConfigError(f"{path}: invalid YAML: {problem}") from err
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (give a YAML file)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

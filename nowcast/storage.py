@@ -8,6 +8,7 @@ which is the best those systems offer, and the temporary name still marks unfini
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,125 @@ from pathlib import Path
 
 import fsspec
 
-from nowcast.config import ConfigError
+from nowcast.config import ConfigError, UserError
+
+
+class DiskWriteError(UserError):
+    """A write failed, or would fail, because the disk is full or the folder is read-only."""
+
+
+#: errno values that mean the disk or folder, not the program, stopped a write.
+DISK_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+#: Below this many free bytes a failed write is blamed on a full disk: libraries such as netCDF
+#: (``NetCDF: HDF error``) and torch (``file write failed``) do not pass the errno on.
+FULL_DISK_BYTES = 1 << 20
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as a short human-readable size (``3.9 MiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_free_space(path: str | os.PathLike, needed: float, what: str) -> None:
+    """Stop before a large write that the disk holding ``path`` has no room for.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Where the write goes (need not exist yet).
+    needed : float
+        Estimated bytes, with any safety margin already applied.
+    what : str
+        What is written, for the message (``"export of 3 NetCDF files"``).
+
+    Raises
+    ------
+    DiskWriteError
+        One line with the estimate and the free bytes. Nothing is checked for fsspec URLs.
+    """
+    if not is_url(path):
+        unwritable = _unwritable(_existing_folder(_local(str(path))))
+        if unwritable:
+            raise DiskWriteError(f"cannot write {path}: {unwritable} (choose a writable folder)")
+    free = free_bytes(path)
+    if free is not None and needed > free:
+        raise DiskWriteError(
+            f"{path}: not enough free disk space for the {what}: needs about "
+            f"{format_bytes(needed)}, {format_bytes(free)} free (free some space or choose "
+            "another folder)"
+        )
+
+
+def disk_write_error(err: BaseException, path: str | os.PathLike) -> DiskWriteError | None:
+    """The :class:`DiskWriteError` that explains ``err`` raised while writing ``path``, if any.
+
+    An ``OSError`` with one of :data:`DISK_ERRNOS` says so itself; any other error counts as a
+    full disk when less than :data:`FULL_DISK_BYTES` are free, or as a read-only folder when the
+    folder is not writable. Call it before the partial output is removed (that frees space).
+    """
+    if isinstance(err, DiskWriteError):
+        return err
+    path = str(path)
+    reason = DISK_ERRNOS.get(err.errno) if isinstance(err, OSError) else None
+    if reason is None and not is_url(path) and isinstance(err, (OSError, RuntimeError)):
+        free = free_bytes(path)
+        if free is not None and free < FULL_DISK_BYTES:
+            reason = DISK_ERRNOS[errno.ENOSPC]
+        else:
+            reason = _unwritable(_existing_folder(_local(path)))
+    if reason is None:
+        return None
+    free = free_bytes(path)
+    room = f", {format_bytes(free)} free" if free is not None else ""
+    return DiskWriteError(
+        f"cannot write {path}: {reason}{room} (free some space or choose a writable folder)"
+    )
+
+
+@contextmanager
+def writing(path: str | os.PathLike):
+    """Turn a full or read-only disk met in the block into one :class:`DiskWriteError` naming
+    ``path``; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as err:
+        explained = disk_write_error(err, path)
+        if explained is None or explained is err:
+            raise
+        raise explained from err
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be written in ``folder`` (a read-only mount, no permission), or None.
+
+    The mount flag is asked first: it holds for root too, who passes every permission check.
+    """
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return DISK_ERRNOS[errno.EROFS]
+    except OSError:
+        return None
+    if not os.access(folder, os.W_OK):
+        return f"{folder}: {DISK_ERRNOS[errno.EACCES]}"
+    return None
+
+
+def _existing_folder(path: str) -> Path:
+    probe = Path(path).absolute()
+    while not probe.is_dir() and probe != probe.parent:
+        probe = probe.parent
+    return probe
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -81,13 +200,43 @@ def restore_swapped_out(final: str | os.PathLike) -> str | None:
     return aside[-1]
 
 
+def exchange(first: str, second: str) -> bool:
+    """Swap two existing local paths in one atomic step; False where the system cannot.
+
+    Linux's ``renameat2(RENAME_EXCHANGE)`` (glibc 2.28+; local filesystems such as ext4, xfs,
+    btrfs and tmpfs) is the only way to replace a directory atomically; Python's ``os`` module
+    does not wrap it, hence ctypes.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange):
+        code = ctypes.get_errno()
+        if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False  # this filesystem cannot exchange: fall back to two renames
+        raise OSError(code, os.strerror(code), first, None, second)
+    return True
+
+
 def replace(tmp: str, final: str) -> None:
     """Move ``tmp`` to ``final``, replacing what is there."""
     if not is_url(final):
         tmp_local, final_local = _local(tmp), _local(final)
         if os.path.isdir(final_local):
-            # Move the old store aside first: a directory cannot be replaced atomically, but
-            # this way the final path holds either the old or the new complete store.
+            if exchange(tmp_local, final_local):
+                # The final path held the old store until this instant and the new one since;
+                # the old one, now at the temporary name, is removed (or, after a kill, by the
+                # next run's clean-up of temporaries).
+                shutil.rmtree(tmp_local, ignore_errors=True)
+                return
+            # No exchange here: move the old store aside first, so that a kill between the two
+            # renames leaves it complete for :func:`restore_swapped_out` to put back.
             old = temporary_sibling(final_local) + ".old"
             os.replace(final_local, old)
             os.replace(tmp_local, final_local)
@@ -102,6 +251,22 @@ def replace(tmp: str, final: str) -> None:
     fs.mv(tmp_inner, final_inner, recursive=True)
 
 
+def remove_zarr_temporaries(store: str | os.PathLike) -> int:
+    """Remove the files a killed chunk write of zarr's local store leaves in ``store``.
+
+    zarr writes each chunk to ``<key>.<uuid hex>.partial`` and renames it into place; a kill
+    in between leaves that file, which a resumed store would otherwise keep for good (it is
+    rewritten, not deleted, by the resumed run). Returns how many were removed; fsspec URLs
+    have no such files (one PUT per chunk).
+    """
+    if is_url(store):
+        return 0
+    leftovers = [p for p in Path(_local(str(store))).rglob("*.partial") if p.is_file()]
+    for leftover in leftovers:
+        leftover.unlink()
+    return len(leftovers)
+
+
 def _local(path: str) -> str:
     return str(path)[len("file://") :] if str(path).startswith("file://") else str(path)
 
@@ -110,21 +275,28 @@ def _local(path: str) -> str:
 def atomic_path(final: str | os.PathLike):
     """Yield a temporary path; on success move it to ``final``, on failure delete it.
 
-    Temporaries of earlier killed runs are removed first, so a re-run redoes the work.
+    Temporaries of earlier killed runs are removed first, so a re-run redoes the work. Every
+    artifact (zarr store, NetCDF, checkpoint, JSON) is committed through :func:`replace` here or
+    in :func:`write_text`; a full or read-only disk becomes one :class:`DiskWriteError` naming
+    ``final``, with the temporary removed.
     """
     final = str(final).rstrip("/")
-    restore_swapped_out(final)
-    for stale in stale_temporaries(final):
-        remove(stale)
-    if not is_url(final):
-        Path(_local(final)).parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(final)
-    try:
-        yield tmp
-    except BaseException:
-        remove(tmp)
-        raise
-    replace(tmp, final)
+    with writing(final):
+        restore_swapped_out(final)
+        for stale in stale_temporaries(final):
+            remove(stale)
+        if not is_url(final):
+            Path(_local(final)).parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(final)
+        try:
+            yield tmp
+            replace(tmp, final)
+        except BaseException as err:
+            explained = disk_write_error(err, final) if isinstance(err, Exception) else None
+            remove(tmp)
+            if explained is not None and explained is not err:
+                raise explained from err
+            raise
 
 
 def atomic_write_file(final: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -134,7 +306,9 @@ def atomic_write_file(final: str | os.PathLike, write: Callable[[str], None]) ->
 
 
 class StoreLockedError(ConfigError):
-    """Another process holds the lock of a store."""
+    """Another process holds the lock of a store (exit code 3 on the command line)."""
+
+    exit_code = 3
 
 
 def _lock_holder(text: str) -> dict:
@@ -220,17 +394,19 @@ def exclusive_lock(path: str | os.PathLike):
     """
     path = str(path)
     created = []  # folders made for the lock, removed again if the run leaves them empty
-    if not is_url(path):
-        for folder in reversed([Path(_local(path)).parent, *Path(_local(path)).parent.parents]):
-            try:
-                folder.mkdir()
-                created.append(folder)
-            except FileExistsError:
-                pass
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
     text = json.dumps(me)
     for _ in range(3):
-        if _create_exclusive(path, text):
+        with writing(path):  # the lock is a run's first write: a read-only folder shows here
+            if not is_url(path):
+                for folder in reversed(Path(_local(path)).parents):
+                    try:
+                        folder.mkdir()
+                        created.append(folder)
+                    except FileExistsError:
+                        pass
+            taken = _create_exclusive(path, text)
+        if taken:
             break
         holder = _lock_holder(read_text(path) or "")
         if holder and not _alive_here(holder):
@@ -281,19 +457,17 @@ def _now() -> str:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small file so that it is either absent or complete (tmp + rename; on object
-    storage one PUT, which is atomic there)."""
+    """Write a small file so that it is either absent or complete (:func:`atomic_path`; on
+    object storage one PUT, which is atomic there)."""
     path = str(path)
     if is_url(path):
         fs, inner = filesystem(path)
-        fs.pipe(inner, text.encode())
+        with writing(path):
+            fs.pipe(inner, text.encode())
         return
-    local = _local(path)
-    Path(local).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, local)
+    with atomic_path(path) as tmp:
+        with open(_local(tmp), "w") as f:
+            f.write(text)
 
 
 def read_text(path: str | os.PathLike) -> str | None:

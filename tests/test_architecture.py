@@ -58,6 +58,7 @@ ALLOWED = {
     "train": {"training"},
     "cli": {
         "config",
+        "storage",
         "sources",
         "patches",
         "training",

@@ -242,10 +242,10 @@ def test_cli_evaluate_needs_exactly_one_of_config_or_source():
     runner = CliRunner()
     for args in (["evaluate"], ["evaluate", "x.yaml", "--source", "bom"]):
         result = runner.invoke(app, args)
-        assert result.exit_code == 1
+        assert result.exit_code == 2  # usage
         assert "exactly one of CONFIG or --source" in result.output
     result = runner.invoke(app, ["evaluate", "x.yaml", "--start", "2020-10-31T08:00"])
-    assert result.exit_code == 1 and "--start only apply with --source" in result.output
+    assert result.exit_code == 2 and "--start only apply with --source" in result.output
 
 
 # --------------------------------------------------------------------------------------------

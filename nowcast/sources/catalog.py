@@ -140,6 +140,9 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     """
     path = Path(path) if path else default_catalog_path()
     raw = load_yaml(path)
+    unknown = sorted(set(raw) - {"sources"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; a catalog has 'sources'")
     entries = raw.get("sources")
     if not isinstance(entries, dict) or not entries:
         raise ConfigError(f"{path}: expected a non-empty 'sources' mapping")

@@ -17,7 +17,7 @@ import numpy as np
 import pyproj
 
 from nowcast import import_pysteps
-from nowcast.config import ConfigError
+from nowcast.config import ConfigError, UserError
 from nowcast.sources.catalog import SourceConfig
 
 # netCDF4 and HDF5 are not thread-safe (concurrent opens segfault). Decoding is serialised
@@ -25,7 +25,7 @@ from nowcast.sources.catalog import SourceConfig
 _DECODE_LOCK = threading.Lock()
 
 
-class FrameReadError(RuntimeError):
+class FrameReadError(UserError, RuntimeError):
     """A radar file could not be read (corrupt, truncated, empty or unreadable)."""
 
 

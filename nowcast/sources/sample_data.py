@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pooch
 
-from nowcast.config import data_root
+from nowcast.config import UserError, data_root
 from nowcast.sources.catalog import Catalog, list_frames, load_catalog
 
 #: The pysteps-data commit whose files the sha256 registry describes.
@@ -21,7 +21,7 @@ URL_TEMPLATE = "https://github.com/pySTEPS/pysteps-data/raw/{ref}/"
 REGISTRY_FILE = Path(__file__).with_name("sample_data_registry.txt")
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserError, RuntimeError):
     """Sample data is neither present locally nor downloadable."""
 
 

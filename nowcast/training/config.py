@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from nowcast.config import StrictModel
+from nowcast.config import StrictModel, UserError
 from nowcast.models.registry import DEFAULT_MODEL, get_method
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class TrainConfig(StrictModel):
         return self
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
     """The training loss became NaN or infinite; no checkpoint was written from that state."""
 
     def __init__(self, step: int, loss: float, last_checkpoint: Path) -> None:
