@@ -7,13 +7,18 @@ CF-1.8) with no errors and no warnings.
 
 Files are written to a temporary sibling and renamed when complete
 (:func:`nowcast.storage.atomic_write_file`), so a killed export never leaves a truncated file at
-the final path.
+the final path. The ``export`` stage treats its folder as one artifact: it holds
+``<folder>.lock`` for the run, writes every file into a temporary sibling folder and renames
+that into place once all are written, so the folder at the final path is always a complete set
+(the previous one until the new one is done).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,19 +26,24 @@ import numpy as np
 import xarray as xr
 from pydantic import Field
 
-from nowcast import __version__
+from nowcast import __version__, storage
 from nowcast.config import ConfigError, ExperimentConfig, StrictModel, load_experiment, stage_config
 from nowcast.nowcasts.forecast import FORECAST_ATTRS, forecast_crs
 from nowcast.nowcasts.runner import ForecastRun, forecast_windows
 from nowcast.nowcasts.variants import base_methods, check_method_names, parse_variants
 from nowcast.patches.reader import PatchStore
 from nowcast.sources.cube import crs_variable, cube_path, latlon_grid
-from nowcast.storage import atomic_write_file, file_sha256
+from nowcast.storage import atomic_path, atomic_write_file, exclusive_lock, file_sha256
 from nowcast.windows import on_time_grid
 
 VARIABLE = "rain_rate"
+#: Stored type of ``rain_rate`` (and of the 2-D lat/lon, as :func:`latlon_grid` makes them).
+STORED_DTYPE = np.dtype("float32")
 FILL_VALUE = np.float32(-9999.0)
 COMPLEVEL = 4
+#: Allowance per file for what the array sizes leave out: HDF5 headers and the attributes (the
+#: experiment config among them).
+FILE_OVERHEAD_BYTES = 64 * 1024
 
 
 class ExportConfig(StrictModel):
@@ -232,7 +242,7 @@ def encoding(ds: xr.Dataset) -> dict:
     lead_unit = "minutes" if not np.any(lead_ns % (60 * 10**9)) else "seconds"
     enc = {
         VARIABLE: {
-            "dtype": "float32",
+            "dtype": STORED_DTYPE.name,
             "zlib": True,
             "complevel": COMPLEVEL,
             "chunksizes": frame,
@@ -260,6 +270,7 @@ def write_forecast_netcdf(
     provenance: dict | None = None,
     multi: bool = False,
     latlon: bool = True,
+    atomic: bool = True,
 ) -> str:
     """Write one forecast, or several into one multi-forecast file, as CF-1.8 NetCDF4.
 
@@ -269,13 +280,17 @@ def write_forecast_netcdf(
         One forecast (``multi=False``), or forecasts sharing grid and lead times
         (``multi=True``).
     path : str or Path
-        Final file path; written atomically (temporary sibling, then rename).
+        Final file path; written atomically (temporary sibling, then rename) unless ``atomic``
+        is False.
     provenance : dict, optional
         See :func:`provenance_attrs`.
     multi : bool
         Write a ``(forecast_reference_time, lead_time, y, x)`` file.
     latlon : bool
         Add 2-D ``lat``/``lon`` auxiliary coordinates.
+    atomic : bool
+        False writes at ``path`` directly: for a file inside a folder that is itself written
+        atomically (:func:`export`), where a disk error is then reported for that folder.
 
     Returns
     -------
@@ -293,8 +308,27 @@ def write_forecast_netcdf(
     def write(tmp: str) -> None:
         ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=enc)
 
-    atomic_write_file(path, write)
+    if atomic:
+        atomic_write_file(path, write)
+    else:
+        write(str(path))
     return str(path)
+
+
+def netcdf_bytes(forecast: xr.DataArray, n_forecasts: int = 1, latlon: bool = True) -> int:
+    """Uncompressed size of a NetCDF file of ``n_forecasts`` forecasts shaped like ``forecast``.
+
+    The ``rain_rate`` values at their stored dtype (:data:`STORED_DTYPE`), the coordinates
+    (``y``, ``x``, lead and valid times, the 2-D ``lat``/``lon`` when ``latlon``) and
+    :data:`FILE_OVERHEAD_BYTES`. zlib makes the file smaller (much smaller where it is dry), so
+    this is an upper bound for the free-space checks before a write.
+    """
+    n_lead, ny, nx = (forecast.sizes[d] for d in ("lead_time", "y", "x"))
+    values = n_forecasts * n_lead * ny * nx * STORED_DTYPE.itemsize
+    coords = 8 * (ny + nx + n_lead + n_forecasts * (n_lead + 1))  # float64 / int64
+    if latlon:
+        coords += 2 * ny * nx * STORED_DTYPE.itemsize
+    return values + coords + FILE_OVERHEAD_BYTES
 
 
 def forecast_filename(experiment: str, forecast: xr.DataArray, multi: bool = False) -> str:
@@ -321,7 +355,8 @@ def experiment_forecasts(
     Returns
     -------
     forecasts : iterator of xarray.DataArray
-        Window by window, the forecasts of ``settings.methods`` in their order.
+        Window by window, the forecasts of ``settings.methods`` in their order; ``len()`` gives
+        their number.
     provenance : dict
         ``checkpoint_sha256`` when a model makes forecasts, ``forecast_methods`` for variants.
     """
@@ -365,7 +400,20 @@ def experiment_forecasts(
     )
     windows_forecast = forecast_windows(starts, run, observe=False)
     forecasts = (forecast for window in windows_forecast for forecast in window.forecasts.values())
-    return forecasts, provenance
+    return _Counted(forecasts, len(windows) * len(names)), provenance
+
+
+class _Counted(Iterator):
+    """An iterator that knows how many items it yields (for the free-space estimate)."""
+
+    def __init__(self, items: Iterator, count: int) -> None:
+        self._items, self._count = items, count
+
+    def __next__(self):
+        return next(self._items)
+
+    def __len__(self) -> int:
+        return self._count
 
 
 def export(
@@ -375,6 +423,12 @@ def export(
     provenance: dict | None = None,
 ) -> list[str]:
     """The ``export`` stage: write forecasts of an experiment as CF NetCDF.
+
+    The export folder (``export.out_dir``, default ``<run_dir>/netcdf``) is one artifact: the
+    run holds ``<folder>.lock``, writes each file into a temporary sibling folder as its
+    forecast arrives, and renames that folder into place when every file is written. A killed
+    run leaves the previous folder (if any) as it was, and the next run redoes the export.
+    Before writing, the free space must hold the files uncompressed (:func:`netcdf_bytes`).
 
     Parameters
     ----------
@@ -392,7 +446,17 @@ def export(
     Returns
     -------
     list of str
-        Written file paths.
+        Written file paths (in the final folder). With no forecasts nothing is written and a
+        previous folder stays.
+
+    Raises
+    ------
+    nowcast.storage.StoreLockedError
+        If another export is writing the folder (``<folder>.lock``).
+    nowcast.storage.DiskWriteError
+        If the disk has no room for the files, or is full or read-only when writing.
+    ConfigError
+        If the folder holds files other than NetCDF (the export would replace them).
     """
     experiment = config if isinstance(config, ExperimentConfig) else load_experiment(config)
     settings = stage_config(experiment, "export", ExportConfig)
@@ -403,22 +467,77 @@ def export(
             provenance.update(extra)
         else:
             forecasts = forecast_source(experiment)
-    out_dir = settings.out_dir or f"{experiment.run_path}/netcdf"
+    out_dir = (settings.out_dir or f"{experiment.run_path}/netcdf").rstrip("/")
+    with exclusive_lock(f"{out_dir}.lock"):
+        _check_replaceable(out_dir)
+        if settings.multi_file:
+            names = _write_multi(forecasts, out_dir, experiment.name, provenance, settings.latlon)
+        else:
+            names = _write_single(forecasts, out_dir, experiment.name, provenance, settings.latlon)
+    return [f"{out_dir}/{name}" for name in names]
 
-    paths = []
-    if settings.multi_file:
-        # One file holds every forecast of a method, so they are gathered before writing.
-        by_method: dict[str, list[xr.DataArray]] = {}
-        for forecast in forecasts:
-            by_method.setdefault(forecast.attrs.get("method", "forecast"), []).append(forecast)
-        for group in by_method.values():
-            path = f"{out_dir}/{forecast_filename(experiment.name, group[0], multi=True)}"
-            paths.append(
-                write_forecast_netcdf(group, path, provenance, True, latlon=settings.latlon)
-            )
-    else:
-        # Each forecast is written as it comes: memory holds one window, whatever their number.
-        for forecast in forecasts:
-            path = f"{out_dir}/{forecast_filename(experiment.name, forecast)}"
-            paths.append(write_forecast_netcdf(forecast, path, provenance, latlon=settings.latlon))
-    return paths
+
+def _check_replaceable(out_dir: str) -> None:
+    """Refuse a folder that holds more than an export's files: it is replaced as a whole."""
+    if not os.path.isdir(out_dir):
+        if os.path.exists(out_dir):
+            raise ConfigError(f"export.out_dir: {out_dir} is a file; choose a folder")
+        return
+    others = sorted(n for n in os.listdir(out_dir) if not n.endswith(".nc") and ".nc.tmp-" not in n)
+    if others:
+        raise ConfigError(
+            f"export.out_dir: {out_dir} holds files other than NetCDF ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}), and an export replaces the whole folder: "
+            "choose an empty or new folder"
+        )
+
+
+def _check_space(out_dir: str, needed: int, n_files: int | None) -> None:
+    what = f"export of {n_files} NetCDF file(s)" if n_files else "export's next NetCDF file"
+    storage.check_free_space(out_dir, needed, what)
+
+
+def _write_single(
+    forecasts: Iterable[xr.DataArray], out_dir: str, experiment: str, provenance: dict, latlon: bool
+) -> list[str]:
+    """One file per forecast, each written as it comes (memory holds one window whatever
+    their number); returns the file names."""
+    n_files = len(forecasts) if isinstance(forecasts, Sized) else None
+    items = iter(forecasts)
+    first = next(items, None)
+    if first is None:
+        return []
+    per_file = netcdf_bytes(first, latlon=latlon)
+    _check_space(out_dir, per_file * (n_files or 1), n_files)
+    names = []
+    with atomic_path(out_dir) as tmp:
+        os.makedirs(tmp)
+        for forecast in itertools.chain([first], items):
+            if n_files is None and names:  # a count known only at the end: check file by file
+                _check_space(out_dir, per_file, None)
+            names.append(forecast_filename(experiment, forecast))
+            path = f"{tmp}/{names[-1]}"
+            write_forecast_netcdf(forecast, path, provenance, latlon=latlon, atomic=False)
+    return names
+
+
+def _write_multi(
+    forecasts: Iterable[xr.DataArray], out_dir: str, experiment: str, provenance: dict, latlon: bool
+) -> list[str]:
+    """One file per method holding all its forecasts (gathered first); returns the names."""
+    by_method: dict[str, list[xr.DataArray]] = {}
+    for forecast in forecasts:
+        by_method.setdefault(forecast.attrs.get("method", "forecast"), []).append(forecast)
+    if not by_method:
+        return []
+    groups = list(by_method.values())
+    needed = sum(netcdf_bytes(group[0], len(group), latlon) for group in groups)
+    _check_space(out_dir, needed, len(groups))
+    names = []
+    with atomic_path(out_dir) as tmp:
+        os.makedirs(tmp)
+        for group in groups:
+            names.append(forecast_filename(experiment, group[0], multi=True))
+            path = f"{tmp}/{names[-1]}"
+            write_forecast_netcdf(group, path, provenance, True, latlon=latlon, atomic=False)
+    return names

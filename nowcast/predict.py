@@ -2,10 +2,16 @@
 
 Inputs come from the source's cube or straight from the raw files through the catalog, so a
 forecast can be issued as soon as a new file lands, without re-ingesting.
+
+A forecast is a set of files in the output folder, ``<source>_<time>Z.nc`` and ``.png``, each
+written atomically, and ``<source>_<time>Z.json`` written last: a manifest with the sha256 of
+every file of the set. A consumer that finds the manifest finds a complete set; a rerun for the
+same reference time removes the manifest first and replaces the set.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,17 +21,23 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from nowcast import storage
 from nowcast.config import ConfigError
-from nowcast.export import write_forecast_netcdf
+from nowcast.export import netcdf_bytes, write_forecast_netcdf
 from nowcast.nowcasts.inputs import cube_inputs
 from nowcast.nowcasts.runner import ForecastRun, forecast_window, model_method
 from nowcast.nowcasts.variants import check_method_names, parse_variants
 from nowcast.sources.catalog import Catalog, FrameRef, frame_path, load_catalog, plan_frames
 from nowcast.sources.cube import build_cube, cube_path, open_cube
 from nowcast.sources.frames import read_frame_status, source_grid
-from nowcast.storage import exists, file_sha256
+from nowcast.storage import atomic_write_file, exists, file_sha256, remove, write_text
 from nowcast.visualization.maps import plot_forecast_panels
 from nowcast.windows import cube_timestep, frame_step_note, input_times
+
+#: Free space asked for the map PNG(s) besides the NetCDF (a map is a few hundred KiB).
+PNG_ALLOWANCE_BYTES = 4 * 2**20
+#: Resolution of the map, as :func:`nowcast.visualization.maps.plot_forecast_panels` saves it.
+MAP_DPI = 110
 
 
 class InputFramesError(ConfigError):
@@ -49,6 +61,9 @@ class PredictResult:
     note : str, optional
         How the model's timestep reads the source (:func:`nowcast.windows.frame_step_note`), if
         not 1:1.
+    manifest : str, optional
+        The manifest ``<stem>.json``, written last: ``reference_time``, ``source``, ``method``
+        and ``files`` (name to sha256) of the set.
     """
 
     netcdf: str
@@ -56,6 +71,7 @@ class PredictResult:
     reference_time: str
     seconds: dict
     note: str | None = None
+    manifest: str | None = None
 
     @property
     def work_seconds(self) -> float:
@@ -95,7 +111,9 @@ class PredictResult:
         note = f"note: {self.note}\n" if self.note else ""
         text = (
             f"{note}nowcast from {self.reference_time}\n  NetCDF: {self.netcdf}\n"
-            f"  map: {self.map_png}\n  timing: {timing} (work {self.work_seconds:.2f} s)"
+            f"  map: {self.map_png}\n"
+            + (f"  manifest: {self.manifest}\n" if self.manifest else "")
+            + f"  timing: {timing} (work {self.work_seconds:.2f} s)"
         )
         if timings is not None:
             text += (
@@ -294,6 +312,11 @@ def predict(
     reference = pd.Timestamp(forecast["forecast_reference_time"].values)
     stem = f"{source}_{reference:%Y%m%dT%H%M}Z"
     out_dir = Path(out_dir)
+    manifest = out_dir / f"{stem}.json"
+    storage.check_free_space(
+        out_dir, netcdf_bytes(forecast) + PNG_ALLOWANCE_BYTES, f"forecast files {stem}.*"
+    )
+    remove(manifest)  # the set is incomplete until its new manifest is written
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     netcdf = write_forecast_netcdf(
@@ -312,13 +335,36 @@ def predict(
     )
     seconds["netcdf"] = time.perf_counter() - start
     start = time.perf_counter()
-    leads = [step * k for k in (1, 3, 6) if k <= forecast.sizes["lead_time"]]
-    figure = plot_forecast_panels(None, {name: forecast}, leads, path=out_dir / f"{stem}.png")
-    _close(figure)
+    png = out_dir / f"{stem}.png"
+    _write_map(forecast, name, step, png)
     seconds["map"] = time.perf_counter() - start
+    _write_manifest(manifest, reference, source, name, [Path(netcdf), png])
     return PredictResult(
-        str(netcdf), str(out_dir / f"{stem}.png"), reference.isoformat(), seconds, note
+        str(netcdf), str(png), reference.isoformat(), seconds, note, manifest=str(manifest)
     )
+
+
+def _write_map(forecast: xr.DataArray, name: str, step: int, path: Path) -> None:
+    """The map panels at +1, +3 and +6 steps (those the forecast has), written atomically."""
+    leads = [step * k for k in (1, 3, 6) if k <= forecast.sizes["lead_time"]]
+    figure = plot_forecast_panels(None, {name: forecast}, leads)
+    try:
+        atomic_write_file(path, lambda tmp: figure.savefig(tmp, dpi=MAP_DPI, format="png"))
+    finally:
+        _close(figure)
+
+
+def _write_manifest(
+    path: Path, reference: pd.Timestamp, source: str, method: str, files: list[Path]
+) -> None:
+    """``<stem>.json``: the set's files and their sha256, written after all of them."""
+    record = {
+        "reference_time": reference.isoformat(),
+        "source": source,
+        "method": method,
+        "files": {file.name: file_sha256(file) for file in files},
+    }
+    write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def _timestep_note(source: str, source_step: int, model_step: int) -> str | None:

@@ -92,3 +92,44 @@ def bom_experiment(bom_cube: str, patch_dir, name: str = "bom", **patches):
         patch_dir=str(patch_dir),
         patches=settings,
     )
+
+
+#: Checkpoint files a user may hand over by mistake -> words of the one-line error.
+BAD_CHECKPOINTS = {
+    "empty": "is empty",
+    "truncated": "is not a readable checkpoint",
+    "random bytes": "is not a readable checkpoint",
+    "text": "is not a readable checkpoint",
+    "bare tensor": "holds a Tensor, not a nowcast checkpoint",
+    "dict without the keys": "lacks the checkpoint keys",
+    "another architecture": "another model or architecture",
+}
+
+
+def bad_checkpoint(kind: str, good: str, folder: Path) -> str:
+    """A bad checkpoint of one of the :data:`BAD_CHECKPOINTS` kinds, made from ``good``."""
+    import numpy as np
+    import torch
+
+    path = Path(folder) / f"{kind}.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        data = Path(good).read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "text":
+        path.write_text("model: convlstm\n")
+    elif kind == "bare tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "dict without the keys":
+        torch.save({"model_state": {}}, path)
+    elif kind == "another architecture":
+        checkpoint = torch.load(good, weights_only=True)
+        kwargs = checkpoint["model_kwargs"]
+        checkpoint["model_kwargs"] = {**kwargs, "hidden_channels": [5]}
+        torch.save(checkpoint, path)
+    else:
+        raise ValueError(f"unknown bad checkpoint kind {kind!r}")
+    return str(path)

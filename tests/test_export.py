@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,9 +17,16 @@ import pytest
 import xarray as xr
 
 from nowcast.config import ConfigError
-from nowcast.export import ExportConfig, export, forecast_to_dataset, write_forecast_netcdf
+from nowcast.export import (
+    ExportConfig,
+    export,
+    forecast_to_dataset,
+    netcdf_bytes,
+    write_forecast_netcdf,
+)
 from nowcast.nowcasts.forecast import forecast_crs, lead_time_minutes, make_forecast
 from nowcast.sources.cube import cube_crs, open_cube
+from nowcast.storage import DiskWriteError, StoreLockedError
 
 REPO = Path(__file__).resolve().parent.parent
 N_LEAD = 6
@@ -299,6 +307,124 @@ def test_export_stage_multi_file_from_a_forecast_source(bom, tmp_path):
     ]
     with xr.open_dataset(tmp_path / "nc" / "bom_observed_as_forecast.nc") as ds:
         assert ds.sizes["forecast_reference_time"] == 2
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _load_all(folder: Path) -> dict[str, xr.Dataset]:
+    loaded = {}
+    for path in sorted(folder.iterdir()):
+        with xr.open_dataset(path) as ds:
+            loaded[path.name] = ds.load()
+    return loaded
+
+
+def _assert_same_files(a: dict[str, xr.Dataset], b: dict[str, xr.Dataset]) -> None:
+    """Same names, values, coordinates, encodings and attributes (but the creation time)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        xr.testing.assert_identical(a[name].drop_attrs(deep=False), b[name].drop_attrs(deep=False))
+        moment = {"history", "date_created"}
+        assert {k: v for k, v in a[name].attrs.items() if k not in moment} == {
+            k: v for k, v in b[name].attrs.items() if k not in moment
+        }
+        assert a[name]["rain_rate"].encoding["dtype"] == b[name]["rain_rate"].encoding["dtype"]
+
+
+def test_export_folder_appears_only_when_complete(bom, tmp_path, monkeypatch):
+    _, first, second = bom
+    config = _experiment(tmp_path, {})
+    run, folder = tmp_path / "run", tmp_path / "run" / "netcdf"
+    real_write = xr.Dataset.to_netcdf
+    writes = []
+
+    def killed_in_the_second_file(self, path, *args, **kwargs):
+        writes.append(path)
+        if len(writes) == 2:
+            Path(path).write_bytes(b"CDF partial")
+            raise RuntimeError("killed")
+        return real_write(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", killed_in_the_second_file)
+    with pytest.raises(RuntimeError, match="killed"):
+        export(config, forecasts=[first, second])
+    assert _entries(run) == []  # no folder, no temporary, no lock
+    # A SIGKILL leaves its temporary folder (with one file done); the next run removes it.
+    leftover = run / "netcdf.tmp-99999-deadbeef"
+    leftover.mkdir(parents=True)
+    (leftover / "bom_observed_as_forecast_20201031T0950Z.nc").write_bytes(b"CDF partial")
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", real_write)
+    paths = export(config, forecasts=[first, second])
+    assert _entries(run) == ["netcdf"]
+    assert [Path(p).parent for p in paths] == [folder, folder]
+    assert _entries(folder) == sorted(Path(p).name for p in paths)
+    complete = _load_all(folder)
+
+    # A rerun killed in its second file leaves the previous complete folder as it was.
+    writes.clear()
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", killed_in_the_second_file)
+    with pytest.raises(RuntimeError, match="killed"):
+        export(config, forecasts=[first, second])
+    assert _entries(run) == ["netcdf"]
+    _assert_same_files(_load_all(folder), complete)
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", real_write)
+    assert export(config, forecasts=[first, second]) == paths
+    assert _entries(run) == ["netcdf"]
+    _assert_same_files(_load_all(folder), complete)
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
+def test_export_checks_free_space_before_writing(bom, tmp_path, monkeypatch, multi):
+    _, first, second = bom
+    config = _experiment(tmp_path, {"multi_file": multi})
+    folder = tmp_path / "run" / "netcdf"
+    monkeypatch.setattr("nowcast.storage.free_bytes", lambda path: 4096)
+    with pytest.raises(DiskWriteError) as err:
+        export(config, forecasts=[first, second])
+    message = str(err.value)
+    n_files = 1 if multi else 2
+    assert str(folder) in message and f"export of {n_files} NetCDF file(s)" in message
+    assert "4.0 KiB free" in message and "\n" not in message
+    assert _entries(tmp_path / "run") == []
+
+    # The estimate bounds what is written: the files uncompressed, coordinates included.
+    monkeypatch.undo()
+    paths = export(config, forecasts=[first, second])
+    written = sum(os.path.getsize(p) for p in paths)
+    estimate = netcdf_bytes(first, 2) if multi else 2 * netcdf_bytes(first)
+    assert written <= estimate
+
+
+def test_export_to_a_folder_in_use_fails_on_its_lock(bom, tmp_path):
+    _, first, _ = bom
+    config = _experiment(tmp_path, {})
+    folder = tmp_path / "run" / "netcdf"
+    folder.parent.mkdir(parents=True)
+    live = subprocess.Popen(["sleep", "60"])  # stands for an export that is writing the folder
+    try:
+        Path(f"{folder}.lock").write_text(
+            json.dumps({"host": socket.gethostname(), "pid": live.pid})
+        )
+        with pytest.raises(StoreLockedError, match=f"netcdf.lock is held .* pid {live.pid}"):
+            export(config, forecasts=[first])
+        assert _entries(folder.parent) == ["netcdf.lock"]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_export_does_not_replace_a_folder_of_other_files(bom, tmp_path):
+    _, first, _ = bom
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"results holds files other than NetCDF \(notes.txt\)"):
+        export(_experiment(tmp_path, {"out_dir": str(folder)}), forecasts=[first])
+    assert _entries(folder) == ["notes.txt"]
 
 
 def test_export_stage_needs_a_patch_store_and_a_valid_section(tmp_path):

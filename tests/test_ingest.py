@@ -22,7 +22,7 @@ from nowcast import storage
 from nowcast.config import ConfigError
 from nowcast.sources.catalog import Catalog, SourceConfig, list_frames, load_catalog
 from nowcast.sources.cube import cube_crs, ingest_report, open_cube
-from nowcast.sources.ingest import ingest
+from nowcast.sources.ingest import DISK_SAFETY_FACTOR, ingest
 from nowcast.sources.readers import FrameReadError, GridMismatchError
 from nowcast.sources.synthetic import SyntheticParams, synthetic_frame
 
@@ -120,6 +120,26 @@ def test_latlon_option(tmp_path):
     # LAEA centred at 52N 10E: the grid centre is there, north is up.
     assert abs(lat[31:33, 31:33].mean() - 52) < 0.05 and abs(lon[31:33, 31:33].mean() - 10) < 0.05
     assert lat[0, 32] > lat[-1, 32]
+
+
+def test_the_estimate_counts_latlon_and_holds_the_cube(tmp_path, capsys):
+    cat = synthetic_catalog(n_frames=12)
+    kwargs = dict(catalog=cat, scheduler="threads", progress=False)
+    plain = ingest("synthetic", str(tmp_path / "plain"), **kwargs)
+    with_latlon = ingest("synthetic", str(tmp_path / "latlon"), latlon=True, **kwargs)
+    ds = open_cube(with_latlon.path)
+    assert (
+        with_latlon.estimated_bytes - plain.estimated_bytes == ds["lat"].nbytes + ds["lon"].nbytes
+    )
+    announced = [line for line in capsys.readouterr().out.splitlines() if "estimated" in line]
+    assert f"estimated {storage.format_bytes(with_latlon.estimated_bytes)} on" in announced[-1]
+    for result in (plain, with_latlon):
+        stored = sum(
+            os.path.getsize(os.path.join(folder, name))
+            for folder, _, names in os.walk(result.path)
+            for name in names
+        )
+        assert stored <= result.estimated_bytes * DISK_SAFETY_FACTOR
 
 
 # --- bad input -----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from nowcast.patches.reader import PatchStore, open_patch_store
 from nowcast.sources.catalog import Catalog, SourceConfig
 from nowcast.sources.cube import open_cube, write_cube
 from nowcast.sources.ingest import ingest
-from nowcast.storage import StoreLockedError
+from nowcast.storage import DiskWriteError, StoreLockedError
 from nowcast.windows import carve_buffer, default_frame_counts, labels_by_fraction
 
 GAP_TIME = "2000-01-01T02:00"
@@ -513,6 +513,35 @@ def test_a_second_build_of_a_store_in_use_fails_and_leaves_its_files(cube_dir, t
     # Its holder gone, the lock is stale: the next build takes it over and cleans up.
     assert build_patches(experiment, scheduler="threads", progress=False) == final
     assert storage.stale_temporaries(final) == [] and not os.path.exists(f"{final}.lock")
+
+
+def test_a_too_small_disk_stops_the_build_before_writing(cube_dir, tmp_path, monkeypatch):
+    experiment = _experiment(cube_dir, tmp_path / "patches")
+    final = f"{tmp_path}/patches/syn.zarr"
+    monkeypatch.setattr("nowcast.storage.free_bytes", lambda path: 4096)
+    with pytest.raises(DiskWriteError) as error:
+        build_patches(experiment, scheduler="threads", progress=False)
+    message = str(error.value)
+    assert message.startswith(f"{final}: not enough free disk space for the patch store")
+    assert "4.0 KiB free" in message and "\n" not in message
+    assert not os.path.exists(tmp_path / "patches")  # no store, temporary or lock
+
+    # The estimate (the arrays uncompressed) bounds the store written.
+    monkeypatch.undo()
+    estimates = []
+    check = storage.check_free_space
+    monkeypatch.setattr(
+        storage,
+        "check_free_space",
+        lambda path, needed, what: estimates.append(needed) or check(path, needed, what),
+    )
+    assert build_patches(experiment, scheduler="threads", progress=False) == final
+    stored = sum(
+        os.path.getsize(os.path.join(folder, name))
+        for folder, _, names in os.walk(final)
+        for name in names
+    )
+    assert len(estimates) == 1 and stored <= estimates[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +11,14 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
-from conftest import synthetic_catalog
+from conftest import BAD_CHECKPOINTS, bad_checkpoint, synthetic_catalog
 
 from nowcast.config import ConfigError
 from nowcast.models.registry import build_model
 from nowcast.patches.normalization import Normalization
 from nowcast.predict import InputFramesError, predict
 from nowcast.sources.ingest import ingest
+from nowcast.storage import DiskWriteError
 from nowcast.training.checkpoint import TrainedOn, make_checkpoint, save_checkpoint
 from nowcast.windows import FrameSpec
 
@@ -83,6 +86,46 @@ def test_predict_latest_writes_netcdf_and_map(synthetic_setup):
     from PIL import Image
 
     assert Image.open(result.map_png).size[0] > 300
+
+
+def test_predict_writes_a_manifest_of_the_set_last(synthetic_setup, monkeypatch):
+    from matplotlib.figure import Figure
+
+    catalog, tmp_path, checkpoint = synthetic_setup
+    out = tmp_path / "out"
+    kwargs = dict(cube_dir=str(tmp_path / "cubes"), out_dir=out, catalog=catalog)
+    result = predict("synthetic", checkpoint, **kwargs)
+    manifest = Path(result.manifest)
+    assert manifest.parent == out and f"manifest: {manifest}" in result.summary()
+    record = json.loads(manifest.read_text())
+    files = sorted(p for p in out.iterdir() if p.stem == manifest.stem and p != manifest)
+    assert [p.name for p in files] == sorted([Path(result.netcdf).name, Path(result.map_png).name])
+    assert record == {
+        "reference_time": result.reference_time,
+        "source": "synthetic",
+        "method": "model",
+        "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
+    }
+
+    # A rerun for the same time that fails in the map: the set is incomplete, so no manifest.
+    def failing_savefig(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x89PNG partial")
+        raise RuntimeError("cannot draw")
+
+    monkeypatch.setattr(Figure, "savefig", failing_savefig)
+    with pytest.raises(RuntimeError, match="cannot draw"):
+        predict("synthetic", checkpoint, **kwargs)
+    assert sorted(p.name for p in out.iterdir()) == [p.name for p in files]  # no temporaries
+    monkeypatch.undo()
+
+    # Too little room: stopped before any write, and the complete set (manifest) stays.
+    again = predict("synthetic", checkpoint, **kwargs)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr("nowcast.storage.free_bytes", lambda path: 4096)
+    with pytest.raises(DiskWriteError, match=f"{out}: not enough free disk space"):
+        predict("synthetic", checkpoint, **kwargs)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert json.loads(Path(again.manifest).read_text())["files"].keys() == record["files"].keys()
 
 
 def test_predict_from_raw_files_equals_from_cube(synthetic_setup):
@@ -248,40 +291,6 @@ def test_an_unknown_source_is_named_as_such(args, tmp_path, monkeypatch):
     assert "no cube" not in result.output and "0 files" not in result.output
 
 
-def _bad_checkpoint(kind: str, tmp_path) -> str:
-    """A checkpoint file of one of the kinds a user may hand over by mistake."""
-    path = tmp_path / f"{kind}.pt"
-    if kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "truncated":
-        good = Path(residual_checkpoint(tmp_path / "good.pt")).read_bytes()
-        path.write_bytes(good[: len(good) // 2])
-    elif kind == "random bytes":
-        path.write_bytes(np.random.default_rng(0).bytes(4096))
-    elif kind == "text":
-        path.write_text("model: convlstm\n")
-    elif kind == "bare tensor":
-        torch.save(torch.zeros(3), path)
-    elif kind == "dict without the keys":
-        torch.save({"model_state": {}}, path)
-    elif kind == "another architecture":
-        checkpoint = torch.load(residual_checkpoint(tmp_path / "good.pt"), weights_only=True)
-        checkpoint["model_kwargs"] = {**checkpoint["model_kwargs"], "hidden_channels": [5]}
-        torch.save(checkpoint, path)
-    return str(path)
-
-
-BAD_CHECKPOINTS = {
-    "empty": "is empty",
-    "truncated": "is not a readable checkpoint",
-    "random bytes": "is not a readable checkpoint",
-    "text": "is not a readable checkpoint",
-    "bare tensor": "holds a Tensor, not a nowcast checkpoint",
-    "dict without the keys": "lacks the checkpoint keys",
-    "another architecture": "another model or architecture",
-}
-
-
 @pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
 def test_a_bad_checkpoint_is_one_line_that_says_what_is_wrong(kind, command, tmp_path):
@@ -289,7 +298,7 @@ def test_a_bad_checkpoint_is_one_line_that_says_what_is_wrong(kind, command, tmp
 
     from nowcast.cli import app
 
-    checkpoint = _bad_checkpoint(kind, tmp_path)
+    checkpoint = bad_checkpoint(kind, residual_checkpoint(tmp_path / "good.pt"), tmp_path)
     args = {
         "predict": ["predict", "--source", "bom", "--at", "2020-10-31T09:50"],
         "evaluate": ["evaluate", "--source", "bom", "--cube-dir", str(tmp_path / "cubes")],

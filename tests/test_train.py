@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import math
 import os
 import random
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,14 @@ from nowcast.config import ConfigError, ExperimentConfig
 from nowcast.patches.normalization import Normalization
 from nowcast.patches.reader import PatchStore
 from nowcast.sources.catalog import Catalog, SourceConfig
+from nowcast.storage import DiskWriteError, StoreLockedError
 from nowcast.training import loop as train_module
 from nowcast.training import losses
 from nowcast.training import step as step_module
 from nowcast.training.checkpoint import (
     CHECKPOINT_KEYS,
     capture_rng_state,
+    checkpoint_bytes,
     checkpoint_path,
     load_checkpoint,
     load_model,
@@ -36,7 +40,7 @@ from nowcast.training.checkpoint import (
 )
 from nowcast.training.config import TrainingDivergedError
 from nowcast.training.loop import train
-from nowcast.training.setup import LOG_FIELDS
+from nowcast.training.setup import LOG_FIELDS, RUN_LOCK
 
 N_INPUT, N_TARGET, SIZE = 3, 2, 32
 TINY_MODEL = {
@@ -514,6 +518,57 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(store_root, tmp_path, mon
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
 
+def test_a_second_train_of_a_running_run_fails_on_its_lock(store_root, tmp_path):
+    experiment = make_experiment(tmp_path, store=store_root, epochs=1)
+    lock = tmp_path / "run" / RUN_LOCK
+    refused = []
+
+    def start_another(step: int) -> bool:
+        if step == 1:  # the first run is between steps, no checkpoint written yet
+            assert lock.is_file()
+            with pytest.raises(StoreLockedError) as error:
+                run_training(experiment)
+            refused.append(str(error.value))
+        return False
+
+    summary = run_training(experiment, stop_requested=start_another)
+    assert len(refused) == 1 and f"{lock} is held" in refused[0]
+    assert f"pid {os.getpid()}" in refused[0]
+    assert summary["stop_reason"] == "epochs" and summary["steps"] == 3  # undisturbed
+    assert not lock.exists()
+
+    # A lock of another live process: refused before anything is read or written.
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid}))
+        with pytest.raises(StoreLockedError, match=f"pid {live.pid}"):
+            run_training(experiment, resume=True)
+        assert lock.is_file()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_too_small_disk_stops_before_a_checkpoint_is_written(store_root, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    experiment = make_experiment(tmp_path, store=store_root, epochs=1)
+    monkeypatch.setattr("nowcast.storage.free_bytes", lambda path: 4096)
+    with pytest.raises(DiskWriteError) as error:
+        run_training(experiment)
+    message = str(error.value)
+    assert (
+        str(checkpoint_path(run_dir)) in message and "free disk space for the checkpoint" in message
+    )
+    assert "4.0 KiB free" in message
+    assert list((run_dir / "checkpoints").glob("*")) == [] and not (run_dir / RUN_LOCK).exists()
+
+    # The estimate bounds the file written (tensors, optimizer state and metadata).
+    monkeypatch.undo()
+    run_training(experiment)
+    path = checkpoint_path(run_dir)
+    assert path.stat().st_size <= checkpoint_bytes(load_checkpoint(path))
+
+
 def test_checkpoint_round_trip_with_weights_only(store_root, tmp_path):
     run_dir = tmp_path / "run"
     run_training(
@@ -563,7 +618,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, root: Path, store: Path) -> None:
+def _torchrun_environment(rank: int, world_size: int, port: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -572,6 +627,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: Path, store: Path) 
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, root: Path, store: Path) -> None:
+    _torchrun_environment(rank, world_size, port)
     built = []
     build_model = train_module.build_model
 
@@ -600,6 +659,43 @@ def test_ddp_two_processes_gloo(store_root, tmp_path):
         "best.pt",
         "last.pt",
     ]
+    assert not (tmp_path / "run" / RUN_LOCK).exists()  # rank 0 held it, and released it
+
+
+def _ddp_refused_worker(rank: int, world_size: int, port: int, root: Path, store: Path) -> None:
+    _torchrun_environment(rank, world_size, port)
+    try:
+        run_training(make_experiment(root, store=store, epochs=1))
+    except StoreLockedError as error:
+        (root / f"refused{rank}.txt").write_text(str(error))
+
+
+def test_ddp_every_rank_stops_on_a_locked_run(store_root, tmp_path):
+    lock = tmp_path / "run" / RUN_LOCK
+    lock.parent.mkdir()
+    live = subprocess.Popen(["sleep", "120"])  # stands for another run of this folder
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid}))
+        workers = mp.spawn(
+            _ddp_refused_worker,
+            args=(2, _free_port(), tmp_path, store_root),
+            nprocs=2,
+            join=False,
+        )
+        deadline, finished = time.monotonic() + 120, False
+        try:
+            while not finished and time.monotonic() < deadline:  # join() returns at each exit
+                finished = workers.join(timeout=deadline - time.monotonic())
+        finally:
+            for process in workers.processes:
+                process.kill()  # a rank left waiting for another would hang the test otherwise
+        assert finished, "a rank kept waiting after rank 0 found the run locked"
+    finally:
+        live.kill()
+        live.wait()
+    refused = [(tmp_path / f"refused{rank}.txt").read_text() for rank in (0, 1)]
+    assert f"pid {live.pid}" in refused[0] and str(lock) in refused[1]
+    assert lock.is_file() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 # ---- the real patch-store loader --------------------------------------------------------

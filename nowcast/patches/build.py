@@ -34,7 +34,7 @@ from pydantic import Field, field_validator, model_validator
 from nowcast import __version__, storage
 from nowcast.config import ConfigError, ExperimentConfig, StrictModel, load_experiment, stage_config
 from nowcast.parallel import dask_client
-from nowcast.patches.layout import SCHEMA_VERSION, open_root
+from nowcast.patches.layout import SCHEMA_VERSION, existing_digest
 from nowcast.patches.normalization import Normalization, get_method
 from nowcast.patches.writer import (
     FRAME_CHUNK,
@@ -449,17 +449,6 @@ def _scheduler(scheduler: str | None) -> str | None:
         return "threads"
 
 
-def _existing_digest(path: str) -> str | None:
-    """Build digest of the store at ``path``; None if unreadable or of another schema."""
-    try:
-        attrs = open_root(path).attrs
-    except Exception:  # an unreadable store is rebuilt
-        return None
-    if attrs.get("store_schema_version") != SCHEMA_VERSION:
-        return None
-    return attrs.get("build_digest")
-
-
 def build_patches(
     config: str | Path | ExperimentConfig,
     scheduler: str | None = None,
@@ -489,6 +478,9 @@ def build_patches(
     ------
     nowcast.storage.StoreLockedError
         If another run is writing the same store (``<store>.lock``).
+    nowcast.storage.DiskWriteError
+        If the free space is less than the store's arrays uncompressed (``StoreContent.nbytes``),
+        or the disk fills up while writing.
     ConfigError
         For an unknown source or missing cube, a window longer than a cube, or a split with too
         few windows (the message lists the counts per split).
@@ -504,7 +496,7 @@ def build_patches(
     )
     digest = build_digest(patches_config, plans)
     with storage.exclusive_lock(path + ".lock"):  # another build would delete our temporaries
-        if not force and storage.exists(path) and _existing_digest(path) == digest:
+        if not force and storage.exists(path) and existing_digest(path) == digest:
             for stale in storage.stale_temporaries(path):
                 storage.remove(stale)
             return path
@@ -544,6 +536,7 @@ def build_patches(
             )
             root = root_dataset(plans, n_input, n_target, attrs)
             content = StoreContent(root, groups, encodings, n_input, n_target)
+            storage.check_free_space(path, content.nbytes, "patch store")
             with storage.atomic_path(path) as tmp:
                 write_store(content, tmp, client, progress)
     return path

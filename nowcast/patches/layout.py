@@ -37,6 +37,17 @@ def open_root(path: str) -> xr.Dataset:
         return xr.open_zarr(path, consolidated=True, chunks={})
 
 
+def existing_digest(path: str) -> str | None:
+    """Build digest of the store at ``path``; None if unreadable or of another schema."""
+    try:
+        attrs = open_root(path).attrs
+    except Exception:  # an unreadable store is rebuilt
+        return None
+    if attrs.get("store_schema_version") != SCHEMA_VERSION:
+        return None
+    return attrs.get("build_digest")
+
+
 def decode_attrs(attrs: dict) -> dict:
     """Store attributes with the JSON-encoded ones decoded."""
     info = dict(attrs)

@@ -68,6 +68,16 @@ class StoreContent:
     n_input: int
     n_target: int
 
+    @property
+    def nbytes(self) -> int:
+        """Uncompressed bytes of the arrays :func:`write_store` writes: each source's frames
+        (every frame of a sampled window once, full domain, at the store dtype), their
+        Lagrangian motion and the root tables (sample and window tables). zarr compresses them
+        (dry frames to little), so this is an upper bound for the free-space check; nothing is
+        computed (the sizes of the lazy arrays are known)."""
+        groups = sum(group.nbytes for group in self.groups.values())
+        return int(self.root.nbytes + groups)
+
 
 def frames_group(plan, config, n_input: int, n_frames: int, normalization: Normalization):
     """Lazy frames group of one source and its encoding; adds ``frame_start`` (and, Lagrangian,

@@ -30,7 +30,6 @@ import xarray as xr
 from tqdm import tqdm
 
 from nowcast import parallel, storage
-from nowcast.config import ConfigError
 from nowcast.parallel import IN_PROCESS, active_client, bounded_results, task_executor
 from nowcast.sources.catalog import (
     Catalog,
@@ -49,6 +48,7 @@ from nowcast.sources.cube import (
     cube_segments,
     estimate_frame_bytes,
     finalize_cube,
+    latlon_grid,
     open_cube,
     read_frames,
     segments_json,
@@ -60,6 +60,9 @@ from nowcast.sources.readers import FrameReadError, Grid, GridMismatchError
 
 # Free space must exceed the estimate by this factor: compression varies with the weather.
 DISK_SAFETY_FACTOR = 1.5
+# Bytes besides the frames and lat/lon in the estimate: the zarr.json files, the consolidated
+# metadata and the 1-D coordinates (about 18 KiB for a small cube).
+METADATA_BYTES = 32 * 1024
 # Frames decoded to estimate the size: compressed size grows with rain, and a few evenly spread
 # frames can all fall in a dry spell and underestimate it.
 N_ESTIMATE_SAMPLES = 8
@@ -218,7 +221,9 @@ def ingest(
     StoreLockedError
         If another ingest of the same cube is running.
     ConfigError
-        Bad catalog entry, no readable file, or not enough free disk space for the estimate.
+        Bad catalog entry or no readable file.
+    DiskWriteError
+        Not enough free disk space for the estimate (times :data:`DISK_SAFETY_FACTOR`).
     """
     catalog = catalog or load_catalog()
     source = catalog[source_name]
@@ -266,11 +271,14 @@ def _ingest_locked(source, path, start, end, choose, strict, append, latlon, for
     if existing is not None:
         _check_same_grid(existing, grid, path)
     layout = _layout(plan, existing, source)
-    estimate = _announce(source, plan, grid, path, layout)
+    stores_latlon = latlon or (existing is not None and "lat" in existing.variables)
+    estimate = _announce(source, plan, grid, path, layout, stores_latlon)
     store = f"{partial}/cube.zarr"
     if not _resumable(partial, build_id):
         storage.remove(partial)
         _create_partial(partial, store, build_id, layout, grid, source, latlon, existing, path)
+    else:
+        storage.remove_zarr_temporaries(store)  # chunk writes a kill cut short
     blocks = _blocks(plan, layout)
     done = _finished_blocks(store, blocks)
     if done:
@@ -294,7 +302,8 @@ def _ingest_locked(source, path, start, end, choose, strict, append, latlon, for
         frame_valid = np.concatenate([existing["frame_valid"].values, frame_valid])
         attrs = _appended_attrs(existing, attrs, report)
     finalize_cube(store, frame_valid, attrs)
-    storage.replace(store, path)
+    with storage.writing(path):
+        storage.replace(store, path)
     storage.remove(partial)
     result = _result_from_cube(path, open_cube(path))
     result.blocks_total, result.blocks_resumed = len(blocks), len(done)
@@ -358,26 +367,38 @@ def _blocks(plan: FramePlan, layout: dict) -> list[Block]:
     ]
 
 
-def _announce(source, plan: FramePlan, grid: Grid, path: str, layout: dict) -> int:
-    """Print frames, segments, gap share and estimated size; stop if the disk is too small."""
+def _announce(source, plan: FramePlan, grid: Grid, path: str, layout: dict, latlon: bool) -> int:
+    """Print frames, segments, gap share and estimated size; stop if the disk is too small.
+
+    The estimate is the frames' compressed size (:func:`_frame_bytes`), :data:`METADATA_BYTES`
+    and, when the cube stores them, the 2-D lat/lon (:func:`_latlon_bytes`); the free space
+    must exceed it by :data:`DISK_SAFETY_FACTOR`.
+    """
     n = len(plan.frames)
     missing = int(n - plan.present.sum())
-    estimate = int(_frame_bytes(source, plan, grid) * plan.present.sum())
+    estimate = int(_frame_bytes(source, plan, grid) * plan.present.sum()) + METADATA_BYTES
+    estimate += _latlon_bytes(grid) if latlon else 0
     n_segments = len(np.unique(layout["segment"][layout["n_old"] :]))
     print(
         f"ingest {source.name}: {n} frames in {n_segments} segment(s), gap share "
         f"{missing / max(n, 1):.1%} ({missing} of {n} frames missing), "
-        f"estimated {_human(estimate)} on disk -> {path}",
+        f"estimated {storage.format_bytes(estimate)} on disk -> {path}",
         flush=True,
     )
-    free = storage.free_bytes(path)
-    if free is not None and estimate * DISK_SAFETY_FACTOR > free:
-        raise ConfigError(
-            f"{path}: not enough free disk space: estimated {_human(estimate)} "
-            f"(x{DISK_SAFETY_FACTOR} safety margin: {_human(estimate * DISK_SAFETY_FACTOR)}), "
-            f"{_human(free)} free"
-        )
+    storage.check_free_space(
+        path,
+        estimate * DISK_SAFETY_FACTOR,
+        f"ingest (estimated {storage.format_bytes(estimate)}, x{DISK_SAFETY_FACTOR} safety margin)",
+    )
     return estimate
+
+
+def _latlon_bytes(grid: Grid) -> int:
+    """Stored size of the 2-D lat/lon of ``latlon=True``, uncompressed at the dtype
+    :func:`nowcast.sources.cube.latlon_grid` gives them: smooth fields of full-precision floats
+    compress little (by a tenth to a fifth), so this upper bound is close."""
+    itemsize = latlon_grid(grid.crs, grid.x[:1], grid.y[:1])[0].dtype.itemsize
+    return 2 * grid.shape[0] * grid.shape[1] * itemsize
 
 
 def _frame_bytes(source: SourceConfig, plan: FramePlan, grid: Grid) -> float:
@@ -392,14 +413,6 @@ def _frame_bytes(source: SourceConfig, plan: FramePlan, grid: Grid) -> float:
         if frame is not None:
             samples.append(frame)
     return estimate_frame_bytes(samples)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _resumable(partial: str, build_id: str) -> bool:
@@ -469,13 +482,13 @@ def _run_blocks(todo, done, source, grid, store, old_store, choose, strict, prog
             n = 2 * tasks.n_threads
             finished = bounded_results(tasks.executor, _write_block, todo, *args, in_flight=n)
             every = parallel.progress_interval(sys.stderr)  # tqdm's stream
-            bar = tqdm(total=len(todo), unit="block", desc="ingest", disable=not progress)
-            bar.mininterval = every
-            for block, statuses in finished:
-                results[block.index] = statuses
-                _check_grid(statuses)  # fatal at once; unreadable files are judged on them all
-                bar.update()
-            bar.close()
+            # Closed on an error too, so that a one-line error starts on its own line.
+            with tqdm(total=len(todo), unit="block", desc="ingest", disable=not progress) as bar:
+                bar.mininterval = every
+                for block, statuses in finished:
+                    results[block.index] = statuses
+                    _check_grid(statuses)  # fatal at once; unreadable ones judged on them all
+                    bar.update()
     statuses = [s for index in sorted(results) for s in results[index]]
     _check_unreadable(statuses, strict)
     return statuses

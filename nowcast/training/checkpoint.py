@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nowcast import __version__
+from nowcast import __version__, storage
 from nowcast.advection.lagrangian import DEFAULT_MOTION_STRIDE
 from nowcast.config import ConfigError
 from nowcast.models.registry import build_model
@@ -347,6 +347,30 @@ def training_pixel_sizes(cube_paths: Mapping[str, str]) -> dict[str, float]:
     return sizes
 
 
+#: Free space asked for a checkpoint: its tensors' bytes times this, plus
+#: :data:`CHECKPOINT_OVERHEAD_BYTES` for the pickled structure, config and metadata.
+CHECKPOINT_SPACE_MARGIN = 1.1
+CHECKPOINT_OVERHEAD_BYTES = 2**20
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` and the mappings, lists and tuples inside it."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
+def checkpoint_bytes(checkpoint: Mapping) -> int:
+    """Free space a checkpoint asks for: :func:`tensor_bytes` of it (model and optimizer
+    states, generator states) times :data:`CHECKPOINT_SPACE_MARGIN`, plus
+    :data:`CHECKPOINT_OVERHEAD_BYTES`."""
+    return int(tensor_bytes(checkpoint) * CHECKPOINT_SPACE_MARGIN) + CHECKPOINT_OVERHEAD_BYTES
+
+
 def save_checkpoint(path: str | os.PathLike, checkpoint: Mapping) -> None:
     """Write a checkpoint atomically (temporary sibling, then rename).
 
@@ -356,7 +380,14 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Mapping) -> None:
         Destination, e.g. ``<run_dir>/checkpoints/last.pt``.
     checkpoint : mapping
         As built by :func:`make_checkpoint`.
+
+    Raises
+    ------
+    nowcast.storage.DiskWriteError
+        Before writing, if the disk has less free space than :func:`checkpoint_bytes` (the file
+        it replaces stays until the new one is complete, so it is not counted as free).
     """
+    storage.check_free_space(path, checkpoint_bytes(checkpoint), "checkpoint")
     atomic_write_file(path, lambda tmp: torch.save(dict(checkpoint), tmp))
 
 

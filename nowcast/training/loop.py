@@ -12,7 +12,8 @@ It reads the ``train`` section of an experiment config (:class:`TrainConfig`), t
 - ``checkpoints/last.pt`` and ``checkpoints/best.pt`` (see :mod:`nowcast.training.checkpoint`);
 - ``train_log.csv`` with columns ``step, epoch, split, loss, mse_mmh, csi_1mmh, lr,
   samples_per_s`` (``split`` is ``train`` or ``val``; ``epoch`` is 1-based);
-- ``tensorboard/`` event files.
+- ``tensorboard/`` event files;
+- ``train.lock`` while it runs (rank 0), so a second ``train`` of the run fails instead.
 
 ``--resume`` continues exactly: the model, optimizer, schedulers, gradient scaler, random
 generators and the position in the data (epoch and batch) come back from ``last.pt``, each
@@ -61,14 +62,13 @@ from nowcast.training.config import TrainConfig, TrainingDivergedError
 from nowcast.training.setup import (
     TrainLog,
     build_step_parts,
-    check_run_folder,
     configure_backends,
     log_validation,
     make_train_loaders,
     resolve_amp_dtype,
     seed_epoch,
     seed_everything,
-    start_processes,
+    start_run,
 )
 from nowcast.training.step import StepParts, train_step
 from nowcast.verification import contingency_accum, contingency_compute, contingency_init
@@ -359,54 +359,53 @@ def run_epoch(
         # skipped batches (augmentation) do not count.
         restore_rng_state(rng_state)
     parts.model.train()
-    bar = tqdm(
+    with tqdm(  # closed on an error too, so that a one-line error starts on its own line
         total=len(loader),
         initial=state.batch_index,
         desc=f"epoch {state.epoch + 1}",
         disable=not progress,
         dynamic_ncols=True,
         mininterval=progress_interval(sys.stderr),  # tqdm's stream; a line per update in a log
-    )
-    log_tic, log_samples = time.perf_counter(), 0
-    for inputs, targets, mask in batches:
-        lr = parts.optimizer.param_groups[0]["lr"]  # the rate of this step, for the log
-        loss_value = train_step(parts, inputs, targets, mask, state.step, last_path)
-        state.step += 1
-        state.batch_index += 1
-        log_samples += inputs.shape[0] * world_size
-        bar.update(1)
-        if state.step % config.log_every == 0:
-            now = time.perf_counter()
-            samples_per_s = log_samples / max(now - log_tic, 1e-9)
-            bar.set_postfix(
-                loss=f"{loss_value:.4g}",
-                samples_per_s=f"{samples_per_s:.1f}",
-                refresh=False,  # shown at the bar's next redraw, at most one per mininterval
-            )
-            if log is not None:
-                log.write(
-                    state.step,
-                    state.epoch + 1,
-                    "train",
-                    loss=loss_value,
-                    lr=lr,
-                    samples_per_s=samples_per_s,
+    ) as bar:
+        log_tic, log_samples = time.perf_counter(), 0
+        for inputs, targets, mask in batches:
+            lr = parts.optimizer.param_groups[0]["lr"]  # the rate of this step, for the log
+            loss_value = train_step(parts, inputs, targets, mask, state.step, last_path)
+            state.step += 1
+            state.batch_index += 1
+            log_samples += inputs.shape[0] * world_size
+            bar.update(1)
+            if state.step % config.log_every == 0:
+                now = time.perf_counter()
+                samples_per_s = log_samples / max(now - log_tic, 1e-9)
+                bar.set_postfix(
+                    loss=f"{loss_value:.4g}",
+                    samples_per_s=f"{samples_per_s:.1f}",
+                    refresh=False,  # shown at the bar's next redraw, at most one per mininterval
                 )
-            state.seconds += now - log_tic
-            state.samples += log_samples
-            log_tic, log_samples = now, 0
-        state.stop_reason = stop_check(
-            config, state, stop_requested, parts.distributed, parts.device
-        )
-        if state.stop_reason is not None:
-            break
-        if (
-            config.checkpoint_every is not None
-            and state.step % config.checkpoint_every == 0
-            and state.batch_index < len(loader)  # the end of the epoch saves anyway
-        ):
-            save(False)
-    bar.close()
+                if log is not None:
+                    log.write(
+                        state.step,
+                        state.epoch + 1,
+                        "train",
+                        loss=loss_value,
+                        lr=lr,
+                        samples_per_s=samples_per_s,
+                    )
+                state.seconds += now - log_tic
+                state.samples += log_samples
+                log_tic, log_samples = now, 0
+            state.stop_reason = stop_check(
+                config, state, stop_requested, parts.distributed, parts.device
+            )
+            if state.stop_reason is not None:
+                break
+            if (
+                config.checkpoint_every is not None
+                and state.step % config.checkpoint_every == 0
+                and state.batch_index < len(loader)  # the end of the epoch saves anyway
+            ):
+                save(False)
     state.seconds += time.perf_counter() - log_tic
     state.samples += log_samples
 
@@ -457,6 +456,8 @@ def train(
         If ``resume`` is set and there is no ``last.pt``.
     FileExistsError
         If ``resume`` is not set and the run folder already has a ``last.pt``.
+    nowcast.storage.StoreLockedError, nowcast.storage.DiskWriteError
+        If another run holds ``<run_dir>/train.lock``; if a checkpoint would not fit on disk.
     TrainingDivergedError
         If the loss becomes NaN or infinite.
     """
@@ -464,10 +465,9 @@ def train(
     train_config = stage_config(experiment, "train", TrainConfig)
     run_dir = Path(experiment.run_path)
     last_path, best_path = checkpoint_path(run_dir, LAST), checkpoint_path(run_dir, BEST)
-    check_run_folder(last_path, resume)
 
-    # ---- processes and device ----------------------------------------------------------------
-    device, world_size, rank, owns_process_group = start_processes(device)
+    # ---- processes and device, the run folder's lock -------------------------------------------
+    device, world_size, rank, run = start_run(device, run_dir, last_path, resume)
     distributed, is_master = world_size > 1, rank == 0
     log = None
     try:
@@ -558,8 +558,7 @@ def train(
     finally:
         if log is not None:
             log.close()
-        if owns_process_group:
-            dist.destroy_process_group()
+        run.close()  # the lock, and a process group this call joined
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +17,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, RandomSampler
 
+from nowcast import storage
 from nowcast.patches.loader import make_dataloaders
-from nowcast.training.checkpoint import TrainedOn
+from nowcast.training.checkpoint import TrainedOn, check_checkpoint
 from nowcast.training.config import TrainConfig
 from nowcast.training.device import resolve_device
 from nowcast.training.step import StepParts
 
 logger = logging.getLogger(__name__)
 
+#: Lock file of a run folder, held by rank 0 while ``train`` runs.
+RUN_LOCK = "train.lock"
 LOG_FIELDS = ("step", "epoch", "split", "loss", "mse_mmh", "csi_1mmh", "lr", "samples_per_s")
 
 
@@ -239,18 +243,72 @@ def start_processes(device: str | torch.device | None) -> tuple[torch.device, in
     return device, world_size, rank, owns_process_group
 
 
+def start_run(
+    device: str | torch.device | None, run_dir: Path, last_path: Path, resume: bool
+) -> tuple[torch.device, int, int, ExitStack]:
+    """Start a training run: :func:`start_processes`, the run folder's lock, then
+    :func:`check_run_folder`.
+
+    Rank 0 alone holds ``<run_dir>/train.lock`` (:data:`RUN_LOCK`), so a second ``train`` of
+    the same run fails instead of interleaving checkpoints; the ranks agree on whether rank 0
+    got it, so none waits at a barrier for a rank that stopped.
+
+    Returns
+    -------
+    tuple
+        ``(device, world_size, rank, run)``; closing ``run`` (an ExitStack) releases the lock
+        and leaves a process group this call joined.
+
+    Raises
+    ------
+    nowcast.storage.StoreLockedError
+        If another run holds the lock (every rank raises).
+    FileNotFoundError, FileExistsError
+        As :func:`check_run_folder`.
+    """
+    device, world_size, rank, owns_process_group = start_processes(device)
+    run = ExitStack()
+    if owns_process_group:
+        run.callback(dist.destroy_process_group)
+    lock = run_dir / RUN_LOCK
+    try:
+        failure = None
+        if rank == 0:
+            try:
+                run.enter_context(storage.exclusive_lock(lock))
+            except Exception as err:  # held, or a folder that cannot take it: every rank stops
+                failure = err
+        if world_size > 1:
+            flag = torch.tensor([int(failure is not None)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and failure is None:
+                failure = storage.StoreLockedError(f"{lock}: rank 0 could not take the lock")
+        if failure is not None:
+            raise failure
+        check_run_folder(last_path, resume)
+    except BaseException:
+        run.close()
+        raise
+    return device, world_size, rank, run
+
+
 def check_run_folder(last_path: Path, resume: bool) -> None:
-    """Check that a run can start: a resumed run has its ``last.pt``, a new one has none.
+    """Check that a run can start: a resumed run has a usable ``last.pt``, a new one has none.
 
     Raises
     ------
     FileNotFoundError
         If ``resume`` is set and there is no ``last_path``.
+    CheckpointError
+        If ``resume`` is set and ``last_path`` is not a usable checkpoint (checked whole, as
+        :func:`~nowcast.training.checkpoint.check_checkpoint` does, before any work).
     FileExistsError
         If ``resume`` is not set and ``last_path`` exists.
     """
     if resume and not last_path.is_file():
         raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
+    if resume:
+        check_checkpoint(last_path)
     if not resume and last_path.is_file():
         raise FileExistsError(
             f"{last_path} exists: pass --resume to continue that run, or choose another run_dir"
