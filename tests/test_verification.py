@@ -603,7 +603,7 @@ def test_get_method_returns_families_and_lists_names_for_unknown():
     assert family.compute is contingency_compute and family.merge is contingency_merge
     assert get_method("fss").init is fss_init
     with pytest.raises(ValueError, match="det_cat, det_cont, fss"):
-        get_method("crps")
+        get_method("nosuchscore")
     with pytest.raises(ValueError, match="CSI"):
         contingency_compute(contingency_init([10], [1.0]), ["CSII"])
 
