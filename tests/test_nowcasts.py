@@ -47,9 +47,10 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_registry_lists_methods_for_unknown_name():
-    assert registered_methods() == ["extrapolation", "model", "persistence", "sprog"]
-    with pytest.raises(ValueError, match="extrapolation, model, persistence, sprog"):
-        get_method("steps")
+    names = ["extrapolation", "lagrangian_probability", "model", "persistence", "sprog", "steps"]
+    assert registered_methods() == names
+    with pytest.raises(ValueError, match=", ".join(names)):
+        get_method("nosuchmethod")
     assert get_method("Persistence") is get_method("persistence")
 
 

@@ -1,19 +1,23 @@
-"""Forecast methods: persistence, pysteps extrapolation and S-PROG, and trained models.
+"""Forecast methods: persistence, pysteps extrapolation, S-PROG and STEPS, and trained models.
 
 Every method takes the input frames as an ``xarray.DataArray`` of rain rate (time, y, x) in mm/h
 (with a ``time`` coordinate and the cube's CRS, see :func:`cube_inputs`) and a number of lead
 times, and returns the in-memory Forecast (``docs/architecture.md``): a DataArray (lead_time, y,
-x) in mm/h whose reference time is the last input time. The no-data area of the last input frame
-is NaN in every lead time.
+x) in mm/h whose reference time is the last input time, or (realization, lead_time, y, x) for an
+ensemble (:mod:`nowcast.nowcasts.forecast`). The no-data area of the last input frame is NaN in
+every lead time. ``lagrangian_probability`` returns probabilities (threshold, lead_time, y, x)
+instead (:mod:`nowcast.nowcasts.probability`).
 
-=============== ==========================================================================
-name            method
-=============== ==========================================================================
-persistence     Eulerian persistence
-extrapolation   Lucas-Kanade motion + semi-Lagrangian extrapolation (pysteps)
-sprog           S-PROG (pysteps) on dB fields with the Lucas-Kanade motion
-model           a trained network: ``get_method("model")(checkpoint=path)`` -> callable
-=============== ==========================================================================
+====================== =======================================================================
+name                   method
+====================== =======================================================================
+persistence            Eulerian persistence
+extrapolation          Lucas-Kanade motion + semi-Lagrangian extrapolation (pysteps)
+sprog                  S-PROG (pysteps) on dB fields with the Lucas-Kanade motion
+steps                  STEPS ensemble (pysteps) on dB fields with the Lucas-Kanade motion
+lagrangian_probability local Lagrangian exceedance probabilities (pysteps)
+model                  a trained network: ``get_method("model")(checkpoint=path)`` -> callable
+====================== =======================================================================
 
 :func:`forecast_window` (:mod:`nowcast.nowcasts.runner`) forecasts one window of a cube with
 every method and variant of a :class:`ForecastRun`, as every stage does.

@@ -9,6 +9,11 @@ export can rely on one layout (documented in ``docs/architecture.md``, "Forecast
   cube);
 - attributes ``crs_wkt``, ``units``, ``standard_name``, ``long_name`` and, when known, ``method``,
   ``radar_source`` and ``institution``.
+
+An ensemble forecast (:func:`make_ensemble_forecast`) has a leading ``realization`` dimension
+(CF ``realization``, integer coordinate ``0 .. m - 1``): dims ``(realization, lead_time, y, x)``.
+A deterministic forecast is a one-member ensemble: :func:`members` gives every forecast in the
+ensemble layout and :func:`ensemble_mean` every forecast in the deterministic one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import xarray as xr
 
 FORECAST_NAME = "rain_rate"
 FORECAST_DIMS = ("lead_time", "y", "x")
+#: The member dimension of an ensemble forecast (CF ``realization``).
+REALIZATION = "realization"
+ENSEMBLE_DIMS = (REALIZATION, *FORECAST_DIMS)
 FORECAST_ATTRS = {
     "long_name": "rain rate",
     "standard_name": "lwe_precipitation_rate",
@@ -121,3 +129,106 @@ def forecast_crs(forecast: xr.DataArray) -> pyproj.CRS:
 def lead_time_minutes(forecast: xr.DataArray) -> np.ndarray:
     """Lead times in minutes (float) of a forecast."""
     return forecast["lead_time"].values / np.timedelta64(1, "m")
+
+
+def make_ensemble_forecast(
+    values,
+    reference_time,
+    timestep_minutes: int | float,
+    grid_like: xr.Dataset | xr.DataArray,
+    method: str | None = None,
+) -> xr.DataArray:
+    """Wrap ensemble values in the forecast contract, with a leading ``realization`` dimension.
+
+    Parameters
+    ----------
+    values : array_like, shape (n_members, n_lead, ny, nx)
+        Rain rate in mm/h of each member; NaN marks no data.
+    reference_time, timestep_minutes, grid_like, method
+        As for :func:`make_forecast`.
+
+    Returns
+    -------
+    xarray.DataArray
+        The forecast, dims ``(realization, lead_time, y, x)``, ``realization`` = 0 .. m - 1.
+
+    Raises
+    ------
+    ValueError
+        If ``values`` is not 4-dimensional on the grid, or no CRS is found.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim != 4 or values.shape[0] < 1:
+        raise ValueError(
+            f"ensemble values have shape {values.shape}; expected (n_members, n_lead, ny, nx)"
+        )
+    # The coordinates and attributes of one member, shared by all of them.
+    first = make_forecast(values[0], reference_time, timestep_minutes, grid_like, method)
+    return xr.DataArray(
+        values,
+        dims=ENSEMBLE_DIMS,
+        coords={**first.coords, REALIZATION: _realization(values.shape[0])},
+        name=FORECAST_NAME,
+        attrs=first.attrs,
+    )
+
+
+def _realization(n_members: int) -> xr.Variable:
+    return xr.Variable(
+        REALIZATION,
+        np.arange(n_members, dtype=np.int32),
+        {"standard_name": "realization", "long_name": "ensemble member"},
+    )
+
+
+def is_ensemble(forecast: xr.DataArray) -> bool:
+    """Whether a forecast has the ``realization`` dimension (even of one member)."""
+    return REALIZATION in forecast.dims
+
+
+def ensemble_size(forecast: xr.DataArray) -> int:
+    """Number of members of a forecast: 1 for a deterministic one."""
+    return int(forecast.sizes.get(REALIZATION, 1))
+
+
+def members(forecast: xr.DataArray) -> xr.DataArray:
+    """A forecast in the ensemble layout ``(realization, lead_time, y, x)``.
+
+    A deterministic forecast becomes a one-member ensemble (a view, ``realization`` = [0]); an
+    ensemble is returned with its dimensions in the contract's order.
+
+    Parameters
+    ----------
+    forecast : xarray.DataArray
+        Deterministic ``(lead_time, y, x)`` or ensemble ``(realization, lead_time, y, x)``.
+
+    Returns
+    -------
+    xarray.DataArray
+    """
+    if not is_ensemble(forecast):
+        forecast = forecast.expand_dims(REALIZATION).assign_coords({REALIZATION: _realization(1)})
+    return forecast.transpose(*ENSEMBLE_DIMS)
+
+
+def ensemble_mean(forecast: xr.DataArray) -> xr.DataArray:
+    """The mean over members, a deterministic forecast ``(lead_time, y, x)``.
+
+    A pixel is no data (NaN) where any member is: the mean of fewer members would be another
+    forecast. A deterministic forecast is returned as it is.
+
+    Parameters
+    ----------
+    forecast : xarray.DataArray
+        Deterministic or ensemble forecast.
+
+    Returns
+    -------
+    xarray.DataArray
+        With the forecast's attributes and ``attrs["ensemble_size"]`` for an ensemble.
+    """
+    if not is_ensemble(forecast):
+        return forecast
+    mean = forecast.mean(REALIZATION, skipna=False, keep_attrs=True).astype(np.float32)
+    mean.attrs["ensemble_size"] = ensemble_size(forecast)
+    return mean.transpose(*FORECAST_DIMS)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from nowcast.nowcasts.forecast import make_forecast
+from nowcast.nowcasts.forecast import make_ensemble_forecast, make_forecast
+from nowcast.sources.cube import pixel_size
 from nowcast.windows import cube_time_indices, input_times
 
 
@@ -67,6 +68,28 @@ def input_timestep(inputs: xr.DataArray, timestep_minutes: float | None = None) 
     return float(steps[0])
 
 
+def input_pixel_size_km(inputs: xr.DataArray, pixel_size_km: float | None = None) -> float:
+    """The grid's pixel size in km: ``pixel_size_km`` when given, else the spacing of ``x``.
+
+    Parameters
+    ----------
+    inputs : xarray.DataArray
+        Input frames with an ``x`` coordinate in metres (as the cube's).
+    pixel_size_km : float, optional
+        Given pixel size.
+
+    Raises
+    ------
+    ValueError
+        If the size is not positive, or is not given for a grid of one column.
+    """
+    if pixel_size_km is None:
+        pixel_size_km = pixel_size(inputs["x"].values) / 1000.0
+    if not np.isfinite(pixel_size_km) or pixel_size_km <= 0:
+        raise ValueError(f"pixel size must be a positive number of km, got {pixel_size_km}")
+    return float(pixel_size_km)
+
+
 def reference_time(inputs: xr.DataArray) -> np.datetime64:
     """The forecast reference time: the time of the last input frame."""
     return np.datetime64(inputs["time"].values[-1], "ns")
@@ -105,6 +128,20 @@ def to_forecast(
     values = np.array(values, dtype=np.float32)
     values[:, no_data_mask(inputs)] = np.nan
     return make_forecast(values, reference_time(inputs), timestep_minutes, inputs, method=method)
+
+
+def to_ensemble_forecast(
+    values: np.ndarray, inputs: xr.DataArray, timestep_minutes: float, method: str
+) -> xr.DataArray:
+    """:func:`to_forecast` for members (n_members, n_leadtimes, y, x): dims (realization, ...).
+
+    The last input frame's no-data area is NaN in every member and lead time.
+    """
+    values = np.array(values, dtype=np.float32)
+    values[:, :, no_data_mask(inputs)] = np.nan
+    return make_ensemble_forecast(
+        values, reference_time(inputs), timestep_minutes, inputs, method=method
+    )
 
 
 def cube_inputs(

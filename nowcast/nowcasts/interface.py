@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nowcast.nowcasts import extrapolation, persistence, sprog
+from nowcast.nowcasts import extrapolation, persistence, sprog, steps
 from nowcast.nowcasts.model import ModelNowcast
+from nowcast.nowcasts.probability import lagrangian_probability
 
 _METHODS: dict[str, Callable] = {
     "persistence": persistence.forecast,
     "extrapolation": extrapolation.forecast,
     "sprog": sprog.forecast,
+    "steps": steps.forecast,
+    "lagrangian_probability": lagrangian_probability,
     "model": ModelNowcast,
 }
 
-#: Methods that are ready to call; ``model`` must first be built from a checkpoint.
-BASELINES = ("persistence", "extrapolation", "sprog")
+#: Methods that are ready to call; ``model`` must first be built from a checkpoint. When one
+#: that advects runs, the runner shares its full-resolution motion. Being listed here does not
+#: make a method run: each stage keeps its own default list.
+BASELINES = ("persistence", "extrapolation", "sprog", "steps", "lagrangian_probability")
 
 #: What a method declares besides its inputs. ``uses_motion``: it advects along the
 #: Lucas-Kanade motion of its inputs and accepts it as ``velocity=``, so an evaluation estimates
@@ -25,6 +30,8 @@ METHOD_NEEDS: dict[str, dict[str, bool]] = {
     "persistence": {"uses_motion": False},
     "extrapolation": {"uses_motion": True},
     "sprog": {"uses_motion": True},
+    "steps": {"uses_motion": True},
+    "lagrangian_probability": {"uses_motion": True},
     "model": {"uses_motion": False},
 }
 
@@ -62,6 +69,12 @@ def get_method(name: str) -> Callable:
             Lucas-Kanade motion and semi-Lagrangian extrapolation (pysteps).
         ``"sprog"``
             pysteps S-PROG on dB fields with the Lucas-Kanade motion.
+        ``"steps"``
+            pysteps STEPS on dB fields with the Lucas-Kanade motion: an ensemble forecast
+            (realization, lead_time, y, x), 20 members by default.
+        ``"lagrangian_probability"``
+            pysteps' local Lagrangian probabilities of rain >= 1, 5 and 10 mm/h: a
+            probability forecast (threshold, lead_time, y, x), not a rain rate.
         ``"model"``
             :class:`~nowcast.nowcasts.model.ModelNowcast`: call it with ``checkpoint=path``
             (loaded once) to get the forecast callable.
@@ -69,7 +82,8 @@ def get_method(name: str) -> Callable:
     Returns
     -------
     callable
-        ``forecast(inputs, n_leadtimes, **kwargs) -> xarray.DataArray`` for the baselines; for
+        ``forecast(inputs, n_leadtimes, **kwargs) -> xarray.DataArray`` for the baselines
+        (see :mod:`nowcast.nowcasts.steps` and :mod:`nowcast.nowcasts.probability`); for
         ``"model"`` the class that builds such a callable.
 
     Raises

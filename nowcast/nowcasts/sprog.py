@@ -7,21 +7,16 @@ stays no-data, as for every method here.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import threading
-
-import dask
 import numpy as np
 import xarray as xr
 
 from nowcast import import_pysteps
 from nowcast.advection.motion import DB_THRESHOLD, DB_ZEROVALUE, N_MOTION_FRAMES, motion_field
 from nowcast.nowcasts.inputs import check_inputs, input_timestep, to_forecast
+from nowcast.nowcasts.pysteps_call import pysteps_call
 
 pysteps_sprog = import_pysteps("pysteps.nowcasts.sprog")
 dB_transform = import_pysteps("pysteps.utils.transformation").dB_transform
-_STDOUT_LOCK = threading.Lock()
 
 
 def forecast(
@@ -71,17 +66,7 @@ def forecast(
     # No data is no rain, as for the extrapolation: rain is not advected out of the no-data area.
     db[~np.isfinite(db)] = DB_ZEROVALUE
     db_threshold = 10.0 * np.log10(DB_THRESHOLD)
-    # With dask installed, pysteps' S-PROG advects the previous frames through dask.compute.
-    # Inside a Dask task that would submit to the distributed cluster from within a task, which
-    # can deadlock a one-thread worker; the configured scheduler is consulted before the
-    # worker's client, so the synchronous scheduler runs the same functions in this thread.
-    # pysteps' S-PROG prints tables for every call. stdout is process-global, so the redirect is
-    # serialised: concurrent redirects in threads could otherwise restore the wrong stream.
-    with (
-        _STDOUT_LOCK,
-        contextlib.redirect_stdout(io.StringIO()),
-        dask.config.set(scheduler="synchronous"),
-    ):
+    with pysteps_call():
         values_db = pysteps_sprog.forecast(
             db,
             velocity,
