@@ -7,13 +7,16 @@ of shape (batch, n_input_frames, channels, height, width) to one of shape
 happens in normalised space). Look models up by name with :func:`get_method` or build them with
 :func:`build_model`; add your own with the :func:`register` decorator.
 
-=========== =========================================================================
-name        model
-=========== =========================================================================
-convlstm    :class:`EncoderForecaster` (default; Shi et al., 2015)
-cnn_lstm    :class:`CNNLSTM` (serial CNN-LSTM, tiled)
-fc_lstm     :class:`FCLSTM` (fully connected LSTM of Shi et al., 2015, tiled)
-=========== =========================================================================
+=================== =================================================================
+name                model
+=================== =================================================================
+convlstm            :class:`EncoderForecaster` (default; Shi et al., 2015)
+cnn_lstm            :class:`CNNLSTM` (serial CNN-LSTM, tiled)
+fc_lstm             :class:`FCLSTM` (fully connected LSTM of Shi et al., 2015, tiled)
+stochastic_convlstm :class:`StochasticEncoderForecaster`: the residual ConvLSTM driven by
+                    correlated noise, an ensemble (its ``stochastic`` attribute is True:
+                    ``forward(frames, n_members)`` adds a member axis after the batch)
+=================== =================================================================
 """
 
 from nowcast.models.cnn_lstm import CNNLSTM
@@ -27,6 +30,7 @@ from nowcast.models.registry import (
     register,
     registered_models,
 )
+from nowcast.models.stochastic import StochasticEncoderForecaster
 
 __all__ = [
     "CNNLSTM",
@@ -34,6 +38,7 @@ __all__ = [
     "FCLSTM",
     "ConvLSTMCell",
     "EncoderForecaster",
+    "StochasticEncoderForecaster",
     "build_model",
     "count_parameters",
     "forward_flops",

@@ -17,7 +17,10 @@ def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     The class must follow the model contract: its constructor takes
     ``(n_input_frames, n_target_frames, in_channels=1, **arch_kwargs)`` and its ``forward`` maps a
     tensor of shape (batch, n_input_frames, channels, height, width) to one of shape
-    (batch, n_target_frames, channels, height, width) with unconstrained real values.
+    (batch, n_target_frames, channels, height, width) with unconstrained real values. A stochastic
+    model (an ensemble) has the class attribute ``stochastic = True``; its ``forward`` takes
+    ``(frames, n_members=1, generator=None)`` and returns members of shape
+    (batch, n_members, n_target_frames, channels, height, width).
 
     Parameters
     ----------
@@ -47,15 +50,41 @@ def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return decorator
 
 
-def registered_models() -> list[str]:
-    """Return the sorted names of the registered model architectures.
+def is_stochastic(name: str) -> bool:
+    """Whether the model registered under ``name`` is stochastic (forecasts members).
+
+    Parameters
+    ----------
+    name : str
+        Registry name (case-insensitive).
+
+    Returns
+    -------
+    bool
+        The class's ``stochastic`` attribute, False when it has none.
+    """
+    return bool(getattr(get_method(name), "stochastic", False))
+
+
+def registered_models(stochastic: bool = False) -> list[str]:
+    """Return the sorted names of the registered model architectures of one kind.
+
+    Parameters
+    ----------
+    stochastic : bool, optional
+        List the stochastic models (ensembles, whose ``forward`` adds a member axis) instead of
+        those that follow the one-forecast contract, by default False.
 
     Returns
     -------
     list of str
         Registered names.
     """
-    return sorted(_MODELS)
+    return sorted(
+        name
+        for name, model_class in _MODELS.items()
+        if bool(getattr(model_class, "stochastic", False)) == stochastic
+    )
 
 
 def get_method(name: str = DEFAULT_MODEL) -> type[nn.Module]:
@@ -79,7 +108,7 @@ def get_method(name: str = DEFAULT_MODEL) -> type[nn.Module]:
     key = name.lower() if isinstance(name, str) else name
     if key not in _MODELS:
         raise ValueError(
-            f"unknown model {name!r}; registered models are: {', '.join(registered_models())}"
+            f"unknown model {name!r}; registered models are: {', '.join(sorted(_MODELS))}"
         )
     return _MODELS[key]
 

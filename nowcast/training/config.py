@@ -9,7 +9,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from nowcast.config import StrictModel, UserError
-from nowcast.models.registry import DEFAULT_MODEL, get_method
+from nowcast.models.registry import DEFAULT_MODEL, get_method, is_stochastic
+from nowcast.training.losses import MEMBER_LOSSES
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class TrainConfig(StrictModel):
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor, fraction of lr")
     plateau_factor: float = Field(0.5, gt=0, lt=1, description="lr factor of a plateau")
     plateau_patience: int = Field(2, ge=0, description="validations without improvement")
-    loss: Literal["mse", "mae", "mse+mae", "bmse+bmae", "mse+bias", "pinball"] = "bmse+bmae"
+    loss: Literal["mse", "mae", "mse+mae", "bmse+bmae", "mse+bias", "pinball", "crps"] = "bmse+bmae"
     loss_kwargs: dict[str, float] = Field(
         default_factory=dict,
         description="keyword arguments of the loss, e.g. {area_weight: 1.0} for mse+bias",
@@ -64,6 +65,12 @@ class TrainConfig(StrictModel):
     epochs: int | None = Field(20, ge=1, description="epochs to train (null: max_steps only)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
     batch_size: int = Field(8, ge=1, description="per process")
+    members: int = Field(
+        1,
+        ge=1,
+        description="ensemble members per sample of a stochastic model (>= 2, with loss crps); "
+        "the forecaster runs batch_size x members sequences per step",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per process")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (null: off)")
     seed: int = 0
@@ -89,6 +96,24 @@ class TrainConfig(StrictModel):
     def _has_length(self) -> TrainConfig:
         if self.epochs is None and self.max_steps is None:
             raise ValueError("set 'epochs' or 'max_steps' (or both)")
+        return self
+
+    @model_validator(mode="after")
+    def _members_fit_model_and_loss(self) -> TrainConfig:
+        # An ensemble loss needs members, and members need a model that draws them.
+        name, member_loss = self.model.name, self.loss in MEMBER_LOSSES
+        if is_stochastic(name):
+            if self.members < 2 or not member_loss:
+                raise ValueError(
+                    f"model '{name}' is stochastic: train it with loss: crps and members >= 2 "
+                    f"(got loss {self.loss}, members {self.members})"
+                )
+        elif member_loss or self.members > 1:
+            raise ValueError(
+                f"loss {self.loss} with members {self.members} needs a stochastic model "
+                f"(stochastic_convlstm); '{name}' forecasts one member: use members: 1 and "
+                f"another loss"
+            )
         return self
 
 

@@ -70,7 +70,7 @@ from nowcast.training.setup import (
     seed_everything,
     start_run,
 )
-from nowcast.training.step import StepParts, train_step
+from nowcast.training.step import StepParts, point_forecast, train_step
 from nowcast.verification import contingency_accum, contingency_compute, contingency_init
 
 logger = logging.getLogger(__name__)
@@ -272,8 +272,8 @@ def validate(
 ) -> dict[str, float]:
     """Validation loss, MSE in mm/h and CSI at 1 mm/h, pooled over the valid pixels of a loader.
 
-    The CSI pools the contingency table of :mod:`nowcast.verification` (an event is rain rate
-    ``>`` :data:`CSI_THRESHOLD`) over all valid pixels, lead times and processes.
+    MSE and CSI score a stochastic model's ensemble mean. The CSI pools a contingency table (rain
+    rate ``>`` :data:`CSI_THRESHOLD`) over all valid pixels, lead times and processes.
 
     Parameters
     ----------
@@ -300,10 +300,10 @@ def validate(
     for inputs, targets, mask in loader:
         inputs, targets, mask = (t.to(device, non_blocking=True) for t in (inputs, targets, mask))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            prediction = model(inputs)
+            prediction = parts.predict(model, inputs)
         prediction = prediction.float()
         target_rain_rate = normalization.inverse(targets)
-        predicted_rain_rate = normalization.inverse(prediction)
+        predicted_rain_rate = point_forecast(normalization.inverse(prediction), targets)
         valid = mask > 0
         n_valid = valid.sum()
         loss = parts.loss_fn(prediction, targets, mask, target_rain_rate)

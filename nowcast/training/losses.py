@@ -21,6 +21,8 @@ mse+bias    MSE plus a wet-area term: the squared difference between the forecas
             builds up at long lead times, where blurring spreads light rain.
 pinball     quantile loss of the normalised values (``loss_kwargs: {quantile: q}``, default
             0.6): a forecast of the q-quantile instead of the mean, see :func:`pinball`
+crps        fair CRPS of an ensemble of m >= 2 members of the normalised values, see
+            :func:`fair_crps`: the prediction has a member axis, (batch, m, ...), the target not
 =========== ================================================================================
 
 References
@@ -38,9 +40,11 @@ import torch
 __all__ = [
     "HKO7_THRESHOLDS",
     "HKO7_WEIGHTS",
+    "MEMBER_LOSSES",
     "RAIN_RATE_LOSSES",
     "balanced_mse_mae",
     "balanced_weights",
+    "fair_crps",
     "get_method",
     "masked_mae",
     "masked_mse",
@@ -60,6 +64,8 @@ HKO7_THRESHOLDS = (0.5, 2.0, 5.0, 10.0, 30.0)
 #: Weight of each bin: below 0.5, [0.5, 2), [2, 5), [5, 10), [10, 30) and from 30 mm/h up.
 HKO7_WEIGHTS = (1.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 
+#: Losses of an ensemble: the prediction has a member axis after the batch axis.
+MEMBER_LOSSES = ("crps",)
 #: Losses that need the target rain rate (mm/h) as well as the normalised target.
 RAIN_RATE_LOSSES = ("bmse+bmae",)
 #: Losses that need ``wet_thresholds``: :data:`WET_AREA_THRESHOLDS` in normalised units.
@@ -316,6 +322,74 @@ def pinball(
     return torch.maximum(quantile * under, (quantile - 1.0) * under).sum() / n_valid
 
 
+def fair_crps(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    target_rain_rate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fair (unbiased) CRPS of an ensemble, averaged over the valid pixels.
+
+    For the members ``x_1 ... x_m`` of a pixel and its observation ``y``::
+
+        CRPS_fair = 1/m sum_i |x_i - y| - 1/(2 m (m - 1)) sum_{i,j} |x_i - x_j|
+
+    (Ferro, 2014). Its expectation is smallest when the members are drawn from the distribution
+    of the observation, whatever ``m``; the plain ensemble CRPS (``1/(2 m^2)`` instead) would
+    reward too little spread at small ``m``. The pair sum is taken on the sorted members,
+    ``sum_{i,j} |x_i - x_j| = 2 sum_k (2k - m - 1) x_(k)``, in O(m log m) memory and time.
+
+    Parameters
+    ----------
+    prediction : torch.Tensor
+        Normalised member frames (batch, m, n_target_frames, 1, height, width), m >= 2.
+    target : torch.Tensor
+        Normalised frames (batch, n_target_frames, 1, height, width).
+    mask : torch.Tensor
+        1 where the target is valid, 0 for no data; the shape of ``target``.
+    target_rain_rate : torch.Tensor, optional
+        Unused; accepted so that every loss has the same signature.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss: the sum of the pixels' fair CRPS over the valid pixels, divided by their
+        number (each pixel counted once, not once per member).
+
+    Raises
+    ------
+    ValueError
+        If ``prediction`` has no member axis or fewer than 2 members.
+
+    References
+    ----------
+    Ferro, C. A. T. (2014). Fair scores for ensemble forecasts. Q. J. R. Meteorol. Soc. 140,
+    1917-1923.
+    """
+    if prediction.dim() != target.dim() + 1 or prediction.shape[2:] != target.shape[1:]:
+        raise ValueError(
+            f"the crps loss needs members (batch, m, ...) of the target's shape "
+            f"{tuple(target.shape)}, got {tuple(prediction.shape)}"
+        )
+    n_members = prediction.shape[1]
+    if n_members < 2:
+        raise ValueError(f"the fair crps needs at least 2 members per sample, got {n_members}")
+    valid = (mask > 0).unsqueeze(1)
+    zero = torch.zeros((), dtype=prediction.dtype, device=prediction.device)
+    # torch.where before any arithmetic: NaN or inf under the mask must not reach the sums or
+    # the gradient (an invalid pixel then has all members and the target at 0: a zero score).
+    members = torch.where(valid, prediction, zero)
+    observed = torch.where(valid, target.unsqueeze(1), zero)
+    error = (members - observed).abs().mean(dim=1)
+    ordered = members.sort(dim=1).values
+    rank = torch.arange(1, n_members + 1, dtype=prediction.dtype, device=prediction.device)
+    weights = (2 * rank - n_members - 1).reshape(1, n_members, *([1] * (target.dim() - 1)))
+    pair_sum = 2 * (weights * ordered).sum(dim=1)
+    crps = error - pair_sum / (2 * n_members * (n_members - 1))
+    n_valid = (mask > 0).sum().clamp_min(1)
+    return crps.sum() / n_valid
+
+
 _LOSSES: dict[str, Loss] = {
     "mse": masked_mse,
     "mae": masked_mae,
@@ -324,17 +398,25 @@ _LOSSES: dict[str, Loss] = {
     "mse+bias": mse_wet_area,
     "pinball": pinball,
 }
+# Ensemble losses: their prediction has a member axis, so they are listed apart.
+_MEMBER_LOSSES: dict[str, Loss] = {"crps": fair_crps}
 
 
-def registered_losses() -> list[str]:
-    """Return the names of the registered losses.
+def registered_losses(members: bool = False) -> list[str]:
+    """Return the names of the registered losses of one forecast, or of members.
+
+    Parameters
+    ----------
+    members : bool, optional
+        List the ensemble losses (:data:`MEMBER_LOSSES`, whose prediction has a member axis)
+        instead of those of a forecast of the target's shape, by default False.
 
     Returns
     -------
     list of str
         Registered names, sorted.
     """
-    return sorted(_LOSSES)
+    return sorted(_MEMBER_LOSSES if members else _LOSSES)
 
 
 def get_method(name: str) -> Loss:
@@ -343,8 +425,7 @@ def get_method(name: str) -> Loss:
     Parameters
     ----------
     name : str
-        One of ``"mse"``, ``"mae"``, ``"mse+mae"``, ``"bmse+bmae"``, ``"mse+bias"``
-        (case-insensitive).
+        One of :func:`registered_losses`, with or without members (case-insensitive).
 
     Returns
     -------
@@ -357,8 +438,9 @@ def get_method(name: str) -> Loss:
         If ``name`` is not registered; the message lists the registered names.
     """
     key = name.lower() if isinstance(name, str) else name
-    if key not in _LOSSES:
+    registered = {**_LOSSES, **_MEMBER_LOSSES}
+    if key not in registered:
         raise ValueError(
-            f"unknown loss {name!r}; registered losses are: {', '.join(registered_losses())}"
+            f"unknown loss {name!r}; registered losses are: {', '.join(sorted(registered))}"
         )
-    return _LOSSES[key]
+    return registered[key]

@@ -72,6 +72,20 @@ class StepParts:
     #: Called with the normalised targets when the loss needs them in mm/h, else None.
     rain_rate: Callable[[torch.Tensor], torch.Tensor] | None = None
     distributed: bool = False
+    #: Members per sample of a stochastic model (``train.members``); 1 for a deterministic one.
+    members: int = 1
+
+    def predict(self, model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """The forecast of ``model`` (``self.model``, or the unwrapped model in validation).
+
+        A deterministic model is called as ``model(inputs)``. A stochastic one draws
+        :attr:`members` members per sample, with independent noise from torch's global
+        generator (its state is in every checkpoint, so a resumed run draws the same noise),
+        and returns them on a member axis after the batch axis.
+        """
+        if not getattr(self.raw_model, "stochastic", False):
+            return model(inputs)
+        return model(inputs, n_members=self.members)
 
     @classmethod
     def for_config(
@@ -97,14 +111,22 @@ class StepParts:
             amp_dtype=amp_dtype,
             grad_clip=config.grad_clip,
             rain_rate=normalization.inverse if needs_rain_rate else None,
+            members=config.members,
             **options,
         )
+
+
+def point_forecast(prediction: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The ensemble mean of members (batch, m, ...) of ``targets`` (batch, ...); a forecast
+    without a member axis as it is. Validation scores the mean's MSE and CSI."""
+    return prediction.mean(dim=1) if prediction.dim() == targets.dim() + 1 else prediction
 
 
 def train_step(parts: StepParts, inputs, targets, mask, step: int = 0, checkpoint=None) -> float:
     """One optimisation step on a batch; returns the loss (mean over ranks).
 
-    Forward under autocast when ``amp_dtype`` is set, the loss in fp32 (low-precision sums over
+    Forward under autocast when ``amp_dtype`` is set (:meth:`StepParts.predict`: with
+    members, gradients flow through all of them), the loss in fp32 (low-precision sums over
     a whole batch lose the small errors), backward through the gradient scaler, optional
     clipping, optimizer and per-step scheduler. The training loop and the benchmarks
     (``benchmarks/bench_train.py``, ``bench_gpu.py``) run this same function.
@@ -119,7 +141,7 @@ def train_step(parts: StepParts, inputs, targets, mask, step: int = 0, checkpoin
     targets = targets.to(device, non_blocking=True)
     mask = mask.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
-        prediction = parts.model(inputs)
+        prediction = parts.predict(parts.model, inputs)
     target_rain_rate = parts.rain_rate(targets) if parts.rain_rate is not None else None
     loss = parts.loss_fn(prediction.float(), targets, mask, target_rain_rate)
     loss_value = global_mean(loss, parts.distributed)

@@ -1,0 +1,377 @@
+"""A stochastic ConvLSTM: the residual encoder-forecaster driven by a correlated noise field.
+
+Each member of an ensemble is the forecast of one draw of a spatially correlated Gaussian noise
+field, concatenated to the forecaster's input at every step. The input frames are encoded once
+per sample; the members start from copies of the encoded states, so the encoder's work is
+shared and only the forecaster runs once per member. With ``residual=True`` (the default) the
+output layer starts at zero: before training every member is the last input frame (in a
+Lagrangian frame, extrapolation) and the noise has no effect; training on an ensemble score
+such as the fair CRPS (:func:`nowcast.training.losses.fair_crps`) teaches the network to turn
+the noise into spread.
+
+The noise of one member is one field per noise channel, the same at every lead time, so a
+member is a consistent scenario: white noise at the patch resolution smoothed by a Gaussian of
+standard deviation ``noise_scale_pixels`` (input pixels), scaled back to unit variance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from nowcast.models.convlstm import ConvLSTMCell, EncoderForecaster
+from nowcast.models.registry import register
+from nowcast.models.spatial import check_sequence_input, pad_to_multiple
+
+__all__ = ["Encoded", "StochasticEncoderForecaster", "correlated_noise"]
+
+
+def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """1-D Gaussian over ``[-3 sigma, 3 sigma]`` with unit sum of squares (unit output variance)."""
+    radius = math.ceil(3.0 * sigma)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    # Separable smoothing by g (x) g of unit-variance white noise has variance (sum g^2)^2.
+    kernel = kernel / kernel.square().sum().sqrt()
+    return kernel.to(dtype=dtype, device=device)
+
+
+def correlated_noise(
+    n_members: int,
+    batch: int,
+    channels: int,
+    height: int,
+    width: int,
+    sigma: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw stationary Gaussian noise fields of unit variance, smoothed over ``sigma`` cells.
+
+    White noise is drawn on a grid wider by ``ceil(3 sigma)`` on every side and smoothed with a
+    separable Gaussian of standard deviation ``sigma`` grid cells ("valid" convolution), so the
+    field is stationary up to its edges. The draws go member by member, each of shape
+    (batch, channels, ...): a given generator state gives the same members however they are
+    then split into member batches.
+
+    Parameters
+    ----------
+    n_members, batch, channels, height, width : int
+        Shape of the draw.
+    sigma : float
+        Standard deviation of the Gaussian smoothing in grid cells: the fields' correlation at
+        a lag of ``d`` cells is ``exp(-d**2 / (4 sigma**2))``; 0 gives white noise.
+    generator : torch.Generator, optional
+        Source of the draws, by default torch's global generator of ``device``. The fields are
+        drawn on the generator's device and then moved to ``device``.
+    device : torch.device or str, optional
+        Device of the result, by default the generator's (the CPU without one).
+
+    Returns
+    -------
+    torch.Tensor
+        Float32 noise of shape (batch * n_members, channels, height, width), sample-major: row
+        ``b * n_members + j`` is member ``j`` of sample ``b``.
+    """
+    radius = math.ceil(3.0 * sigma) if sigma > 0 else 0
+    draw_device = generator.device if generator is not None else device
+    shape = (batch, channels, height + 2 * radius, width + 2 * radius)
+    draws = [torch.randn(shape, generator=generator, device=draw_device) for _ in range(n_members)]
+    white = torch.stack(draws, dim=1).reshape(batch * n_members, *shape[1:])
+    white = white.to(device) if device is not None else white
+    if radius == 0:
+        return white
+    kernel = _gaussian_kernel(sigma, white.dtype, white.device)
+    size = kernel.numel()
+    rows = kernel.reshape(1, 1, size, 1).expand(channels, 1, size, 1)
+    columns = kernel.reshape(1, 1, 1, size).expand(channels, 1, 1, size)
+    smooth = F.conv2d(white, rows, groups=channels)
+    return F.conv2d(smooth, columns, groups=channels)
+
+
+@dataclasses.dataclass
+class Encoded:
+    """The encoder's summary of a batch of input windows, shared by all members.
+
+    Attributes
+    ----------
+    states : list of torch.Tensor
+        The encoder's last ``(h, c)`` of every layer, each (batch, hidden, y, x).
+    last_patches : torch.Tensor
+        The last input frame as patches (batch, channels * patch_factor**2, y, x), padded.
+    last_frame : torch.Tensor
+        The last input frame (batch, channels, height, width), the residual's baseline.
+    """
+
+    states: list[torch.Tensor]
+    last_patches: torch.Tensor
+    last_frame: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        """Number of samples."""
+        return self.last_frame.shape[0]
+
+
+@register("stochastic_convlstm")
+class StochasticEncoderForecaster(EncoderForecaster):
+    """Residual ConvLSTM encoder-forecaster whose members are driven by correlated noise.
+
+    The constructor takes the arguments of :class:`~nowcast.models.convlstm.EncoderForecaster`
+    (``residual`` defaults to True here) plus the noise's. The forecaster's full-resolution
+    first layer (the bottom one with ``downsample``) reads ``noise_channels`` more channels:
+    the member's noise field, after the previous prediction when
+    ``forecaster_input="prediction"``.
+
+    Members of one sample share the encoder: :meth:`encode` runs once per batch and
+    :meth:`decode` repeats its states for each member. Training with ``m`` members per sample
+    runs the forecaster on ``batch_size * m`` sequences: its activation memory and time scale
+    with that product, the encoder's with ``batch_size`` only.
+
+    Parameters
+    ----------
+    n_input_frames, n_target_frames : int
+        Past frames read and future frames predicted.
+    in_channels : int, optional
+        Channels per frame, by default 1.
+    noise_channels : int, optional
+        Channels of each member's noise field, by default 4.
+    noise_scale_pixels : float, optional
+        Standard deviation of the noise's Gaussian smoothing in input pixels, by default 32 (the
+        correlation at a lag of ``d`` pixels is ``exp(-d**2 / (4 s**2))``); the noise lives at
+        the patch resolution, and 0 gives white noise there.
+    residual : bool, optional
+        Predict a correction of the last input frame, with the output layer starting at zero,
+        by default True.
+    **kwargs
+        The other :class:`~nowcast.models.convlstm.EncoderForecaster` arguments
+        (``patch_factor``, ``hidden_channels``, ``kernel_sizes``, ``downsample``, ``peephole``,
+        ``norm``, ``gradient_checkpointing``, ``forecaster_input``, ``forget_bias``,
+        ``pad_mode``).
+
+    Attributes
+    ----------
+    stochastic : bool
+        True: ``forward`` takes ``n_members`` and returns a member axis.
+    """
+
+    stochastic = True
+
+    def __init__(
+        self,
+        n_input_frames: int,
+        n_target_frames: int,
+        in_channels: int = 1,
+        noise_channels: int = 4,
+        noise_scale_pixels: float = 32.0,
+        residual: bool = True,
+        patch_factor: int = 4,
+        hidden_channels: Sequence[int] = (64, 64),
+        kernel_sizes: int | Sequence[int] = (3, 3),
+        peephole: bool = True,
+        norm: str | None = None,
+        forget_bias: float = 1.0,
+        **kwargs: object,
+    ) -> None:
+        if noise_channels < 1:
+            raise ValueError(f"noise_channels must be >= 1, got {noise_channels}")
+        if not noise_scale_pixels >= 0:
+            raise ValueError(f"noise_scale_pixels must be >= 0, got {noise_scale_pixels}")
+        super().__init__(
+            n_input_frames,
+            n_target_frames,
+            in_channels,
+            patch_factor=patch_factor,
+            hidden_channels=hidden_channels,
+            kernel_sizes=kernel_sizes,
+            peephole=peephole,
+            norm=norm,
+            forget_bias=forget_bias,
+            residual=residual,
+            **kwargs,
+        )
+        self.noise_channels = noise_channels
+        self.noise_scale_pixels = float(noise_scale_pixels)
+        first = self.forecaster[0]
+        self.forecaster[0] = ConvLSTMCell(
+            first.in_channels + noise_channels,
+            first.hidden_channels,
+            first.kernel_size,
+            peephole=peephole,
+            norm=norm,
+            forget_bias=forget_bias,
+        )
+
+    def encode(self, frames: torch.Tensor) -> Encoded:
+        """Run the encoder over the input frames, once per sample.
+
+        Parameters
+        ----------
+        frames : torch.Tensor
+            Input of shape (batch, n_input_frames, in_channels, height, width).
+
+        Returns
+        -------
+        Encoded
+            The states and last frame the members start from.
+        """
+        check_sequence_input(frames, self.n_input_frames, self.in_channels)
+        batch, n_frames, channels, height, width = frames.shape
+        images, _ = pad_to_multiple(
+            frames.reshape(batch * n_frames, channels, height, width),
+            self.spatial_multiple,
+            self.pad_mode,
+        )
+        patches = F.pixel_unshuffle(images, self.patch_factor)
+        patches = patches.reshape(batch, n_frames, *patches.shape[1:])
+        states = self._initial_states(patches)
+        for step in range(n_frames):
+            states = self._run_step(self._encoder_step, patches[:, step], *states)
+        return Encoded(list(states), patches[:, -1], frames[:, -1])
+
+    def decode(
+        self, encoded: Encoded, n_members: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Forecast ``n_members`` members of every sample from the shared encoder states.
+
+        Parameters
+        ----------
+        encoded : Encoded
+            What :meth:`encode` returned.
+        n_members : int
+            Members to draw (one forecaster batch of ``batch * n_members`` sequences).
+        generator : torch.Generator, optional
+            Source of the noise, by default torch's global generator (on the model's device),
+            whose state a training checkpoint records.
+
+        Returns
+        -------
+        torch.Tensor
+            Members of shape (batch, n_members, n_target_frames, in_channels, height, width).
+        """
+        batch = encoded.batch
+        _, channels, height, width = encoded.last_frame.shape
+        states = [state.repeat_interleave(n_members, dim=0) for state in encoded.states]
+        patch_height, patch_width = encoded.last_patches.shape[-2:]
+        noise = correlated_noise(
+            n_members,
+            batch,
+            self.noise_channels,
+            patch_height,
+            patch_width,
+            self.noise_scale_pixels / self.patch_factor,
+            generator,
+            encoded.last_patches.device,
+        ).to(encoded.last_patches.dtype)
+        previous = None
+        if self.forecaster_input == "prediction":
+            previous = encoded.last_patches.repeat_interleave(n_members, dim=0)
+        predictions = []
+        for _ in range(self.n_target_frames):
+            step_input = noise if previous is None else torch.cat([previous, noise], dim=1)
+            prediction, *states = self._run_step(self._forecaster_step, step_input, *states)
+            predictions.append(prediction)
+            if previous is not None:
+                previous = prediction
+        predicted = torch.stack(predictions, dim=1)
+        predicted = F.pixel_shuffle(
+            predicted.reshape(batch * n_members * self.n_target_frames, *predicted.shape[2:]),
+            self.patch_factor,
+        )
+        predicted = predicted[..., :height, :width].reshape(
+            batch, n_members, self.n_target_frames, channels, height, width
+        )
+        if self.residual:
+            predicted = predicted + encoded.last_frame[:, None, None]
+        return predicted
+
+    def iter_members(
+        self,
+        frames: torch.Tensor,
+        n_members: int,
+        member_batch: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Encode once, then yield the members in batches of at most ``member_batch``.
+
+        A caller that writes each batch out holds one member batch at a time. With a given
+        generator state the members are the same whatever ``member_batch``.
+
+        Parameters
+        ----------
+        frames : torch.Tensor
+            Input of shape (batch, n_input_frames, in_channels, height, width).
+        n_members : int
+            Members to draw, >= 1.
+        member_batch : int, optional
+            Members per forecaster batch, by default all at once.
+        generator : torch.Generator, optional
+            Source of the noise, by default torch's global generator.
+
+        Yields
+        ------
+        torch.Tensor
+            Consecutive members, (batch, k, n_target_frames, in_channels, height, width).
+
+        Raises
+        ------
+        ValueError
+            If ``n_members`` or ``member_batch`` is below 1.
+        """
+        if n_members < 1:
+            raise ValueError(f"n_members must be >= 1, got {n_members}")
+        member_batch = n_members if member_batch is None else member_batch
+        if member_batch < 1:
+            raise ValueError(f"member_batch must be >= 1, got {member_batch}")
+        encoded = self.encode(frames)
+        for first in range(0, n_members, member_batch):
+            yield self.decode(encoded, min(member_batch, n_members - first), generator)
+
+    def forecast_members(
+        self,
+        frames: torch.Tensor,
+        n_members: int,
+        member_batch: int = 4,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """All members, drawn in member batches of ``member_batch`` (see :meth:`iter_members`).
+
+        Returns
+        -------
+        torch.Tensor
+            Members (batch, n_members, n_target_frames, in_channels, height, width).
+        """
+        return torch.cat(list(self.iter_members(frames, n_members, member_batch, generator)), 1)
+
+    def forward(
+        self,
+        frames: torch.Tensor,
+        n_members: int = 1,
+        generator: torch.Generator | None = None,
+        member_batch: int | None = None,
+    ) -> torch.Tensor:
+        """Predict ``n_members`` members of the next ``n_target_frames`` frames.
+
+        Parameters
+        ----------
+        frames : torch.Tensor
+            Input of shape (batch, n_input_frames, in_channels, height, width); any height and
+            width.
+        n_members : int, optional
+            Members per sample, by default 1.
+        generator : torch.Generator, optional
+            Source of the noise, by default torch's global generator.
+        member_batch : int, optional
+            Members per forecaster batch, by default all at once.
+
+        Returns
+        -------
+        torch.Tensor
+            Members (batch, n_members, n_target_frames, in_channels, height, width).
+        """
+        chunks = list(self.iter_members(frames, n_members, member_batch, generator))
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
