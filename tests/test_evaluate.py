@@ -333,8 +333,8 @@ def test_select_windows_by_stride_and_maximum():
 
 def test_config_errors_name_the_problem(evaluated, tmp_path):
     experiment, _, _ = evaluated
-    broken = experiment.model_copy(update={"evaluate": {"methods": ["steps"]}})
-    with pytest.raises(ConfigError, match="methods.*unknown forecast method 'steps'"):
+    broken = experiment.model_copy(update={"evaluate": {"methods": ["nosuchmethod"]}})
+    with pytest.raises(ConfigError, match="methods.*unknown forecast method 'nosuchmethod'"):
         evaluate(broken, scheduler="threads", progress=False)
     broken = experiment.model_copy(update={"evaluate": {"thresholds": [2.0]}})
     with pytest.raises(ConfigError, match="report_threshold 1.0 is not in thresholds"):

@@ -320,3 +320,19 @@ def test_methods_declare_whether_they_use_motion():
         uses_motion = True
 
     assert uses_motion("model", Lagrangian())
+
+
+def test_pysteps_call_never_leaves_a_closed_clients_scheduler_configured():
+    """A task still inside pysteps_call when its evaluation's client closes (another thread)
+    must not put the distributed scheduler back into dask's global config."""
+    import dask
+
+    from nowcast.nowcasts.pysteps_call import pysteps_call
+
+    with dask.config.set(scheduler="dask.distributed"):  # the client's setting
+        with pysteps_call():
+            assert dask.config.get("scheduler") == "synchronous"
+        assert dask.config.get("scheduler") == "dask.distributed"  # restored while it lives
+        with pysteps_call():
+            dask.config.set(scheduler=None)  # the client closes meanwhile
+        assert dask.config.get("scheduler", None) is None

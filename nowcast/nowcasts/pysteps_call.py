@@ -28,9 +28,15 @@ def pysteps_call(scheduler: str = "synchronous") -> Iterator[None]:
     scheduler : str, optional
         Dask's local scheduler for the block, by default ``"synchronous"``.
     """
-    with (
-        _STDOUT_LOCK,
-        contextlib.redirect_stdout(io.StringIO()),
-        dask.config.set(scheduler=scheduler),
-    ):
-        yield
+    with _STDOUT_LOCK, contextlib.redirect_stdout(io.StringIO()):
+        previous = dask.config.get("scheduler", None)
+        dask.config.set(scheduler=scheduler)
+        try:
+            yield
+        finally:
+            # Dask's config is global, not per thread: a client closed by another thread in the
+            # meantime (an evaluation that failed while this task ran) has restored its own
+            # setting, which must stay; putting ``previous`` back then would leave the
+            # distributed scheduler configured with no client.
+            if dask.config.get("scheduler", None) == scheduler:
+                dask.config.set(scheduler=previous)
