@@ -20,13 +20,26 @@ complete: ``metrics.csv`` and ``metrics.json`` (tidy scores, see :data:`METRIC_C
 ``figures/``. With ``score_patches`` also ``patch_metrics.csv``: the same scores on the store's
 patches of the split (each patch one start).
 
+When a method is an ensemble (STEPS, the learned ensemble) or a probability forecast
+(``lagrangian_probability``), ensembles enter the tables above as their ensemble mean and the
+probabilistic scores go to ``ensemble_metrics.csv`` and ``ensemble_curves.csv``
+(:mod:`~nowcast.evaluate.ensemble`).
+
 The package: :mod:`~nowcast.evaluate.setup` (the ``evaluate:`` section and the window records),
 :mod:`~nowcast.evaluate.scoring` (windows, forecasts and accumulators of one window),
 :mod:`~nowcast.evaluate.tables` (stacked accumulators, bootstrap tables),
+:mod:`~nowcast.evaluate.ensemble` (probabilistic accumulators and tables),
 :mod:`~nowcast.evaluate.report` (Markdown, shared with ``pipelines/skill.py``),
 :mod:`~nowcast.evaluate.figures` and :mod:`~nowcast.evaluate.stage` (the stage itself).
 """
 
+from nowcast.evaluate.ensemble import (
+    ENSEMBLE_CURVE_COLUMNS,
+    ProbabilisticTables,
+    ensemble_curves_table,
+    ensemble_metrics_table,
+    probabilistic_tables,
+)
 from nowcast.evaluate.figures import draw_figures, map_windows
 from nowcast.evaluate.report import markdown_table, report_text
 from nowcast.evaluate.scoring import (
@@ -71,6 +84,7 @@ __all__ = [
     "ALL_SOURCES",
     "DIFFERENCE_COLUMNS",
     "DRY_RAIN",
+    "ENSEMBLE_CURVE_COLUMNS",
     "EVALUATION_DIR",
     "FALSE_ALARM_RAIN",
     "FAMILY_SCORES",
@@ -81,18 +95,22 @@ __all__ = [
     "EvaluateConfig",
     "EvaluationPlan",
     "ForecastSetup",
+    "ProbabilisticTables",
     "Window",
     "WindowScores",
     "accumulate_scores",
     "cube_windows",
     "differences_table",
     "draw_figures",
+    "ensemble_curves_table",
+    "ensemble_metrics_table",
     "evaluate",
     "map_windows",
     "markdown_table",
     "metrics_table",
     "plan_evaluation",
     "plan_windows",
+    "probabilistic_tables",
     "report_text",
     "resolve_methods",
     "score_and_write",

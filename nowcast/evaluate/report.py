@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from nowcast.config import ExperimentConfig
-from nowcast.evaluate.setup import EvaluateConfig
+from nowcast.evaluate.setup import PROBABILITY_METHODS, EvaluateConfig
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -52,10 +52,16 @@ def report_text(
     differences: pd.DataFrame,
     summary: dict,
     figures: dict[str, list[str]],
+    ensemble_metrics: pd.DataFrame | None = None,
 ) -> str:
-    """The Markdown report: setup, score tables with intervals, and figure links."""
+    """The Markdown report: setup, score tables with intervals, and figure links.
+
+    With ``ensemble_metrics`` (``ensemble_metrics.csv``) each source also gets the section
+    "Probabilistic scores" (:func:`probabilistic_lines`); windows a method could not forecast
+    (``summary["failed_windows"]``) are named in any case.
+    """
     threshold = config.report_threshold
-    methods = summary["methods"]
+    methods = [name for name in summary["methods"] if name not in PROBABILITY_METHODS]
     lines = [
         f"# Evaluation of experiment `{experiment.name}`",
         "",
@@ -129,13 +135,133 @@ def report_text(
                     _lead_table(chosen, baselines, "baseline", digits),
                     "",
                 ]
+        if ensemble_metrics is not None:
+            at_source_ensemble = ensemble_metrics[ensemble_metrics["source"] == source]
+            lines += probabilistic_lines(at_source_ensemble, summary, pixel_km)
+        lines += failure_lines(summary, source)
         if figures.get(source):
             lines += ["### Figures", ""]
             lines += [f"![{Path(f).stem}]({f})" for f in figures[source]]
             lines.append("")
     lines += [
         "Files: `metrics.csv` / `metrics.json` (all scores, thresholds and scales), "
-        "`differences.csv`.",
+        "`differences.csv`"
+        + (
+            "; `ensemble_metrics.csv` (probabilistic scores) and `ensemble_curves.csv` (rank "
+            "histograms, reliability diagrams, ROC curves, power spectra)."
+            if ensemble_metrics is not None
+            else "."
+        ),
         "",
     ]
     return "\n".join(lines)
+
+
+def _threshold_table(table: pd.DataFrame, score: str, digits: str) -> str:
+    """One row per method and threshold, one column per lead time."""
+    chosen = table[table["score"] == score]
+    lead_times = sorted(chosen["lead_time"].unique())
+    rows = []
+    for method in dict.fromkeys(chosen["method"]):
+        at_method = chosen[chosen["method"] == method]
+        for threshold in sorted(at_method["threshold"].unique()):
+            at_threshold = at_method[np.isclose(at_method["threshold"], threshold)]
+            row = [f"{method}, ≥ {threshold:g} mm/h"]
+            for lead_time in lead_times:
+                match = at_threshold[at_threshold["lead_time"] == lead_time]
+                row.append(_cell(match.iloc[0], digits) if len(match) else "n/a")
+            rows.append(row)
+    return markdown_table(["method, event", *[f"{t:g} min" for t in lead_times]], rows)
+
+
+def _pooled_table(table: pd.DataFrame, pixel_km: float) -> tuple[float, str]:
+    """Pooled CRPS at the last lead time: one row per block size, one column per method."""
+    pooled = table[table["score"] == "CRPS_POOLED"]
+    lead_time = pooled["lead_time"].max()
+    pooled = pooled[pooled["lead_time"] == lead_time]
+    methods = list(dict.fromkeys(pooled["method"]))
+    rows = []
+    for scale in sorted(pooled["scale"].unique()):
+        row = [f"{scale:g} ({scale * pixel_km:g} km)"]
+        for method in methods:
+            match = pooled[(pooled["scale"] == scale) & (pooled["method"] == method)]
+            row.append(_cell(match.iloc[0], ".3g") if len(match) else "n/a")
+        rows.append(row)
+    return lead_time, markdown_table(["block (pixels)", *methods], rows)
+
+
+def probabilistic_lines(table: pd.DataFrame, summary: dict, pixel_km: float) -> list[str]:
+    """The report's "Probabilistic scores" section of one source (``ensemble_metrics.csv``)."""
+    info = summary.get("probabilistic", {})
+    members = info.get("members", {})
+    ensembles = [name for name, size in members.items() if size > 1]
+    deterministic = [name for name, size in members.items() if size == 1]
+    lines = ["### Probabilistic scores", ""]
+    about = [", ".join(f"`{name}` has {members[name]} members" for name in ensembles) + "."]
+    if deterministic:
+        about.append(
+            f"{', '.join(deterministic)}: deterministic, a one-member ensemble whose CRPS is "
+            "its MAE."
+        )
+    about.append(
+        "Events are rain rate ≥ threshold; every score is on the window's common mask, with "
+        "the same start-time bootstrap intervals."
+    )
+    lines += [" ".join(about), ""]
+    rain = [name for name in summary["methods"] if name in members]
+    lines += [
+        "#### CRPS (mm/h)",
+        "",
+        _lead_table(_select(table, "CRPS"), rain, "method", ".3g"),
+        "",
+    ]
+    if (table["score"] == "CRPS_POOLED").any():
+        lead_time, pooled = _pooled_table(table, pixel_km)
+        lines += [
+            f"#### CRPS of k × k block means, lead time {lead_time:g} min (mm/h)",
+            "",
+            pooled,
+            "",
+        ]
+    if ensembles:
+        lines += [
+            "#### Spread/skill ratio (1: calibrated, below 1: under-dispersive)",
+            "",
+            _lead_table(_select(table, "SPREAD_SKILL"), ensembles, "method", ".3f"),
+            "",
+            "#### Rank-histogram divergence from flat, D_KL (nats)",
+            "",
+            _lead_table(_select(table, "RANK_KL"), ensembles, "method", ".3g"),
+            "",
+            "#### ROC area",
+            "",
+            _threshold_table(table, "ROC_AREA", ".3f"),
+            "",
+        ]
+    lines += ["#### Brier score", "", _threshold_table(table, "BRIER", ".3g"), ""]
+    if (table["score"] == "BSS").any():
+        lines += [
+            f"#### Brier skill score against `{info.get('brier_skill_reference')}`",
+            "",
+            _threshold_table(table, "BSS", ".3f"),
+            "",
+        ]
+    return lines
+
+
+def failure_lines(summary: dict, source: str) -> list[str]:
+    """Windows of ``source`` a method could not forecast (scored as its stand-in forecast)."""
+    failures = [f for f in summary.get("failed_windows", []) if f["source"] == source]
+    stand_in = [name for name in summary["methods"] if name == "steps"]
+    if not failures:
+        if stand_in and "probabilistic" in summary:
+            return ["STEPS forecast every window.", ""]
+        return []
+    lines = [
+        "### Windows a method could not forecast",
+        "",
+        "Each is scored as the method's stand-in forecast (STEPS: zero rain).",
+        "",
+    ]
+    lines += [f"- `{f['method']}` from {f['reference_time']}: {f['reason']}" for f in failures]
+    return lines + [""]

@@ -7,6 +7,15 @@ import pandas as pd
 import xarray as xr
 
 from nowcast.config import ConfigError, ExperimentConfig, stage_config
+from nowcast.evaluate.ensemble import (
+    accumulate_ensemble_scores,
+    is_probabilistic,
+    probability_valid,
+    rain_methods,
+    split_forecasts,
+    tie_generator,
+    window_failures,
+)
 from nowcast.evaluate.setup import (
     MAP_RAIN_THRESHOLD,
     EvaluateConfig,
@@ -15,10 +24,11 @@ from nowcast.evaluate.setup import (
     WindowScores,
 )
 from nowcast.evaluate.tables import DRY_RAIN, FALSE_ALARM_RAIN, MASKED_FAMILIES, stack_starts
+from nowcast.nowcasts.forecast import ensemble_mean
 from nowcast.nowcasts.runner import forecast_inputs, forecast_window
 from nowcast.patches.build import PatchesConfig
 from nowcast.patches.reader import PatchStore
-from nowcast.sources.cube import cube_path, open_cube
+from nowcast.sources.cube import cube_path, cube_pixel_size, open_cube
 from nowcast.verification._accumulator import ScoreAccumulator
 from nowcast.verification.interface import get_method as score_family
 from nowcast.windows import (
@@ -107,6 +117,7 @@ def accumulate_scores(
     lead_times,
     thresholds,
     scales,
+    valid: np.ndarray | None = None,
 ) -> dict[str, dict[str, ScoreAccumulator]]:
     """Score several forecasts of one start on their common mask.
 
@@ -122,17 +133,21 @@ def accumulate_scores(
         Thresholds (mm/h) of the categorical scores and the FSS.
     scales : sequence of int
         FSS window sizes (pixels).
+    valid : numpy.ndarray, optional
+        A further mask (n_leadtimes, y, x) of the common pixels, e.g. where a probability
+        forecast of the window has data.
 
     Returns
     -------
     dict
         Method name to ``{"det_cat", "det_cont", "fss"}`` pooled accumulators. Only pixels where
-        the observation and every forecast are finite count (for the FSS the others are
-        non-events in every field alike). Also the :data:`MASKED_FAMILIES`: ``*_allobs`` on
-        every valid observation, and ``dry_area`` when ``extrapolation`` is among the forecasts.
+        the observation and every forecast are finite (and ``valid``) count (for the FSS the
+        others are non-events in every field alike). Also the :data:`MASKED_FAMILIES`:
+        ``*_allobs`` on every valid observation, and ``dry_area`` when ``extrapolation`` is
+        among the forecasts.
     """
     observed_raw = observed
-    valid = np.isfinite(observed)
+    valid = np.isfinite(observed) & (True if valid is None else valid)
     for values in forecasts.values():
         valid &= np.isfinite(values)
     observed = np.where(valid, observed, np.nan)
@@ -184,18 +199,48 @@ def score_window(window: Window, setup: ForecastSetup) -> WindowScores:
     Returns
     -------
     WindowScores
-        Pooled accumulators per method and family, and the window's observed wet fraction.
+        Pooled accumulators per method and family (an ensemble's of its ensemble mean), the
+        window's observed wet fraction and, when a forecast is an ensemble or a probability,
+        the probabilistic accumulators (:mod:`nowcast.evaluate.ensemble`) and the methods that
+        could not forecast the window.
     """
-    forecast = forecast_window(open_cube(window.cube_path), window.reference_time, setup)
+    cube = open_cube(window.cube_path)
+    forecast = forecast_window(cube, window.reference_time, setup)
     observed = forecast.observed.values
+    rain, probabilities = split_forecasts(forecast.forecasts)
+    means = {name: ensemble_mean(values).values for name, values in rain.items()}
+    valid = common_mask(observed, means, probabilities)
     accumulators = accumulate_scores(
-        {name: values.values for name, values in forecast.forecasts.items()},
-        observed,
-        setup.lead_times,
-        setup.thresholds,
-        setup.scales,
+        means, observed, setup.lead_times, setup.thresholds, setup.scales, valid=valid
     )
-    return WindowScores(window, accumulators, *observed_fractions(observed))
+    result = WindowScores(window, accumulators, *observed_fractions(observed))
+    result.failures = window_failures(forecast.forecasts)
+    if is_probabilistic(rain, probabilities):
+        random_states = {name: tie_generator(setup.seed, window, name) for name in rain}
+        result.ensemble = accumulate_ensemble_scores(
+            rain,
+            probabilities,
+            observed,
+            valid,
+            setup.lead_times,
+            cube_pixel_size(cube) / 1000.0,
+            random_states,
+        )
+    return result
+
+
+def common_mask(
+    observed: np.ndarray, means: dict[str, np.ndarray], probabilities: dict
+) -> np.ndarray:
+    """The window's one mask: where the observation, every forecast and probability have data.
+
+    An ensemble mean has no data where any member has none, so the mask is the same for the
+    deterministic tables (ensemble means) and the probabilistic families (members).
+    """
+    valid = np.isfinite(observed) & probability_valid(probabilities)
+    for values in means.values():
+        valid &= np.isfinite(values)
+    return valid
 
 
 def observed_fractions(observed: np.ndarray) -> tuple[float, float]:
@@ -254,16 +299,18 @@ def score_store_patches(
             attrs={"crs_wkt": cube["crs"].attrs["crs_wkt"]},
         )
         observed = rain_rate(sample["targets"].values, sample["target_mask"].values)
-        forecasts = forecast_inputs(inputs, setup).forecasts
+        rain, probabilities = split_forecasts(forecast_inputs(inputs, setup).forecasts)
+        means = {name: ensemble_mean(f).values for name, f in rain.items()}
         accumulators = accumulate_scores(
-            {name: f.values for name, f in forecasts.items()},
+            means,
             observed[: setup.n_leadtimes],
             setup.lead_times,
             setup.thresholds,
             setup.scales,
+            valid=probability_valid(probabilities),
         )
         source = str(sample["source"].values)
         window = Window(source, store.cube_paths[source], reference)
         fractions = observed_fractions(observed[: setup.n_leadtimes])
         results.append(WindowScores(window, accumulators, *fractions))
-    return stack_starts(results, setup.methods)
+    return stack_starts(results, rain_methods(setup.methods))

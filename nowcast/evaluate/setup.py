@@ -18,6 +18,16 @@ EVALUATION_DIR = "evaluation"
 #: Rain rate (mm/h) that picks the rainiest window for the default map panels.
 MAP_RAIN_THRESHOLD = 1.0
 SPLITS = ("train", "val", "test")
+#: Ensemble methods and the keyword argument that sets their number of members
+#: (``EvaluateConfig.members``).
+MEMBER_KWARGS = {"steps": "n_ens_members", "ensemble": "n_members"}
+#: Methods whose forecast is exceedance probabilities (threshold, lead_time, y, x), not rain:
+#: scored by the Brier score only, as the reference of the Brier skill score.
+PROBABILITY_METHODS = ("lagrangian_probability",)
+#: Rain rates (mm/h) of the reliability diagrams, ROC curves and Brier scores (events ``>=``).
+PROBABILITY_THRESHOLDS = (1.0, 5.0, 10.0)
+#: Block sizes (pixels) of the pooled CRPS.
+POOLING_SCALES = (1, 4, 16)
 
 
 class EvaluateConfig(StrictModel):
@@ -30,6 +40,12 @@ class EvaluateConfig(StrictModel):
     )
     method_kwargs: dict[str, dict] = Field(
         default_factory=dict, description="extra keyword arguments per method, e.g. sprog"
+    )
+    members: int = Field(
+        20,
+        ge=1,
+        description="members of the ensemble methods (steps' n_ens_members, the learned "
+        "ensemble's n_members) unless method_kwargs sets them",
     )
     checkpoint: str | None = Field(
         None, description="model checkpoint; default <run_dir>/checkpoints/best.pt"
@@ -128,10 +144,15 @@ class Window:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ForecastSetup(ForecastRun):
     """Everything a window task needs besides the window (small, sent to every task): the
-    forecasts to make (:class:`~nowcast.nowcasts.runner.ForecastRun`) and how to score them."""
+    forecasts to make (:class:`~nowcast.nowcasts.runner.ForecastRun`) and how to score them.
+
+    ``seed`` seeds the rank histogram's tie-breaking draws of each window (with the window's
+    source and reference time), so that reruns agree whatever the Dask schedule.
+    """
 
     thresholds: tuple[float, ...]
     scales: tuple[int, ...]
+    seed: int = 0
 
 
 @dataclasses.dataclass
@@ -140,9 +161,14 @@ class WindowScores:
 
     ``wet_fraction`` is the share of valid observed pixels at or above
     :data:`MAP_RAIN_THRESHOLD` over the lead times, ``valid_fraction`` the share of valid ones.
+    ``ensemble`` holds the probabilistic families per method (empty when no method of the run is
+    an ensemble or a probability forecast, see :mod:`nowcast.evaluate.ensemble`); ``failures``
+    names the methods whose forecast of this window is a stand-in (STEPS' ``steps_failed``).
     """
 
     window: Window
     accumulators: dict[str, dict[str, ScoreAccumulator]]
     wet_fraction: float
     valid_fraction: float
+    ensemble: dict[str, dict[str, ScoreAccumulator]] = dataclasses.field(default_factory=dict)
+    failures: dict[str, str] = dataclasses.field(default_factory=dict)

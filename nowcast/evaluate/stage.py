@@ -12,6 +12,13 @@ import pandas as pd
 from nowcast import __version__, storage
 from nowcast.advection.motion import N_MOTION_FRAMES
 from nowcast.config import ConfigError, ExperimentConfig, load_experiment, stage_config
+from nowcast.evaluate.ensemble import (
+    ENSEMBLE_CURVES_FILE,
+    ENSEMBLE_METRICS_FILE,
+    failed_windows,
+    probabilistic_tables,
+    rain_methods,
+)
 from nowcast.evaluate.figures import draw_figures
 from nowcast.evaluate.report import report_text
 from nowcast.evaluate.scoring import (
@@ -21,7 +28,15 @@ from nowcast.evaluate.scoring import (
     score_window,
     store_windows,
 )
-from nowcast.evaluate.setup import EVALUATION_DIR, EvaluateConfig, ForecastSetup, Window
+from nowcast.evaluate.setup import (
+    EVALUATION_DIR,
+    MEMBER_KWARGS,
+    PROBABILITY_METHODS,
+    PROBABILITY_THRESHOLDS,
+    EvaluateConfig,
+    ForecastSetup,
+    Window,
+)
 from nowcast.evaluate.tables import METRIC_COLUMNS, differences_table, metrics_table, stack_starts
 from nowcast.nowcasts.interface import uses_motion
 from nowcast.nowcasts.variants import base_methods, check_method_names, parse_variants
@@ -66,6 +81,39 @@ def resolve_methods(
     return tuple(methods), checkpoint
 
 
+def _compare(config: EvaluateConfig, methods: tuple[str, ...]) -> str:
+    """The method of ``differences.csv``: a rain forecast, by default the model or the last."""
+    rain = rain_methods(methods)
+    if not rain:
+        raise ConfigError(
+            f"evaluate.methods {list(methods)}: only probability forecasts; add a method that "
+            "forecasts rain (e.g. extrapolation or steps)"
+        )
+    compare = (config.compare or ("model" if "model" in rain else rain[-1])).lower()
+    if compare not in methods:
+        raise ConfigError(f"evaluate.compare '{compare}' is not among the methods {list(methods)}")
+    if compare not in rain:
+        raise ConfigError(
+            f"evaluate.compare '{compare}' forecasts probabilities, not rain; choose one of "
+            f"{list(rain)}"
+        )
+    return compare
+
+
+def _method_kwargs(config: EvaluateConfig, bases: list[str]) -> dict[str, dict]:
+    """``method_kwargs`` with the run's members (ensembles) and probability thresholds.
+
+    What ``method_kwargs`` sets itself wins.
+    """
+    kwargs = {name.lower(): dict(value) for name, value in config.method_kwargs.items()}
+    for name in bases:
+        if name in MEMBER_KWARGS:
+            kwargs.setdefault(name, {}).setdefault(MEMBER_KWARGS[name], config.members)
+        if name in PROBABILITY_METHODS:
+            kwargs.setdefault(name, {}).setdefault("thresholds", list(PROBABILITY_THRESHOLDS))
+    return kwargs
+
+
 def _check_model(checkpoint: str, info: dict, n_leadtimes: int) -> None:
     meta = check_checkpoint(checkpoint)
     problems = []
@@ -107,7 +155,9 @@ def evaluate(
     -------
     dict of str
         Paths of the outputs: ``folder``, ``metrics_csv``, ``metrics_json``, ``differences_csv``,
-        ``report``, ``figures`` (list) and, with ``score_patches``, ``patch_metrics_csv``.
+        ``report``, ``figures`` (list), with ``score_patches`` ``patch_metrics_csv`` and, when a
+        method is an ensemble or a probability forecast, ``ensemble_metrics_csv`` and
+        ``ensemble_curves_csv`` (:mod:`nowcast.evaluate.ensemble`).
 
     Raises
     ------
@@ -198,14 +248,13 @@ def plan_evaluation(
         raise ConfigError(f"{', '.join(advecting)} need(s) {N_MOTION_FRAMES} input frames")
     if checkpoint is not None:
         _check_model(checkpoint, info, n_leadtimes)
-    compare = (eval_config.compare or ("model" if "model" in methods else methods[-1])).lower()
-    if compare not in methods:
-        raise ConfigError(f"evaluate.compare '{compare}' is not among the methods {list(methods)}")
+    compare = _compare(eval_config, methods)
     window_step = eval_config.window_stride or max(1, round(30 / info["timestep_minutes"]))
     windows = plan_windows(table, window_step, eval_config.max_windows)
+    bases = base_methods(methods, variants)
     setup = ForecastSetup(
         methods=methods,
-        method_kwargs={k.lower(): v for k, v in eval_config.method_kwargs.items()},
+        method_kwargs=_method_kwargs(eval_config, bases),
         variants={name: variants[name] for name in methods if name in variants},
         checkpoint=checkpoint,
         device=eval_config.device,
@@ -214,7 +263,10 @@ def plan_evaluation(
         timestep_minutes=info["timestep_minutes"],
         thresholds=tuple(eval_config.thresholds),
         scales=tuple(eval_config.fss_scales),
+        seed=eval_config.seed,
     )
+    # members only matter, and are only recorded, when an ensemble method runs.
+    unused = None if any(name in MEMBER_KWARGS for name in bases) else {"members"}
 
     summary = {
         "experiment": experiment.name,
@@ -234,7 +286,7 @@ def plan_evaluation(
         "lead_times": setup.lead_times.tolist(),
         "window_stride": window_step,
         "sources": {},
-        "config": json.loads(eval_config.model_dump_json()),
+        "config": json.loads(eval_config.model_dump_json(exclude=unused)),
     }
     folder = Path(folder) if folder is not None else Path(experiment.run_path) / EVALUATION_DIR
     return EvaluationPlan(experiment, eval_config, windows, setup, compare, summary, folder, store)
@@ -259,25 +311,18 @@ def score_and_write(
             show_progress(futures)
         results = client.gather(futures)
 
-    per_start = stack_starts(results, methods)
+    per_start = stack_starts(results, rain_methods(methods))
     bootstrap = (eval_config.n_bootstrap, eval_config.confidence, eval_config.seed)
     metrics = metrics_table(per_start, *bootstrap)
     differences = differences_table(per_start, compare, *bootstrap)
     summary = plan.summary
-    for source in dict.fromkeys(w.source for w in windows):
-        at_source = [r for r in results if r.window.source == source]
-        times = [r.window.reference_time for r in at_source]
-        path = at_source[0].window.cube_path
-        summary["sources"][source] = {
-            "cube": path,
-            "pixel_size_m": cube_pixel_size(open_cube(path)),
-            "n_windows": len(times),
-            "first": pd.Timestamp(times[0]).isoformat(),
-            "last": pd.Timestamp(times[-1]).isoformat(),
-            "reference_times": [pd.Timestamp(t).isoformat() for t in times],
-            "wet_fraction": [r.wet_fraction for r in at_source],
-            "valid_fraction": [r.valid_fraction for r in at_source],
-        }
+    _summarise_sources(summary, windows, results)
+    probabilistic = probabilistic_tables(results, *bootstrap)
+    if probabilistic is not None:
+        summary["probabilistic"] = probabilistic.summary()
+    failures = failed_windows(results)
+    if failures:
+        summary["failed_windows"] = failures
 
     patch_metrics = None
     if eval_config.score_patches:
@@ -293,9 +338,19 @@ def score_and_write(
         figures = {}
         if eval_config.figures:
             figures = draw_figures(
-                folder, metrics, eval_config, setup, windows, results, animation_method
+                folder,
+                metrics,
+                eval_config,
+                setup,
+                windows,
+                results,
+                animation_method,
+                probabilistic=probabilistic,
             )
         metrics.to_csv(folder / "metrics.csv", index=False)
+        if probabilistic is not None:
+            probabilistic.metrics.to_csv(folder / ENSEMBLE_METRICS_FILE, index=False)
+            probabilistic.curves.to_csv(folder / ENSEMBLE_CURVES_FILE, index=False)
         differences.to_csv(folder / "differences.csv", index=False)
         payload = {
             **summary,
@@ -306,7 +361,15 @@ def score_and_write(
         (folder / "metrics.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
         if patch_metrics is not None:
             patch_metrics.to_csv(folder / "patch_metrics.csv", index=False)
-        report = report_text(experiment, eval_config, metrics, differences, summary, figures)
+        report = report_text(
+            experiment,
+            eval_config,
+            metrics,
+            differences,
+            summary,
+            figures,
+            ensemble_metrics=None if probabilistic is None else probabilistic.metrics,
+        )
         if plan.notes:
             title, _, rest = report.partition("\n")
             report = "\n".join([title, "", *plan.notes, rest])
@@ -321,4 +384,25 @@ def score_and_write(
     }
     if patch_metrics is not None:
         outputs["patch_metrics_csv"] = str(final / "patch_metrics.csv")
+    if probabilistic is not None:
+        outputs["ensemble_metrics_csv"] = str(final / ENSEMBLE_METRICS_FILE)
+        outputs["ensemble_curves_csv"] = str(final / ENSEMBLE_CURVES_FILE)
     return outputs
+
+
+def _summarise_sources(summary: dict, windows: list[Window], results: list) -> None:
+    """Fill ``summary["sources"]``: each source's cube, pixel size and scored windows."""
+    for source in dict.fromkeys(w.source for w in windows):
+        at_source = [r for r in results if r.window.source == source]
+        times = [r.window.reference_time for r in at_source]
+        path = at_source[0].window.cube_path
+        summary["sources"][source] = {
+            "cube": path,
+            "pixel_size_m": cube_pixel_size(open_cube(path)),
+            "n_windows": len(times),
+            "first": pd.Timestamp(times[0]).isoformat(),
+            "last": pd.Timestamp(times[-1]).isoformat(),
+            "reference_times": [pd.Timestamp(t).isoformat() for t in times],
+            "wet_fraction": [r.wet_fraction for r in at_source],
+            "valid_fraction": [r.valid_fraction for r in at_source],
+        }

@@ -61,7 +61,8 @@ def _score_name(family_name: str, score: str) -> str:
     return score + MASKED_FAMILIES.get(family_name, ("", (), ""))[2]
 
 
-def _interval_frame(per_start: ScoreAccumulator, intervals: dict) -> pd.DataFrame:
+def interval_frame(per_start: ScoreAccumulator, intervals: dict) -> pd.DataFrame:
+    """Pooled scores with their intervals: the columns of ``metrics.csv`` but ``method``."""
     pooled = sum_starts(per_start)
     frames = [
         scores_to_frame(pooled, {name: getattr(ci, part) for name, ci in intervals.items()})
@@ -108,7 +109,7 @@ def metrics_table(per_start: dict, n_bootstrap: int, confidence: float, seed: in
                 intervals = bootstrap_ci(
                     accumulator, _compute_function(family_name), n_bootstrap, confidence, seed
                 )
-                table = _interval_frame(accumulator, intervals)
+                table = interval_frame(accumulator, intervals)
                 table["score"] = [_score_name(family_name, n) for n in table["score"]]
                 frames.append(table.assign(method=method, source=source))
     return pd.concat(frames, ignore_index=True)[list(METRIC_COLUMNS)]
@@ -132,7 +133,7 @@ def differences_table(
                     confidence,
                     seed,
                 )
-                table = _interval_frame(methods[compare][family_name], intervals)
+                table = interval_frame(methods[compare][family_name], intervals)
                 table["score"] = [_score_name(family_name, n) for n in table["score"]]
                 frames.append(table.assign(method=compare, baseline=baseline, source=source))
     if not frames:

@@ -12,6 +12,10 @@ the scoring and the outputs are those of ``nowcast evaluate CONFIG``
 
 The model runs on the source's native grid; the report and ``metrics.json`` state the source's
 pixel size beside the pixel size the model was trained on (the checkpoint's ``pixel_size_m``).
+
+Ensemble methods (``steps``, the learned ensemble) and ``lagrangian_probability`` run when the
+methods name them (``--methods-from``), with ``--members`` members; they add the probabilistic
+outputs of :mod:`nowcast.evaluate.ensemble`.
 """
 
 from __future__ import annotations
@@ -147,6 +151,7 @@ def evaluate_source(
     forecast_methods: dict | None = None,
     compare: str | None = None,
     window_stride: int = 1,
+    members: int | None = None,
 ) -> dict:
     """Score a model and the baselines on every forecast start of a catalog source.
 
@@ -180,18 +185,23 @@ def evaluate_source(
         The method of ``differences.csv``; default the model.
     window_stride : int, optional
         Score every k-th valid start (default 1: every start).
+    members : int, optional
+        Members of the ensemble methods (``steps``, the learned ensemble); default
+        :attr:`EvaluateConfig.members <nowcast.evaluate.setup.EvaluateConfig>` (20).
 
     Returns
     -------
     dict
         As :func:`nowcast.evaluate.evaluate`: ``folder``, ``metrics_csv``, ``metrics_json``,
-        ``differences_csv``, ``report``, ``figures``.
+        ``differences_csv``, ``report``, ``figures`` and, with an ensemble or probability
+        method, ``ensemble_metrics_csv`` and ``ensemble_curves_csv``.
 
     Raises
     ------
     ConfigError
         For an unknown source, a missing checkpoint, a source step that does not fit the model's
-        (:func:`nowcast.windows.frames_per_model_step`), or no valid forecast start in the range.
+        (:func:`nowcast.windows.frames_per_model_step`), no valid forecast start in the range,
+        or ``members`` below 1.
     """
     if not isinstance(catalog, Catalog):
         catalog = load_catalog(catalog)
@@ -199,6 +209,8 @@ def evaluate_source(
     checkpoint = Path(checkpoint) if checkpoint is not None else PRETRAINED_CHECKPOINT
     if not checkpoint.is_file():
         raise ConfigError(f"evaluate --source: checkpoint not found: {checkpoint}")
+    if members is not None and int(members) < 1:
+        raise ConfigError(f"evaluate --source: --members must be at least 1, got {members}")
     if start is not None and end is not None and pd.Timestamp(start) > pd.Timestamp(end):
         raise ConfigError(f"evaluate --source: --start {start} is after --end {end}")
     meta = check_checkpoint(checkpoint)
@@ -233,6 +245,7 @@ def evaluate_source(
         window_stride=window_stride,
         figures=figures,
         compare=compare,
+        **({} if members is None else {"members": members}),
     )
     info = {"n_input_frames": n_input, "n_target_frames": n_target, "timestep_minutes": model_step}
     plan = plan_evaluation(
