@@ -208,6 +208,11 @@ def evaluate(
         help="experiment config whose evaluate.methods, forecast_methods (blending, probability "
         "matching) and evaluate.checkpoint are scored (--source)",
     ),
+    members: int = typer.Option(
+        None,
+        help="members of the ensemble methods, e.g. steps (--source; default "
+        "--methods-from's evaluate.members, else 20)",
+    ),
     scheduler: str = typer.Option(None, help="Dask scheduler address (default: local cluster)"),
 ) -> None:
     """Score the model against persistence and pysteps extrapolation on the test windows,
@@ -221,6 +226,7 @@ def evaluate(
         "--out-dir": out_dir,
         "--cube-dir": cube_dir,
         "--no-figures": None if figures else False,
+        "--members": members,
     }
     if (config is None) == (source is None):
         raise UsageError("give exactly one of CONFIG or --source NAME")
@@ -242,6 +248,8 @@ def evaluate(
             methods = declared.evaluate.get("methods")
             variants = declared.forecast_methods
             checkpoint = checkpoint or declared.evaluate.get("checkpoint")
+            if members is None:
+                members = declared.evaluate.get("members")
         outputs = evaluate_source(
             source,
             methods=methods,
@@ -254,6 +262,7 @@ def evaluate(
             cube_dir=cube_dir or "data/cubes",
             scheduler=scheduler,
             figures=figures,
+            members=members,
         )
     typer.echo(Path(outputs["report"]).read_text())
     typer.echo(f"outputs: {Path(outputs['report']).parent}")
@@ -313,6 +322,13 @@ def predict(
     timings_json: Path = typer.Option(
         None, help="also write the stage timings, work, start-up and wall seconds as JSON here"
     ),
+    members: int = typer.Option(
+        None,
+        help="forecast N members with the learned ensemble of a stochastic --checkpoint: the "
+        "NetCDF adds the members and P(>= 1, 5, 10 mm/h), plus a P(>= 10 mm/h) map",
+    ),
+    member_batch: int = typer.Option(4, help="members drawn together (memory grows with it)"),
+    seed: int = typer.Option(0, help="seed of the members (with the source and time)"),
 ) -> None:
     """Issue a nowcast from the newest (or --at) frames: CF NetCDF + forecast map PNG."""
     with _gc_paused():
@@ -325,6 +341,10 @@ def predict(
     checkpoint = checkpoint or PRETRAINED_CHECKPOINT
     if at is None and not latest:
         raise UsageError("give --at TIME or --latest")
+    if members is not None and members < 1:
+        raise UsageError(f"--members {members}: give at least 1 member")
+    if member_batch < 1:
+        raise UsageError(f"--member-batch {member_batch}: give at least 1 member")
     variants = load_experiment(config).forecast_methods if config else None
     if calibration is not None:
         if config is not None or method != "model":
@@ -344,6 +364,9 @@ def predict(
         catalog=catalog_config,
         method=method,
         forecast_methods=variants,
+        members=members,
+        member_batch=member_batch,
+        seed=seed,
     )
     timings = result.process_timings(startup, _seconds_since_process_start())
     typer.echo(result.summary(timings))

@@ -1,16 +1,13 @@
 """CF-1.8 NetCDF export of forecasts (the ``export`` stage).
 
 One forecast becomes a file with dims ``(lead_time, y, x)``; several forecasts of one method can
-share a file with an extra ``forecast_reference_time`` dimension. The layout is documented in
+share a file with an extra ``forecast_reference_time`` dimension. An ensemble keeps its
+``realization`` dimension first and adds its exceedance probabilities at 1, 5 and 10 mm/h
+(``exceedance_probability``, dims ``(threshold, ..., lead_time, y, x)``). The layout is in
 ``docs/architecture.md`` ("Forecast NetCDF"); every file passes the CF checker (cfchecker,
-CF-1.8) with no errors and no warnings.
-
-Files are written to a temporary sibling and renamed when complete
-(:func:`nowcast.storage.atomic_write_file`), so a killed export never leaves a truncated file at
-the final path. The ``export`` stage treats its folder as one artifact: it holds
-``<folder>.lock`` for the run, writes every file into a temporary sibling folder and renames
-that into place once all are written, so the folder at the final path is always a complete set
-(the previous one until the new one is done).
+CF-1.8) with no errors and no warnings. Files are written to a temporary sibling and renamed
+when complete (:func:`nowcast.storage.atomic_write_file`); the ``export`` stage's folder is one
+artifact (:func:`export`), so the folder at the final path is always a complete set.
 """
 
 from __future__ import annotations
@@ -22,13 +19,27 @@ from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from datetime import datetime, timezone
 from pathlib import Path
 
+import dask
 import numpy as np
 import xarray as xr
 from pydantic import Field
 
 from nowcast import __version__, storage
 from nowcast.config import ConfigError, ExperimentConfig, StrictModel, load_experiment, stage_config
-from nowcast.nowcasts.forecast import FORECAST_ATTRS, forecast_crs
+from nowcast.nowcasts.forecast import (
+    FORECAST_ATTRS,
+    REALIZATION,
+    ensemble_size,
+    forecast_crs,
+    is_ensemble,
+    members,
+)
+from nowcast.nowcasts.probability import (
+    PROBABILITY_NAME,
+    THRESHOLD,
+    THRESHOLDS,
+    exceedance_probability,
+)
 from nowcast.nowcasts.runner import ForecastRun, forecast_windows
 from nowcast.nowcasts.variants import base_methods, check_method_names, parse_variants
 from nowcast.patches.reader import PatchStore
@@ -59,6 +70,9 @@ class ExportConfig(StrictModel):
     methods: list[str] = Field(
         default_factory=lambda: ["model"], description="nowcast methods whose forecasts to write"
     )
+    method_kwargs: dict[str, dict] = Field(
+        default_factory=dict, description="keyword arguments per method, e.g. ensemble.checkpoint"
+    )
     checkpoint: str | None = Field(
         None, description="model checkpoint; default <run_dir>/checkpoints/best.pt"
     )
@@ -86,18 +100,27 @@ def forecast_to_dataset(
     xarray.Dataset
         Variables ``rain_rate`` (lead_time, y, x) and ``crs``; coordinates ``lead_time``
         (standard_name ``forecast_period``), ``forecast_reference_time`` (scalar), ``time``
-        (valid time, on ``lead_time``), ``y``, ``x`` and optionally ``lat``, ``lon``.
+        (valid time, on ``lead_time``), ``y``, ``x`` and optionally ``lat``, ``lon``. An
+        ensemble has ``rain_rate`` (realization, lead_time, y, x) and ``exceedance_probability``
+        (threshold, lead_time, y, x).
     """
     return _dataset([forecast], provenance, latlon, multi=False)
 
 
 def _dataset(
-    forecasts: list[xr.DataArray], provenance: dict | None, latlon: bool, multi: bool
+    forecasts: list[xr.DataArray],
+    provenance: dict | None,
+    latlon: bool,
+    multi: bool,
+    probabilities: list[xr.DataArray] | None = None,
 ) -> xr.Dataset:
     if not forecasts:
         raise ValueError("no forecasts to export")
     first = forecasts[0]
     _check_compatible(forecasts)
+    ensemble = is_ensemble(first)
+    if ensemble:
+        forecasts = [members(f) for f in forecasts]
     crs = forecast_crs(first)
     lead_time = first["lead_time"].values.astype("timedelta64[ns]")
     reference = np.array(
@@ -109,27 +132,11 @@ def _dataset(
             lead_time,
             {"standard_name": "forecast_period", "long_name": "forecast lead time"},
         ),
-        "y": (
-            "y",
-            first["y"].values,
-            {
-                "standard_name": "projection_y_coordinate",
-                "long_name": "y coordinate of projection",
-                "units": "m",
-                "axis": "Y",
-            },
-        ),
-        "x": (
-            "x",
-            first["x"].values,
-            {
-                "standard_name": "projection_x_coordinate",
-                "long_name": "x coordinate of projection",
-                "units": "m",
-                "axis": "X",
-            },
-        ),
     }
+    for axis in ("y", "x"):  # projected metres
+        name = f"projection_{axis}_coordinate"
+        attrs = {"standard_name": name, "long_name": f"{axis} coordinate of projection"}
+        coords[axis] = (axis, first[axis].values, {**attrs, "units": "m", "axis": axis.upper()})
     reference_attrs = {
         "standard_name": "forecast_reference_time",
         "long_name": "time of the last observation the forecast starts from",
@@ -140,23 +147,60 @@ def _dataset(
         dims = ("forecast_reference_time", "lead_time", "y", "x")
         coords["forecast_reference_time"] = ("forecast_reference_time", reference, reference_attrs)
         coords["time"] = (("forecast_reference_time", "lead_time"), valid_time, time_attrs)
-        values = np.stack([np.asarray(f.values, dtype=np.float32) for f in forecasts])
     else:
         dims = ("lead_time", "y", "x")
         coords["forecast_reference_time"] = ((), reference[0], reference_attrs)
         coords["time"] = ("lead_time", valid_time[0], time_attrs)
-        values = np.asarray(first.values, dtype=np.float32)
     if latlon:
         lat, lon = latlon_grid(crs, first["x"].values, first["y"].values)
         coords["lat"] = (("y", "x"), lat, {"standard_name": "latitude", "units": "degrees_north"})
         coords["lon"] = (("y", "x"), lon, {"standard_name": "longitude", "units": "degrees_east"})
-    attrs = {**FORECAST_ATTRS, "grid_mapping": "crs"}
-    ds = xr.Dataset(
-        {VARIABLE: (dims, values, attrs), "crs": crs_variable(crs)},
-        coords=coords,
-    )
+    grid = {"grid_mapping": "crs"}
+    variables = {"crs": crs_variable(crs)}
+    if ensemble:
+        coords[REALIZATION] = first[REALIZATION].variable.to_base_variable()
+        coords[REALIZATION].attrs["units"] = "1"  # the CF standard name's canonical units
+        if probabilities is None:
+            probabilities = [exceedance_probability(f, THRESHOLDS) for f in forecasts]
+        coords[THRESHOLD] = probabilities[0][THRESHOLD].variable.to_base_variable()
+        # long_name and units "1": CF has no standard name for a probability.
+        attrs_p = {key: probabilities[0].attrs[key] for key in ("long_name", "units")}
+        values = _stacked([p.values for p in probabilities], multi)
+        variables[PROBABILITY_NAME] = ((THRESHOLD, *dims), values, {**attrs_p, **grid})
+        dims = (REALIZATION, *dims)
+    values = _stacked([f.values for f in forecasts], multi, ensemble)
+    variables[VARIABLE] = (dims, values, {**FORECAST_ATTRS, **grid})
+    ds = xr.Dataset(variables, coords=coords)
     ds.attrs = provenance_attrs(first, provenance)
     return ds
+
+
+def _stacked(values: list[np.ndarray], multi: bool, lazy: bool = False):
+    """Float32 values of one forecast, or of several stacked after their leading dimension (an
+    ensemble's realization, a probability's threshold) when ``multi``. ``lazy``: one frame per
+    Dask chunk, read from the array itself, so NetCDF encoding (NaN to the fill value) copies a
+    frame at a time, not the ensemble (``dask.array.from_array`` would copy an ndarray)."""
+    if multi:
+        arrays = [np.asarray(v, dtype=np.float32) for v in values]
+        return np.stack(arrays, axis=arrays[0].ndim - 3)
+    array = np.asarray(values[0], dtype=np.float32)
+    if not lazy:
+        return array
+    import dask.array  # only here: a deterministic predict starts up without it
+
+    chunks = (1,) * (array.ndim - 2) + array.shape[-2:]
+    meta = np.empty((0,) * array.ndim, dtype=np.float32)
+    return dask.array.from_array(_Frames(array), chunks=chunks, name=False, meta=meta)
+
+
+class _Frames:
+    """An ndarray seen through indexing only: ``from_array`` copies what has ``copy``."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key):
+        return self.array[key]
 
 
 def _check_compatible(forecasts: list[xr.DataArray]) -> None:
@@ -167,6 +211,8 @@ def _check_compatible(forecasts: list[xr.DataArray]) -> None:
                 raise ValueError(f"forecasts differ in '{name}'; they cannot share a file")
         if forecast_crs(first) != forecast_crs(other):
             raise ValueError("forecasts differ in CRS; they cannot share a file")
+        if (is_ensemble(first), ensemble_size(first)) != (is_ensemble(other), ensemble_size(other)):
+            raise ValueError("forecasts differ in members; they cannot share a file")
     references = [f["forecast_reference_time"].values for f in forecasts]
     if len(set(references)) != len(references):
         raise ValueError("two forecasts share a forecast_reference_time")
@@ -232,35 +278,28 @@ def _time_units(times: np.ndarray, reference: np.datetime64) -> tuple[str, str]:
 
 def encoding(ds: xr.Dataset) -> dict:
     """NetCDF encoding: zlib level 4, one chunk per frame, exact integer times."""
-    frame = tuple(1 if d not in ("y", "x") else ds.sizes[d] for d in ds[VARIABLE].dims)
-    reference = ds["forecast_reference_time"].values.min()
-    times = np.concatenate(
-        [ds["time"].values.ravel(), np.ravel(ds["forecast_reference_time"].values)]
-    )
-    time_units, time_dtype = _time_units(times, reference)
+    references = np.ravel(ds["forecast_reference_time"].values)
+    times = np.concatenate([ds["time"].values.ravel(), references])
+    time_units, time_dtype = _time_units(times, references.min())
     lead_ns = ds["lead_time"].values.astype("timedelta64[ns]").astype(np.int64)
     lead_unit = "minutes" if not np.any(lead_ns % (60 * 10**9)) else "seconds"
-    enc = {
-        VARIABLE: {
-            "dtype": STORED_DTYPE.name,
-            "zlib": True,
-            "complevel": COMPLEVEL,
-            "chunksizes": frame,
-            "_FillValue": FILL_VALUE,
-        },
-        "time": {"units": time_units, "dtype": time_dtype, "_FillValue": None},
-        "forecast_reference_time": {
-            "units": time_units,
-            "dtype": time_dtype,
-            "_FillValue": None,
-        },
-        "lead_time": {"units": lead_unit, "dtype": "int64", "_FillValue": None},
-        "x": {"_FillValue": None},
-        "y": {"_FillValue": None},
-    }
+    fixed = {"_FillValue": None}  # coordinates: no fill value
+    enc = {name: dict(fixed) for name in ("x", "y", REALIZATION, THRESHOLD) if name in ds}
+    enc["lead_time"] = {"units": lead_unit, "dtype": "int64", **fixed}
+    for name in ("time", "forecast_reference_time"):
+        enc[name] = {"units": time_units, "dtype": time_dtype, **fixed}
+    for name in (VARIABLE, PROBABILITY_NAME):
+        if name in ds:
+            enc[name] = {
+                "dtype": STORED_DTYPE.name,
+                "zlib": True,
+                "complevel": COMPLEVEL,
+                "chunksizes": tuple(ds.sizes[d] if d in ("y", "x") else 1 for d in ds[name].dims),
+                "_FillValue": FILL_VALUE,
+            }
     for name in ("lat", "lon"):
         if name in ds:
-            enc[name] = {"zlib": True, "complevel": COMPLEVEL, "_FillValue": None}
+            enc[name] = {"zlib": True, "complevel": COMPLEVEL, **fixed}
     return enc
 
 
@@ -271,6 +310,7 @@ def write_forecast_netcdf(
     multi: bool = False,
     latlon: bool = True,
     atomic: bool = True,
+    probabilities: xr.DataArray | None = None,
 ) -> str:
     """Write one forecast, or several into one multi-forecast file, as CF-1.8 NetCDF4.
 
@@ -291,22 +331,25 @@ def write_forecast_netcdf(
     atomic : bool
         False writes at ``path`` directly: for a file inside a folder that is itself written
         atomically (:func:`export`), where a disk error is then reported for that folder.
+    probabilities : xarray.DataArray, optional
+        One ensemble's exceedance probabilities, by default ``exceedance_probability(forecast)``.
 
     Returns
     -------
     str
         ``path``.
     """
-    if isinstance(forecasts, xr.DataArray):
-        forecasts = [forecasts]
-    forecasts = list(forecasts)
+    forecasts = [forecasts] if isinstance(forecasts, xr.DataArray) else list(forecasts)
     if not multi and len(forecasts) != 1:
         raise ValueError(f"{len(forecasts)} forecasts for one file: pass multi=True")
-    ds = _dataset(forecasts, provenance, latlon, multi)
+    given = None if probabilities is None else [probabilities]
+    ds = _dataset(forecasts, provenance, latlon, multi, given)
     enc = encoding(ds)
 
     def write(tmp: str) -> None:
-        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=enc)
+        # An ensemble's members are a Dask array (see _stacked): written here, in this thread.
+        with dask.config.set(scheduler="synchronous"):
+            ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=enc)
 
     if atomic:
         atomic_write_file(path, write)
@@ -318,14 +361,19 @@ def write_forecast_netcdf(
 def netcdf_bytes(forecast: xr.DataArray, n_forecasts: int = 1, latlon: bool = True) -> int:
     """Uncompressed size of a NetCDF file of ``n_forecasts`` forecasts shaped like ``forecast``.
 
-    The ``rain_rate`` values at their stored dtype (:data:`STORED_DTYPE`), the coordinates
-    (``y``, ``x``, lead and valid times, the 2-D ``lat``/``lon`` when ``latlon``) and
+    The ``rain_rate`` values (every member of an ensemble) and an ensemble's exceedance
+    probabilities at their stored dtype (:data:`STORED_DTYPE`), the coordinates (``y``, ``x``,
+    lead and valid times, members and thresholds, the 2-D ``lat``/``lon`` when ``latlon``) and
     :data:`FILE_OVERHEAD_BYTES`. zlib makes the file smaller (much smaller where it is dry), so
     this is an upper bound for the free-space checks before a write.
     """
     n_lead, ny, nx = (forecast.sizes[d] for d in ("lead_time", "y", "x"))
-    values = n_forecasts * n_lead * ny * nx * STORED_DTYPE.itemsize
-    coords = 8 * (ny + nx + n_lead + n_forecasts * (n_lead + 1))  # float64 / int64
+    ensemble = is_ensemble(forecast)
+    n_members, n_thresholds = ensemble_size(forecast), len(THRESHOLDS) * ensemble
+    fields = n_forecasts * (n_members + n_thresholds)
+    values = fields * n_lead * ny * nx * STORED_DTYPE.itemsize
+    coords = 8 * (ny + nx + n_lead + n_forecasts * (n_lead + 1) + n_thresholds)
+    coords += 4 * n_members * ensemble  # int32 realization
     if latlon:
         coords += 2 * ny * nx * STORED_DTYPE.itemsize
     return values + coords + FILE_OVERHEAD_BYTES
@@ -384,9 +432,13 @@ def experiment_forecasts(
             for name, spec in variants.items()
             if name in names
         }
+    method_kwargs = {k.lower(): v for k, v in settings.method_kwargs.items()}
+    ensemble = method_kwargs.get("ensemble", {}).get("checkpoint")
+    if "ensemble" in base_methods(names, variants) and ensemble and Path(ensemble).exists():
+        provenance["ensemble_checkpoint_sha256"] = file_sha256(ensemble)
     run = ForecastRun(
         methods=tuple(names),
-        method_kwargs={},
+        method_kwargs=method_kwargs,
         checkpoint=checkpoint,
         device=None,
         n_input_frames=store.n_input_frames,
@@ -513,8 +565,10 @@ def _write_single(
     with atomic_path(out_dir) as tmp:
         os.makedirs(tmp)
         for forecast in itertools.chain([first], items):
-            if n_files is None and names:  # a count known only at the end: check file by file
-                _check_space(out_dir, per_file, None)
+            size = netcdf_bytes(forecast, latlon=latlon)
+            # A count known only at the end, or a larger file (an ensemble): check file by file.
+            if (n_files is None and names) or size > per_file:
+                _check_space(out_dir, size, None)
             names.append(forecast_filename(experiment, forecast))
             path = f"{tmp}/{names[-1]}"
             write_forecast_netcdf(forecast, path, provenance, latlon=latlon, atomic=False)

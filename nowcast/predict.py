@@ -7,6 +7,12 @@ A forecast is a set of files in the output folder, ``<source>_<time>Z.nc`` and `
 written atomically, and ``<source>_<time>Z.json`` written last: a manifest with the sha256 of
 every file of the set. A consumer that finds the manifest finds a complete set; a rerun for the
 same reference time removes the manifest first and replaces the set.
+
+``members=N`` (``nowcast predict --members N``) forecasts the learned ensemble of a stochastic
+model's checkpoint: the NetCDF holds the members (``realization`` first) and their exceedance
+probabilities at 1, 5 and 10 mm/h, the map shows two members and the ensemble mean, and
+``<source>_<time>Z_p10.png`` maps P(rain rate >= 10 mm/h). A request whose estimated memory
+exceeds the available memory is refused before any work.
 """
 
 from __future__ import annotations
@@ -24,20 +30,26 @@ import xarray as xr
 from nowcast import storage
 from nowcast.config import ConfigError
 from nowcast.export import netcdf_bytes, write_forecast_netcdf
+from nowcast.nowcasts.forecast import ensemble_mean, ensemble_size, forecast_crs, is_ensemble
+from nowcast.nowcasts.forecast import members as as_members
 from nowcast.nowcasts.inputs import cube_inputs
+from nowcast.nowcasts.model import MEMBER_BATCH, SEED
+from nowcast.nowcasts.probability import THRESHOLDS, exceedance_probability
 from nowcast.nowcasts.runner import ForecastRun, forecast_window, model_method
 from nowcast.nowcasts.variants import check_method_names, parse_variants
 from nowcast.sources.catalog import Catalog, FrameRef, frame_path, load_catalog, plan_frames
 from nowcast.sources.cube import build_cube, cube_path, open_cube
 from nowcast.sources.frames import read_frame_status, source_grid
 from nowcast.storage import atomic_write_file, exists, file_sha256, remove, write_text
-from nowcast.visualization.maps import plot_forecast_panels
+from nowcast.visualization.maps import NO_DATA_COLOR, grid_extent, map_axes, plot_forecast_panels
 from nowcast.windows import cube_timestep, frame_step_note, input_times
 
 #: Free space asked for the map PNG(s) besides the NetCDF (a map is a few hundred KiB).
 PNG_ALLOWANCE_BYTES = 4 * 2**20
 #: Resolution of the map, as :func:`nowcast.visualization.maps.plot_forecast_panels` saves it.
 MAP_DPI = 110
+#: The threshold (mm/h) of an ensemble's probability map.
+MAP_THRESHOLD = 10.0
 
 
 class InputFramesError(ConfigError):
@@ -64,6 +76,8 @@ class PredictResult:
     manifest : str, optional
         The manifest ``<stem>.json``, written last: ``reference_time``, ``source``, ``method``
         and ``files`` (name to sha256) of the set.
+    probability_png : str, optional
+        An ensemble's map of P(rain rate >= 10 mm/h), ``<stem>_p10.png``.
     """
 
     netcdf: str
@@ -72,6 +86,7 @@ class PredictResult:
     seconds: dict
     note: str | None = None
     manifest: str | None = None
+    probability_png: str | None = None
 
     @property
     def work_seconds(self) -> float:
@@ -112,6 +127,7 @@ class PredictResult:
         text = (
             f"{note}nowcast from {self.reference_time}\n  NetCDF: {self.netcdf}\n"
             f"  map: {self.map_png}\n"
+            + (f"  probability map: {self.probability_png}\n" if self.probability_png else "")
             + (f"  manifest: {self.manifest}\n" if self.manifest else "")
             + f"  timing: {timing} (work {self.work_seconds:.2f} s)"
         )
@@ -237,6 +253,9 @@ def predict(
     n_leadtimes: int | None = None,
     method: str = "model",
     forecast_methods: dict | None = None,
+    members: int | None = None,
+    member_batch: int = MEMBER_BATCH,
+    seed: int = SEED,
 ) -> PredictResult:
     """Issue a nowcast with a trained model and write CF NetCDF plus a map PNG.
 
@@ -263,10 +282,25 @@ def predict(
         it).
     forecast_methods : dict, optional
         An experiment's ``forecast_methods:`` section, where ``method`` is declared.
+    members : int, optional
+        Forecast this many members (>= 1) with the learned ensemble: the checkpoint must be a
+        stochastic model's (a deterministic one gives only ``members=1``, its forecast as a
+        one-member ensemble). By default a deterministic checkpoint gives its forecast and a
+        stochastic one its default number of members (20).
+    member_batch : int, optional
+        Members drawn per forecaster batch, by default 4 (memory grows with it).
+    seed : int, optional
+        The run's seed; with the source and reference time it seeds the members.
 
     Returns
     -------
     PredictResult
+
+    Raises
+    ------
+    ConfigError
+        If ``members`` is below 1 or more than a deterministic checkpoint gives, or the
+        ensemble will not fit in the available memory (the message gives the estimate).
     """
     variants = parse_variants(forecast_methods)
     name = method.lower()
@@ -274,11 +308,14 @@ def predict(
     spec = variants.get(name)
     if name != "model" and (spec is None or spec.method != "model"):
         raise ConfigError(f"predict --method {method}: not the model or a variant built on it")
+    if members is not None and int(members) < 1:
+        raise ConfigError(f"predict --members {members}: give at least 1 member")
     seconds = {}
     start = time.perf_counter()
     model = model_method(str(checkpoint))
     seconds["load_model"] = time.perf_counter() - start
     step = int(model.timestep_minutes)
+    n_members = _ensemble_members(model, checkpoint, members, name)
 
     start = time.perf_counter()
     if from_files:
@@ -294,13 +331,19 @@ def predict(
         reference = cube_reference_time(cube, at, model.n_input_frames, step)
     opened = time.perf_counter() - start
 
+    n_leadtimes = n_leadtimes or model.n_target_frames
+    ensemble_kwargs = {}
+    if n_members is not None and model.stochastic:
+        shape = (cube.sizes["y"], cube.sizes["x"])
+        check_ensemble_memory(model, n_members, member_batch, n_leadtimes, shape)
+        ensemble_kwargs = {"n_members": n_members, "member_batch": member_batch, "seed": seed}
     run = ForecastRun(
         methods=(name,),
-        method_kwargs={},
+        method_kwargs={name: ensemble_kwargs} if ensemble_kwargs else {},
         checkpoint=str(checkpoint),
         device=None,
         n_input_frames=model.n_input_frames,
-        n_leadtimes=n_leadtimes or model.n_target_frames,
+        n_leadtimes=n_leadtimes,
         timestep_minutes=step,
         variants={name: spec} if spec else {},
     )
@@ -308,46 +351,207 @@ def predict(
     seconds["read_inputs"] = opened + window.seconds["read"]
     seconds["model"] = window.seconds["forecast"]
     forecast = window.forecasts[name]
+    probability = None
+    if n_members is not None:
+        # The learned ensemble (also the one-member forecast of a deterministic model).
+        name = "ensemble"
+        forecast = as_members(forecast)
+        forecast.attrs["method"] = name
+        probability = exceedance_probability(forecast, THRESHOLDS)
 
+    config = {"checkpoint": str(checkpoint), "from_files": from_files}
+    if n_members is not None:
+        config.update(members=n_members, seed=seed)
+    if spec:
+        config["forecast_method"] = spec.model_dump(mode="json")
+    provenance = {"source": source, "method": name, "checkpoint_sha256": file_sha256(checkpoint)}
+    provenance["config"] = config
+    if "window_seed" in forecast.attrs:
+        provenance["window_seed"] = forecast.attrs["window_seed"]
+    written = _write_set(forecast, probability, step, Path(out_dir), provenance, seconds)
+    return PredictResult(
+        reference_time=written["reference"].isoformat(),
+        seconds=seconds,
+        note=note,
+        **{key: str(path) if path else None for key, path in written.items() if key != "reference"},
+    )
+
+
+def _write_set(
+    forecast: xr.DataArray,
+    probability: xr.DataArray | None,
+    step: int,
+    out_dir: Path,
+    provenance: dict,
+    seconds: dict,
+) -> dict:
+    """Write a forecast's set: the NetCDF, the map(s), then the manifest.
+
+    Returns
+    -------
+    dict
+        The paths ``netcdf``, ``map_png``, ``probability_png`` (None without probabilities)
+        and ``manifest``, and the ``reference`` time; ``seconds`` gains ``netcdf`` and ``map``.
+    """
+    source, name = provenance["source"], provenance["method"]
     reference = pd.Timestamp(forecast["forecast_reference_time"].values)
     stem = f"{source}_{reference:%Y%m%dT%H%M}Z"
-    out_dir = Path(out_dir)
     manifest = out_dir / f"{stem}.json"
+    n_maps = 1 if probability is None else 2
     storage.check_free_space(
-        out_dir, netcdf_bytes(forecast) + PNG_ALLOWANCE_BYTES, f"forecast files {stem}.*"
+        out_dir, netcdf_bytes(forecast) + n_maps * PNG_ALLOWANCE_BYTES, f"forecast files {stem}.*"
     )
     remove(manifest)  # the set is incomplete until its new manifest is written
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    netcdf = write_forecast_netcdf(
-        forecast,
-        out_dir / f"{stem}.nc",
-        provenance={
-            "source": source,
-            "method": name,
-            "checkpoint_sha256": file_sha256(checkpoint),
-            "config": {
-                "checkpoint": str(checkpoint),
-                "from_files": from_files,
-                **({"forecast_method": spec.model_dump(mode="json")} if spec else {}),
-            },
-        },
-    )
+    netcdf = out_dir / f"{stem}.nc"
+    write_forecast_netcdf(forecast, netcdf, provenance=provenance, probabilities=probability)
     seconds["netcdf"] = time.perf_counter() - start
     start = time.perf_counter()
     png = out_dir / f"{stem}.png"
     _write_map(forecast, name, step, png)
+    files = [netcdf, png]
+    if probability is not None:
+        files.append(out_dir / f"{stem}_p{MAP_THRESHOLD:g}.png")
+        _write_probability_map(probability, MAP_THRESHOLD, step, files[-1])
     seconds["map"] = time.perf_counter() - start
-    _write_manifest(manifest, reference, source, name, [Path(netcdf), png])
-    return PredictResult(
-        str(netcdf), str(png), reference.isoformat(), seconds, note, manifest=str(manifest)
-    )
+    _write_manifest(manifest, reference, source, name, files)
+    return {
+        "netcdf": netcdf,
+        "map_png": png,
+        "probability_png": files[2] if probability is not None else None,
+        "manifest": manifest,
+        "reference": reference,
+    }
+
+
+def _ensemble_members(model, checkpoint, members: int | None, name: str) -> int | None:
+    """Members the forecast will have: None for a deterministic forecast (as before).
+
+    A stochastic checkpoint gives an ensemble (its default size without ``members``); a
+    deterministic one gives one member at most.
+    """
+    if members is None and not model.stochastic:
+        return None
+    if members is not None and int(members) > 1 and not model.stochastic:
+        raise ConfigError(
+            f"predict --members {members}: {checkpoint} is a deterministic model "
+            f"('{model.model_name}'); give --checkpoint of a stochastic model "
+            "(stochastic_convlstm) or leave out --members"
+        )
+    if name != "model":
+        raise ConfigError(
+            f"predict --method {name}: variants are built on a deterministic forecast, not on "
+            "an ensemble (--members, or a stochastic --checkpoint)"
+        )
+    return int(members) if members is not None else int(model.n_members)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory available to a new allocation (psutil, else Linux' MemAvailable), or None."""
+    try:
+        import psutil
+    except ImportError:  # a development dependency: /proc/meminfo says the same on Linux
+        try:
+            with open("/proc/meminfo") as meminfo:
+                fields = dict(line.split(":", 1) for line in meminfo)
+            return int(fields["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+    return int(psutil.virtual_memory().available)
+
+
+def check_ensemble_memory(
+    model, n_members: int, member_batch: int, n_leadtimes: int, shape: tuple[int, int]
+) -> int:
+    """Refuse an ensemble that will not fit in the available memory; return its estimate.
+
+    The estimate is the model's (:meth:`~nowcast.nowcasts.model.ModelNowcast.ensemble_bytes`:
+    the members in float32 and one member batch of network state and transport) plus the
+    exceedance probabilities and pysteps' ``excprob`` float64 copy of one lead time's members.
+
+    Raises
+    ------
+    ConfigError
+        One line with the estimated and the available bytes.
+    """
+    pixels = int(shape[0]) * int(shape[1])
+    needed = model.ensemble_bytes(n_members, n_leadtimes, shape, member_batch)
+    needed += len(THRESHOLDS) * n_leadtimes * pixels * 4 + n_members * pixels * 10
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise ConfigError(
+            f"predict --members {n_members}: the ensemble needs an estimated {needed} bytes "
+            f"({storage.format_bytes(needed)}: {n_members} members x {n_leadtimes} lead times x "
+            f"{shape[0]} x {shape[1]} float32 and a batch of {member_batch} members' network "
+            f"states) but {storage.format_bytes(available)} of memory is available; ask for "
+            "fewer members or a smaller --member-batch"
+        )
+    return needed
+
+
+def _map_leads(forecast: xr.DataArray, step: int) -> list[int]:
+    """+1, +3 and +6 steps, those the forecast has (minutes)."""
+    return [step * k for k in (1, 3, 6) if k <= forecast.sizes["lead_time"]]
 
 
 def _write_map(forecast: xr.DataArray, name: str, step: int, path: Path) -> None:
-    """The map panels at +1, +3 and +6 steps (those the forecast has), written atomically."""
-    leads = [step * k for k in (1, 3, 6) if k <= forecast.sizes["lead_time"]]
-    figure = plot_forecast_panels(None, {name: forecast}, leads)
+    """The map panels at :func:`_map_leads`, written atomically: one row for a deterministic
+    forecast; for an ensemble the first two members and the ensemble mean."""
+    rows = {name: forecast}
+    if is_ensemble(forecast):
+        shown = range(min(2, ensemble_size(forecast)))
+        rows = {f"member {k}": forecast.isel(realization=k) for k in shown}
+        rows["ensemble mean"] = ensemble_mean(forecast)
+    figure = plot_forecast_panels(None, rows, _map_leads(forecast, step))
+    _save_figure(figure, path)
+
+
+def _write_probability_map(
+    probability: xr.DataArray, threshold: float, step: int, path: Path
+) -> None:
+    """Maps of P(rain rate >= ``threshold``) at :func:`_map_leads`, written atomically.
+
+    Drawn on :func:`nowcast.visualization.maps.map_axes` as the rain-rate maps are: deciles
+    of probability, a zero probability transparent and no data grey.
+    """
+    from matplotlib import colormaps, colors
+    from matplotlib.figure import Figure
+
+    field = probability.sel(threshold=threshold)
+    leads = _map_leads(field, step)
+    extent, crs = grid_extent(field), forecast_crs(field)
+    bounds = [1e-6, *np.arange(1, 11) / 10.0]
+    cmap = colormaps["YlOrRd"].resampled(10).with_extremes(under="none", bad=NO_DATA_COLOR)
+    norm = colors.BoundaryNorm(bounds, cmap.N)
+    aspect = (extent[3] - extent[2]) / (extent[1] - extent[0])
+    figure = Figure(figsize=(3.2 * len(leads) + 1.6, 3.2 * aspect + 1.0), layout="constrained")
+    reference = pd.Timestamp(field["forecast_reference_time"].values)
+    axes = []
+    for column, minutes in enumerate(leads):
+        ax = map_axes(figure, (1, len(leads), column + 1), crs, extent)
+        frame = field.isel(lead_time=minutes // step - 1)
+        y = frame["y"].values
+        image = ax.imshow(
+            np.ma.masked_invalid(frame.values),
+            origin="upper" if y.size > 1 and y[0] > y[-1] else "lower",
+            extent=extent,
+            transform=ax.projection,
+            cmap=cmap,
+            norm=norm,
+            interpolation="nearest",
+            zorder=1,
+        )
+        ax.set_title(f"+{minutes} min", fontsize=10)
+        axes.append(ax)
+    members = probability.attrs.get("ensemble_size", "")
+    title = f"P(rain rate >= {threshold:g} mm/h), {members} members"
+    figure.suptitle(f"{title}, from {reference:%Y-%m-%d %H:%M} UTC", fontsize=11)
+    figure.colorbar(image, ax=axes, ticks=bounds[1:], label="probability", shrink=0.8)
+    _save_figure(figure, path)
+
+
+def _save_figure(figure, path: Path) -> None:
     try:
         atomic_write_file(path, lambda tmp: figure.savefig(tmp, dpi=MAP_DPI, format="png"))
     finally:

@@ -47,7 +47,15 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_registry_lists_methods_for_unknown_name():
-    names = ["extrapolation", "lagrangian_probability", "model", "persistence", "sprog", "steps"]
+    names = [
+        "ensemble",
+        "extrapolation",
+        "lagrangian_probability",
+        "model",
+        "persistence",
+        "sprog",
+        "steps",
+    ]
     assert registered_methods() == names
     with pytest.raises(ValueError, match=", ".join(names)):
         get_method("nosuchmethod")

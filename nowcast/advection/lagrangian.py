@@ -19,10 +19,12 @@ trajectories (timings: docs/performance.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from nowcast import import_pysteps
 from nowcast.advection import warp
 from nowcast.advection.motion import (
     coarse_grid_shape,
@@ -96,6 +98,10 @@ class LagrangianFrame:
         moves = warp.displacements(
             coarse, self.node_spacing, self.domain_shape, self.points, n_steps
         )
+        return self._joined(moves)
+
+    def _joined(self, moves: list) -> torch.Tensor:
+        """Displacements (1, ny, nx, 2) per step joined as (n_steps, ny, nx, 2)."""
         return torch.cat(moves) if moves else self.points.new_zeros((0, *self.points.shape[1:]))
 
     def forward(self, n_steps: int) -> torch.Tensor:
@@ -151,13 +157,73 @@ class LagrangianFrame:
         )
         return moved[0].cpu().numpy().astype(np.float32, copy=False)
 
-    def outputs_from_lagrangian(self, outputs) -> np.ndarray:
+    def outputs_from_lagrangian(self, outputs, perturbation=None) -> np.ndarray:
         """Advect Lagrangian outputs (lead, y, x; finite, NumPy or a tensor on any device)
         forward to their valid times (lead k by k steps), 0 where a trajectory starts outside
-        the domain; a NumPy array."""
+        the domain; a NumPy array.
+
+        ``perturbation``, a function of the step ``k`` (1, 2, ...) giving a (2, yc, xc) motion
+        increment on the coarse grid (:func:`bps_perturbation`), moves step ``k`` along the
+        motion plus that increment instead, as STEPS advects a member along its perturbed
+        velocity; the frame's own trajectories are left as they are.
+        """
         fields = torch.as_tensor(outputs, dtype=self.dtype, device=self.device)[:, None]
-        moved = self._read(fields, self.forward(fields.shape[0]))
+        n_steps = fields.shape[0]
+        if perturbation is None:
+            moves = self.forward(n_steps)
+        else:
+            steps = [
+                self.coarse + torch.as_tensor(perturbation(k), dtype=self.dtype, device=self.device)
+                for k in range(1, n_steps + 1)
+            ]
+            moves = self._joined(
+                warp.stepwise_displacements(
+                    steps, self.node_spacing, self.domain_shape, self.points
+                )
+            )
+        moved = self._read(fields, moves)
         return moved[:, 0].cpu().numpy().astype(np.float32, copy=False)
+
+    @property
+    def coarse_motion(self) -> np.ndarray:
+        """The frame's (2, yc, xc) coarse motion, in pixels per timestep."""
+        return self.coarse[0].cpu().numpy()
+
+
+def bps_perturbation(
+    coarse: np.ndarray, pixel_size_km: float, timestep_minutes: float, rng
+) -> Callable[[int], np.ndarray]:
+    """One member's motion perturbation, drawn as pysteps' STEPS draws it (``bps``).
+
+    Bowler, Pierce and Seed (2006), as ``pysteps.noise.motion.initialize_bps`` and
+    ``generate_bps`` with their default parameters: two Laplace draws per member scale unit
+    fields parallel and perpendicular to the motion by standard deviations that grow with the
+    lead time. STEPS adds ``generate_bps(perturbator, k * timestep)`` to the motion at step
+    ``k``; so does :meth:`LagrangianFrame.outputs_from_lagrangian`. Here the field perturbed is
+    the coarse motion (pixels per timestep at the full resolution, hence ``pixelsperkm`` =
+    1 / ``pixel_size_km``); its upsampling to the pixels is that of the motion.
+
+    Parameters
+    ----------
+    coarse : numpy.ndarray
+        (2, yc, xc) coarse motion in pixels per timestep.
+    pixel_size_km : float
+        Size of a full-resolution pixel.
+    timestep_minutes : float
+        Minutes per step.
+    rng : numpy.random.Generator or numpy.random.RandomState
+        The member's own generator (pysteps' ``randstate``); two values are drawn from it.
+
+    Returns
+    -------
+    callable
+        ``step -> (2, yc, xc)`` float64 motion increment at lead ``step * timestep_minutes``.
+    """
+    initialize, generate = import_pysteps("pysteps.noise").get_method("bps")
+    perturbator = initialize(
+        np.asarray(coarse, dtype=np.float64), 1.0 / pixel_size_km, timestep_minutes, randstate=rng
+    )
+    return lambda step: generate(perturbator, step * timestep_minutes)
 
 
 def _identity(values):

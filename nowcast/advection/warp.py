@@ -118,9 +118,48 @@ def displacements(
     displacement = torch.zeros_like(points)
     result = []
     for _ in range(n_steps):
-        position = points + displacement
-        increment = motion(torch.add(position, motion(position), alpha=-0.5))
-        displacement = displacement - increment
+        displacement = _semi_lagrangian_step(motion, points, displacement)
+        result.append(displacement)
+    return result
+
+
+def _semi_lagrangian_step(motion, points: torch.Tensor, displacement: torch.Tensor):
+    """One step of :func:`displacements`: the displacement after it."""
+    position = points + displacement
+    increment = motion(torch.add(position, motion(position), alpha=-0.5))
+    return displacement - increment
+
+
+def stepwise_displacements(
+    coarse_steps, node_spacing: int, domain_shape, points: torch.Tensor
+) -> list:
+    """:func:`displacements` with a motion field of its own at each step.
+
+    Step ``k`` moves along ``coarse_steps[k]``, continuing from the displacement of step
+    ``k - 1``, as pysteps' STEPS advects a member along its perturbed velocity (the motion plus
+    that member's ``bps`` perturbation at the step's lead time).
+
+    Parameters
+    ----------
+    coarse_steps : sequence of torch.Tensor
+        One (B, 2, yc, xc) coarse motion per step (see :func:`motion_at`).
+    node_spacing : int
+    domain_shape : tuple of int
+    points : torch.Tensor
+        (B, h, w, 2) domain pixel coordinates (x, y) of the trajectories' end points.
+
+    Returns
+    -------
+    list of torch.Tensor
+        ``len(coarse_steps)`` cumulative displacements (B, h, w, 2) as (x, y).
+    """
+    displacement = torch.zeros_like(points)
+    result = []
+    for coarse in coarse_steps:
+        motion = _motion_reader(
+            coarse.to(points.dtype), node_spacing, domain_shape, points.shape[2]
+        )
+        displacement = _semi_lagrangian_step(motion, points, displacement)
         result.append(displacement)
     return result
 

@@ -17,6 +17,8 @@ sprog                  S-PROG (pysteps) on dB fields with the Lucas-Kanade motio
 steps                  STEPS ensemble (pysteps) on dB fields with the Lucas-Kanade motion
 lagrangian_probability local Lagrangian exceedance probabilities (pysteps)
 model                  a trained network: ``get_method("model")(checkpoint=path)`` -> callable
+ensemble               a trained stochastic network's members (``n_members``, ``member_batch``,
+                       ``seed``), each with its motion perturbed as STEPS' ``bps`` does
 ====================== =======================================================================
 
 :func:`forecast_window` (:mod:`nowcast.nowcasts.runner`) forecasts one window of a cube with

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from nowcast.nowcasts import extrapolation, persistence, sprog, steps
-from nowcast.nowcasts.model import ModelNowcast
+from nowcast.nowcasts.model import EnsembleNowcast, ModelNowcast
 from nowcast.nowcasts.probability import lagrangian_probability
 
 _METHODS: dict[str, Callable] = {
@@ -15,17 +15,19 @@ _METHODS: dict[str, Callable] = {
     "steps": steps.forecast,
     "lagrangian_probability": lagrangian_probability,
     "model": ModelNowcast,
+    "ensemble": EnsembleNowcast,
 }
 
-#: Methods that are ready to call; ``model`` must first be built from a checkpoint. When one
-#: that advects runs, the runner shares its full-resolution motion. Being listed here does not
-#: make a method run: each stage keeps its own default list.
+#: Methods that are ready to call; ``model`` and ``ensemble`` must first be built from a
+#: checkpoint. When one that advects runs, the runner shares its full-resolution motion. Being
+#: listed here does not make a method run: each stage keeps its own default list.
 BASELINES = ("persistence", "extrapolation", "sprog", "steps", "lagrangian_probability")
 
 #: What a method declares besides its inputs. ``uses_motion``: it advects along the
 #: Lucas-Kanade motion of its inputs and accepts it as ``velocity=``, so an evaluation estimates
-#: the field once per window and shares it (and needs 3 input frames). For ``model`` it depends
-#: on the checkpoint: a built :class:`ModelNowcast` answers with its ``uses_motion`` attribute.
+#: the field once per window and shares it (and needs 3 input frames). For ``model`` and
+#: ``ensemble`` it depends on the checkpoint: a built :class:`ModelNowcast` answers with its
+#: ``uses_motion`` attribute.
 METHOD_NEEDS: dict[str, dict[str, bool]] = {
     "persistence": {"uses_motion": False},
     "extrapolation": {"uses_motion": True},
@@ -33,6 +35,7 @@ METHOD_NEEDS: dict[str, dict[str, bool]] = {
     "steps": {"uses_motion": True},
     "lagrangian_probability": {"uses_motion": True},
     "model": {"uses_motion": False},
+    "ensemble": {"uses_motion": False},
 }
 
 
@@ -77,14 +80,18 @@ def get_method(name: str) -> Callable:
             probability forecast (threshold, lead_time, y, x), not a rain rate.
         ``"model"``
             :class:`~nowcast.nowcasts.model.ModelNowcast`: call it with ``checkpoint=path``
-            (loaded once) to get the forecast callable.
+            (loaded once) to get the forecast callable (an ensemble for a stochastic model).
+        ``"ensemble"``
+            :class:`~nowcast.nowcasts.model.EnsembleNowcast`, the learned ensemble: as
+            ``"model"``, for a stochastic model's checkpoint only, with ``n_members`` (20),
+            ``member_batch`` (4) and ``seed`` (0); forecasts (realization, lead_time, y, x).
 
     Returns
     -------
     callable
         ``forecast(inputs, n_leadtimes, **kwargs) -> xarray.DataArray`` for the baselines
         (see :mod:`nowcast.nowcasts.steps` and :mod:`nowcast.nowcasts.probability`); for
-        ``"model"`` the class that builds such a callable.
+        ``"model"`` and ``"ensemble"`` the class that builds such a callable.
 
     Raises
     ------

@@ -5,6 +5,21 @@ predicted in one pass whatever the patch size they were trained on. Inputs are n
 the parameters the patch store fitted (recorded in the checkpoint), no-data becomes 0 exactly as
 in the patch store, and the output is transformed back to mm/h, clipped at 0, with the last input
 frame's no-data area set to NaN.
+
+A stochastic model's checkpoint (``stochastic_convlstm``) gives an ensemble (realization,
+lead_time, y, x). The work of a window is shared by its members: the motion, the transport of
+the inputs into the Lagrangian frame and the encoder run once; the forecaster then draws the
+members in member batches, and each member is moved out of the Lagrangian frame as it comes, so
+memory holds the output ensemble plus one member batch of network state. The members' noise
+comes from a CPU ``torch.Generator`` seeded with :func:`nowcast.nowcasts.seeds.window_seed`:
+the same noise on any device and whatever the member batch, so a rerun gives the same members
+(another member batch changes them only by the float rounding of oneDNN's convolutions, which
+depends on the batch size). In a Lagrangian frame each member
+also moves along its own perturbed motion, as STEPS' members do: pysteps' ``bps`` perturbation
+(:func:`nowcast.advection.lagrangian.bps_perturbation`) of the coarse motion, drawn from the
+member's own generator (``numpy.random.SeedSequence(window_seed).spawn``, one child per member),
+added at every step of the transport of that member's outputs (the inputs move along the
+unperturbed motion), so members differ in position as well as intensity.
 """
 
 from __future__ import annotations
@@ -18,14 +33,32 @@ import torch
 import xarray as xr
 from torch import nn
 
-from nowcast.advection.lagrangian import LagrangianFrame
-from nowcast.nowcasts.inputs import check_inputs, input_timestep, to_forecast
+from nowcast.advection.lagrangian import LagrangianFrame, bps_perturbation
+from nowcast.config import ConfigError
+from nowcast.nowcasts.forecast import make_ensemble_forecast
+from nowcast.nowcasts.inputs import (
+    check_inputs,
+    input_pixel_size_km,
+    input_timestep,
+    no_data_mask,
+    reference_time,
+    to_forecast,
+)
 from nowcast.nowcasts.isotonic import apply_calibration
+from nowcast.nowcasts.seeds import window_seed
 from nowcast.training.checkpoint import TrainedOn, load_model
 from nowcast.training.device import resolve_device
 from nowcast.windows import counted_back, frame_step_note, frames_per_model_step
 
 LOGGER = logging.getLogger(__name__)
+
+#: Defaults of a stochastic model's ensemble: members, members per forecaster batch, run seed.
+N_MEMBERS = 20
+MEMBER_BATCH = 4
+SEED = 0
+#: What :meth:`ModelNowcast.ensemble_bytes` allows for torch's and oneDNN's own workspaces and
+#: thread pools (about 70 MiB with one member on a 512 x 512 grid).
+WORKSPACE_BYTES = 128 * 2**20
 
 
 class ModelNowcast:
@@ -55,6 +88,16 @@ class ModelNowcast:
         the first call compiles), by default False.
     name : str, optional
         Method name recorded in the forecasts, by default ``"model"``.
+    n_members, member_batch, seed : int, optional
+        For a stochastic model: members of each forecast (default 20), members drawn per
+        forecaster batch (default 4; memory grows with it) and the run's seed (default 0), which
+        with the radar source and reference time seeds each window
+        (:func:`~nowcast.nowcasts.seeds.window_seed`). A call may override them.
+
+    Attributes
+    ----------
+    stochastic : bool
+        Whether the model forecasts an ensemble (a stochastic model's checkpoint).
 
     Examples
     --------
@@ -72,6 +115,9 @@ class ModelNowcast:
         name: str = "model",
         calibrated: bool = True,
         compile: bool = False,
+        n_members: int = N_MEMBERS,
+        member_batch: int = MEMBER_BATCH,
+        seed: int = SEED,
     ) -> None:
         self.device = resolve_device(device)
         if (checkpoint is None) == (model is None):
@@ -98,6 +144,11 @@ class ModelNowcast:
             self.n_target_frames = getattr(model, "n_target_frames", None)
             self.model_name = type(model).__name__
         self.model = model.to(self.device).eval()
+        # The uncompiled module: a stochastic model's encode/decode are called directly.
+        self.network = self.model
+        self.stochastic = bool(getattr(model, "stochastic", False))
+        self.n_members, self.member_batch = _members(n_members, member_batch)
+        self.seed = int(seed)
         if compile:
             self.model = torch.compile(self.model)
         self.normalization = trained_on.normalization
@@ -132,18 +183,9 @@ class ModelNowcast:
         numpy.ndarray
             float32 rain rate (n_target_frames, y, x), >= 0 everywhere (no mask applied).
         """
-        rain_rate = np.clip(np.asarray(rain_rate, dtype=np.float32), 0.0, None)
-        if self.reference_frame == "lagrangian":
-            # One set of trajectories moves the inputs in and the outputs out
-            # (nowcast.advection.warp).
-            n_steps = max(rain_rate.shape[0] - 1, self.n_target_frames or 1)
-            lagrangian = LagrangianFrame.of_inputs(
-                rain_rate, self.motion_node_spacing, n_steps, velocity=velocity, device=self.device
-            )
-            rain_rate = lagrangian.inputs_to_lagrangian(rain_rate)
-        normalized = self.normalization.forward(rain_rate)
-        normalized = np.where(np.isfinite(normalized), normalized, 0.0).astype(np.float32)
-        frames = torch.from_numpy(normalized)[None, :, None].to(self.device)
+        if self.stochastic:
+            raise ValueError("a stochastic model forecasts members: call predict_members")
+        lagrangian, frames = self._network_input(rain_rate, velocity)
         # inference_mode rather than no_grad: no autograd bookkeeping on the tensors at all.
         with torch.inference_mode():
             prediction = self.model(frames)[0, :, 0].float()
@@ -158,12 +200,132 @@ class ModelNowcast:
             rain = apply_calibration(rain, self.calibration)
         return rain
 
+    def _network_input(
+        self, rain_rate: np.ndarray, velocity: np.ndarray | None
+    ) -> tuple[LagrangianFrame | None, torch.Tensor]:
+        """The window's Lagrangian frame (None in the Eulerian frame) and the network's input
+        (1, n_input_frames, 1, y, x), normalized with no data as 0."""
+        rain_rate = np.clip(np.asarray(rain_rate, dtype=np.float32), 0.0, None)
+        lagrangian = None
+        if self.reference_frame == "lagrangian":
+            # One set of trajectories moves the inputs in and the outputs out
+            # (nowcast.advection.warp).
+            n_steps = max(rain_rate.shape[0] - 1, self.n_target_frames or 1)
+            lagrangian = LagrangianFrame.of_inputs(
+                rain_rate, self.motion_node_spacing, n_steps, velocity=velocity, device=self.device
+            )
+            rain_rate = lagrangian.inputs_to_lagrangian(rain_rate)
+        normalized = self.normalization.forward(rain_rate)
+        normalized = np.where(np.isfinite(normalized), normalized, 0.0).astype(np.float32)
+        return lagrangian, torch.from_numpy(normalized)[None, :, None].to(self.device)
+
+    def predict_members(
+        self,
+        rain_rate: np.ndarray,
+        n_members: int,
+        velocity: np.ndarray | None = None,
+        member_batch: int | None = None,
+        seed: int = 0,
+        n_leadtimes: int | None = None,
+        pixel_size_km: float = 1.0,
+    ) -> np.ndarray:
+        """Run a stochastic model: ``n_members`` members drawn in member batches.
+
+        Parameters
+        ----------
+        rain_rate : numpy.ndarray
+            Input rain rate (n_input_frames, y, x) in mm/h, NaN for no data.
+        n_members : int
+            Members, >= 1.
+        velocity : numpy.ndarray, optional
+            LK motion (2, y, x) of these inputs, when the caller already has it.
+        member_batch : int, optional
+            Members per forecaster batch, by default the method's.
+        seed : int, optional
+            The window's seed (:func:`~nowcast.nowcasts.seeds.window_seed`): it seeds the
+            members' noise and their motion perturbations.
+        n_leadtimes : int, optional
+            Lead times kept, by default all the model predicts.
+        pixel_size_km : float, optional
+            Pixel size, for the motion perturbations (pixels per timestep to km/h).
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 rain rate (n_members, n_leadtimes, y, x), >= 0 (no mask applied).
+        """
+        n_members, member_batch = _members(n_members, member_batch or self.member_batch)
+        lagrangian, frames = self._network_input(rain_rate, velocity)
+        n_lead = min(int(n_leadtimes or self.n_target_frames), self.n_target_frames)
+        perturbations = [None] * n_members
+        if lagrangian is not None:
+            coarse = lagrangian.coarse_motion
+            perturbations = [
+                bps_perturbation(coarse, pixel_size_km, self.timestep_minutes, rng)
+                for rng in _member_generators(seed, n_members)
+            ]
+        # The noise is drawn on the CPU, so a seed gives the same members on any device.
+        generator = torch.Generator().manual_seed(int(seed))
+        values = np.empty((n_members, n_lead, *frames.shape[-2:]), dtype=np.float32)
+        with torch.inference_mode():
+            encoded = self.network.encode(frames)
+            for first in range(0, n_members, member_batch):
+                count = min(member_batch, n_members - first)
+                batch = self.network.decode(encoded, count, generator)[0, :, :n_lead, 0]
+                rain = torch.clamp(self.normalization.inverse(batch.float()), min=0.0)
+                del batch
+                for k in range(count):
+                    member = first + k
+                    if lagrangian is None:
+                        values[member] = rain[k].cpu().numpy()
+                    else:
+                        values[member] = lagrangian.outputs_from_lagrangian(
+                            rain[k], perturbations[member]
+                        )
+                    if self.calibration:
+                        values[member] = apply_calibration(values[member], self.calibration)
+                del rain
+        return values
+
+    def ensemble_bytes(
+        self, n_members: int, n_leadtimes: int, shape, member_batch: int | None = None
+    ) -> int:
+        """Estimated peak memory of :meth:`predict_members` on a (ny, nx) grid, in bytes.
+
+        The output ensemble (float32) plus one member batch of the forecaster: per member its
+        hidden and cell states, gates and features (all layers taken at the patch resolution,
+        an upper bound with ``downsample``) and noise, and the full-resolution outputs in their
+        few transient copies; plus the encoder's states and the window's and one member's
+        trajectories (float32, two components per pixel and step), and
+        :data:`WORKSPACE_BYTES`. An upper bound meant to check that a request can fit (it
+        exceeds the measured peak by 10-40 % on 512 x 512 and 1024 x 1024 grids).
+        """
+        n_members, member_batch = _members(n_members, member_batch or self.member_batch)
+        ny, nx = (int(n) for n in shape)
+        pixels = ny * nx
+        output = n_members * int(n_leadtimes) * pixels * 4
+        network = self.network
+        multiple = int(getattr(network, "spatial_multiple", 1))
+        factor = int(getattr(network, "patch_factor", 1))
+        cells = -(-ny // multiple) * multiple * (-(-nx // multiple) * multiple) // factor**2
+        hidden = sum(getattr(network, "hidden_channels", (0,)))
+        noise = int(getattr(network, "noise_channels", 0))
+        n_target = int(self.n_target_frames or n_leadtimes)
+        per_member = cells * 4 * (7 * hidden + noise) + 4 * n_target * pixels * 4
+        encoder = cells * 4 * (2 * hidden + self.n_input_frames * factor**2)
+        n_steps = max(self.n_input_frames - 1, n_target)
+        transport = (n_steps + int(n_leadtimes) + 1) * pixels * 2 * 4
+        return output + member_batch * per_member + encoder + transport + WORKSPACE_BYTES
+
     def __call__(
         self,
         inputs: xr.DataArray,
         n_leadtimes: int,
         timestep_minutes: float | None = None,
         velocity: np.ndarray | None = None,
+        n_members: int | None = None,
+        member_batch: int | None = None,
+        seed: int | None = None,
     ) -> xr.DataArray:
         """Forecast from the last ``n_input_frames`` frames of ``inputs``.
 
@@ -181,11 +343,16 @@ class ModelNowcast:
             are at the model's timestep.
         velocity : numpy.ndarray, optional
             Precomputed motion of the inputs (see :meth:`predict_values`).
+        n_members, member_batch, seed : int, optional
+            A stochastic model's members, member batch and run seed, by default the method's;
+            the window's seed is ``window_seed(seed, inputs.attrs["radar_source"], last input
+            time)``. A deterministic model takes none but ``n_members=1``.
 
         Returns
         -------
         xarray.DataArray
-            Forecast (lead_time, y, x) in mm/h.
+            Forecast (lead_time, y, x) in mm/h; for a stochastic model members (realization,
+            lead_time, y, x) with ``attrs["window_seed"]``.
         """
         check_inputs(inputs, n_leadtimes, self.n_input_frames)
         if timestep_minutes is None and inputs.sizes["time"] == 1:
@@ -202,11 +369,51 @@ class ModelNowcast:
                 f"the model predicts {self.n_target_frames} lead times, {n_leadtimes} asked for"
             )
         rain_rate = inputs.values[-self.n_input_frames :]
-        values = self.predict_values(rain_rate, velocity)[: int(n_leadtimes)]
-        forecast = to_forecast(values, inputs, step, self.name)
+        if self.stochastic:
+            forecast = self._ensemble(
+                inputs, rain_rate, int(n_leadtimes), step, velocity, n_members, member_batch, seed
+            )
+        else:
+            if n_members not in (None, 1):
+                raise ValueError(
+                    f"{self.checkpoint or self.model_name}: a deterministic model forecasts one "
+                    f"member, {n_members} asked for"
+                )
+            values = self.predict_values(rain_rate, velocity)[: int(n_leadtimes)]
+            forecast = to_forecast(values, inputs, step, self.name)
         if self.checkpoint is not None:
             # Which weights made it: a calibration file is checked against this checkpoint.
             forecast.attrs["model_checkpoint"] = self.checkpoint
+        return forecast
+
+    def _ensemble(
+        self,
+        inputs: xr.DataArray,
+        rain_rate: np.ndarray,
+        n_leadtimes: int,
+        step: float,
+        velocity: np.ndarray | None,
+        n_members: int | None,
+        member_batch: int | None,
+        seed: int | None,
+    ) -> xr.DataArray:
+        """A stochastic model's members in the ensemble Forecast layout."""
+        source = str(inputs.attrs.get("radar_source", ""))
+        reference = reference_time(inputs)
+        seed = window_seed(self.seed if seed is None else seed, source, reference)
+        values = self.predict_members(
+            rain_rate,
+            self.n_members if n_members is None else n_members,
+            velocity,
+            member_batch,
+            seed,
+            n_leadtimes,
+            input_pixel_size_km(inputs),
+        )
+        # In place (to_ensemble_forecast would copy the whole ensemble).
+        values[:, :, no_data_mask(inputs)] = np.nan
+        forecast = make_ensemble_forecast(values, reference, step, inputs, method=self.name)
+        forecast.attrs["window_seed"] = seed
         return forecast
 
     def _at_model_step(self, inputs: xr.DataArray, step: float) -> xr.DataArray:
@@ -228,3 +435,44 @@ class ModelNowcast:
             ) from None
         LOGGER.info(frame_step_note(source, step, self.timestep_minutes))
         return inputs.isel(time=kept)
+
+
+class EnsembleNowcast(ModelNowcast):
+    """The learned ensemble: :class:`ModelNowcast` of a stochastic model's checkpoint only.
+
+    Registered as the forecast method ``ensemble``; it takes the arguments of
+    :class:`ModelNowcast` (``name`` defaults to ``"ensemble"``).
+
+    Raises
+    ------
+    ConfigError
+        If the checkpoint's model is deterministic (one line naming it).
+    """
+
+    def __init__(self, checkpoint=None, *, name: str = "ensemble", **kwargs) -> None:
+        super().__init__(checkpoint, name=name, **kwargs)
+        if not self.stochastic:
+            raise ConfigError(
+                f"{self.checkpoint or self.model_name}: model '{self.model_name}' is "
+                "deterministic; the ensemble method needs a stochastic model's checkpoint "
+                "(stochastic_convlstm, trained with loss: crps)"
+            )
+
+
+def _members(n_members, member_batch) -> tuple[int, int]:
+    """``n_members`` and ``member_batch`` as ints, each >= 1 (a ValueError names them)."""
+    if int(n_members) < 1 or int(member_batch) < 1:
+        raise ValueError(
+            f"n_members and member_batch must be >= 1, got {n_members} and {member_batch}"
+        )
+    return int(n_members), min(int(member_batch), int(n_members))
+
+
+def _member_generators(seed: int, n_members: int) -> list[np.random.Generator]:
+    """One generator per member, member ``j``'s the same whatever ``n_members``.
+
+    Children of ``SeedSequence(seed)``: a stream apart from the torch generator that the same
+    seed starts (both would otherwise be Mersenne twisters seeded alike).
+    """
+    children = np.random.SeedSequence(int(seed)).spawn(int(n_members))
+    return [np.random.default_rng(child) for child in children]

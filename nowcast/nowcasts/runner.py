@@ -17,6 +17,10 @@ method that advects:
 
 A method given its own ``motion_method`` in ``method_kwargs`` estimates its own motion.
 
+The learned ensemble ``ensemble`` is built from ``method_kwargs["ensemble"]``: its
+``checkpoint`` (a stochastic model's, loaded once per process and checkpoint version) and
+optionally ``n_members``, ``member_batch`` and ``seed``, which go to each call.
+
 Forecasts are passed on as the methods return them: dimensions beyond ``(lead_time, y, x)``
 reach the caller untouched.
 """
@@ -34,6 +38,7 @@ import pandas as pd
 import xarray as xr
 
 from nowcast.advection.motion import motion_field
+from nowcast.config import ConfigError
 from nowcast.nowcasts.forecast import make_forecast
 from nowcast.nowcasts.inputs import cube_inputs
 from nowcast.nowcasts.interface import BASELINES, get_method, uses_motion
@@ -142,6 +147,39 @@ def _cached_model(checkpoint: str, device: str | None, calibrated: bool, modifie
     return get_method("model")(checkpoint=checkpoint, device=device, calibrated=calibrated)
 
 
+def ensemble_method(checkpoint: str, device: str | None = None):
+    """The learned ensemble of a stochastic model's checkpoint, loaded once per process and
+    checkpoint version (as :func:`model_method`).
+
+    Parameters
+    ----------
+    checkpoint : str
+        Checkpoint path of a stochastic model.
+    device : str, optional
+        Device; None picks CUDA when available.
+
+    Returns
+    -------
+    nowcast.nowcasts.model.EnsembleNowcast
+        Its ``n_members``, ``member_batch`` and ``seed`` are the defaults; a call overrides them.
+
+    Raises
+    ------
+    ConfigError
+        If the checkpoint's model is deterministic.
+    """
+    return _cached_ensemble(str(checkpoint), device, os.path.getmtime(checkpoint))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_ensemble(checkpoint: str, device: str | None, modified: float):
+    return get_method("ensemble")(checkpoint=checkpoint, device=device)
+
+
+#: ``method_kwargs["ensemble"]`` keys that build the method rather than go to its calls.
+ENSEMBLE_BUILD_KEYS = ("checkpoint",)
+
+
 def _methods(names: list[str], run: ForecastRun) -> dict[str, Callable]:
     methods = {}
     for name in names:
@@ -149,9 +187,26 @@ def _methods(names: list[str], run: ForecastRun) -> dict[str, Callable]:
             if run.checkpoint is None:
                 raise ValueError("method 'model' needs a checkpoint")
             methods[name] = model_method(run.checkpoint, run.device, run.checkpoint_calibration)
+        elif name == "ensemble":
+            checkpoint = run.method_kwargs.get("ensemble", {}).get("checkpoint")
+            if not checkpoint:
+                raise ConfigError(
+                    "method 'ensemble' needs method_kwargs: {ensemble: {checkpoint: PATH}} "
+                    "(a stochastic model's checkpoint)"
+                )
+            methods[name] = ensemble_method(checkpoint, run.device)
         else:
             methods[name] = get_method(name)
     return methods
+
+
+def _call_kwargs(name: str, run: ForecastRun) -> dict:
+    """The method's ``method_kwargs`` less those that built it."""
+    kwargs = dict(run.method_kwargs.get(name, {}))
+    if name == "ensemble":
+        for key in ENSEMBLE_BUILD_KEYS:
+            kwargs.pop(key, None)
+    return kwargs
 
 
 def _takes_motion(name: str, method: Callable, run: ForecastRun) -> bool:
@@ -208,7 +263,7 @@ def forecast_inputs(
     motion = shared_motion(inputs, names, methods, run)
     forecasts = {}
     for name in names:
-        kwargs = dict(run.method_kwargs.get(name, {}))
+        kwargs = _call_kwargs(name, run)
         if motion is not None and _takes_motion(name, methods[name], run):
             kwargs.setdefault("velocity", motion)
         forecasts[name] = methods[name](inputs, run.n_leadtimes, **kwargs)
