@@ -38,6 +38,11 @@ def seconds(value: float) -> str:
     return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
 
 
+def gib(value: float) -> str:
+    """Bytes in GiB."""
+    return f"{value / 1024**3:.2f} GiB"
+
+
 def _format(fmt, value) -> str:
     return fmt(value) if callable(fmt) else fmt.format(value)
 
@@ -108,6 +113,22 @@ SECTIONS = (
                 SPEEDUP,
             ),
             ("speed-up, warm", "speedup_vs_pysteps_warm", SPEEDUP),
+        ],
+    ),
+    (
+        "members",
+        "A learned-ensemble nowcast on a large grid",
+        "`benchmarks/bench_members.py`: 1 and 20 members of the stochastic Lagrangian ConvLSTM "
+        "(bom_lagrangian_crps's architecture) on synthetic frames, member batches of 4, each in "
+        "a fresh process.",
+        [
+            ("grid", "shape", "{}"),
+            ("1 member: peak RSS", "runs.1.peak_rss_bytes", gib),
+            ("20 members: peak RSS", "runs.20.peak_rss_bytes", gib),
+            ("20 members: output", "runs.20.output_bytes", gib),
+            ("20 / 1 members, peak RSS", "rss_many_over_one", RATIO),
+            ("20 members: forecast", "runs.20.forecast_s", seconds),
+            ("per member", "seconds_per_member", seconds),
         ],
     ),
     (

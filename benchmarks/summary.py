@@ -73,6 +73,13 @@ ROWS = (
     ),
     ("export", "export peak RSS, 4x / 1x windows", "peak_rss_ratio", "{:.2f}", "<= 1.2"),
     (
+        "members",
+        "learned ensemble peak RSS, 20 / 1 members, 2200 x 1900",
+        "rss_many_over_one",
+        "{:.2f}",
+        "20 members <= 8 GiB",
+    ),
+    (
         "memory",
         "checkpointing / plain peak memory, 24 frames",
         "checkpointing_over_plain_at_24",
