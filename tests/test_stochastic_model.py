@@ -218,8 +218,33 @@ def test_fair_crps_needs_two_members_and_a_member_axis():
         losses.fair_crps(members[:, :1], target, mask)
     with pytest.raises(ValueError, match="needs members"):
         losses.fair_crps(target, target, mask)
-    assert losses.registered_losses(members=True) == list(losses.MEMBER_LOSSES) == ["crps"]
+    assert losses.registered_losses(members=True) == list(losses.MEMBER_LOSSES)
+    assert list(losses.MEMBER_LOSSES) == ["crps", "crps_rain"]
     assert "crps" not in losses.registered_losses()
+
+
+def test_crps_rain_is_the_fair_crps_of_the_members_in_rain_rate():
+    from nowcast.patches.normalization import Normalization
+    from nowcast.training.step import build_loss
+
+    members, target, mask = crps_inputs(3, seed=2)
+    log1p = Normalization("log1p", {"scale": 4.0})
+    config = parse_model(
+        TrainConfig,
+        {"model": {"name": "stochastic_convlstm"}, "loss": "crps_rain", "members": 3},
+        "train",
+    )
+    loss_fn = build_loss(config, log1p, torch.device("cpu"))
+    members.requires_grad_(True)
+    actual = loss_fn(members, target, mask, log1p.inverse(target))
+    expected = losses.fair_crps(log1p.inverse(members), log1p.inverse(target), mask)
+    torch.testing.assert_close(actual, expected)
+    # Not the normalised score: the members' errors weigh as they do in mm/h.
+    assert not torch.isclose(actual, losses.fair_crps(members, target, mask))
+    actual.backward()
+    assert torch.isfinite(members.grad).all() and members.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs the target in mm/h"):
+        losses.fair_crps_rain(members, target, mask)
 
 
 # ---- training ---------------------------------------------------------------------------

@@ -57,7 +57,9 @@ class TrainConfig(StrictModel):
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor, fraction of lr")
     plateau_factor: float = Field(0.5, gt=0, lt=1, description="lr factor of a plateau")
     plateau_patience: int = Field(2, ge=0, description="validations without improvement")
-    loss: Literal["mse", "mae", "mse+mae", "bmse+bmae", "mse+bias", "pinball", "crps"] = "bmse+bmae"
+    loss: Literal[
+        "mse", "mae", "mse+mae", "bmse+bmae", "mse+bias", "pinball", "crps", "crps_rain"
+    ] = "bmse+bmae"
     loss_kwargs: dict[str, float] = Field(
         default_factory=dict,
         description="keyword arguments of the loss, e.g. {area_weight: 1.0} for mse+bias",
@@ -105,7 +107,8 @@ class TrainConfig(StrictModel):
         if is_stochastic(name):
             if self.members < 2 or not member_loss:
                 raise ValueError(
-                    f"model '{name}' is stochastic: train it with loss: crps and members >= 2 "
+                    f"model '{name}' is stochastic: train it with loss: crps (or crps_rain) and "
+                    "members >= 2 "
                     f"(got loss {self.loss}, members {self.members})"
                 )
         elif member_loss or self.members > 1:

@@ -23,6 +23,7 @@ pinball     quantile loss of the normalised values (``loss_kwargs: {quantile: q}
             0.6): a forecast of the q-quantile instead of the mean, see :func:`pinball`
 crps        fair CRPS of an ensemble of m >= 2 members of the normalised values, see
             :func:`fair_crps`: the prediction has a member axis, (batch, m, ...), the target not
+crps_rain   the same in rain rate (mm/h), see :func:`fair_crps_rain`
 =========== ================================================================================
 
 References
@@ -45,6 +46,7 @@ __all__ = [
     "balanced_mse_mae",
     "balanced_weights",
     "fair_crps",
+    "fair_crps_rain",
     "get_method",
     "masked_mae",
     "masked_mse",
@@ -65,9 +67,9 @@ HKO7_THRESHOLDS = (0.5, 2.0, 5.0, 10.0, 30.0)
 HKO7_WEIGHTS = (1.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 #: Losses of an ensemble: the prediction has a member axis after the batch axis.
-MEMBER_LOSSES = ("crps",)
+MEMBER_LOSSES = ("crps", "crps_rain")
 #: Losses that need the target rain rate (mm/h) as well as the normalised target.
-RAIN_RATE_LOSSES = ("bmse+bmae",)
+RAIN_RATE_LOSSES = ("bmse+bmae", "crps_rain")
 #: Losses that need ``wet_thresholds``: :data:`WET_AREA_THRESHOLDS` in normalised units.
 THRESHOLD_LOSSES = ("mse+bias",)
 #: Rain rates (mm/h) at which ``mse+bias`` matches wet areas: the evaluation's CSI thresholds.
@@ -390,6 +392,38 @@ def fair_crps(
     return crps.sum() / n_valid
 
 
+def fair_crps_rain(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    target_rain_rate: torch.Tensor | None = None,
+    to_rain_rate=None,
+) -> torch.Tensor:
+    """Fair CRPS of the members in rain rate (mm/h), the unit the ensemble is verified in.
+
+    :func:`fair_crps` in the normalised space calibrates the spread of log-like values, which
+    exponentiates into a heavy upper tail in mm/h; taking the score in mm/h weighs each member's
+    error as the verification does.
+
+    Parameters
+    ----------
+    prediction, target, mask : torch.Tensor
+        As :func:`fair_crps` (normalised members and target).
+    target_rain_rate : torch.Tensor
+        The target in mm/h.
+    to_rain_rate : callable
+        The normalisation's inverse, applied to the members (bound by the training step).
+
+    Raises
+    ------
+    ValueError
+        If ``target_rain_rate`` or ``to_rain_rate`` is missing.
+    """
+    if target_rain_rate is None or to_rain_rate is None:
+        raise ValueError("crps_rain needs the target in mm/h and the normalisation's inverse")
+    return fair_crps(to_rain_rate(prediction), target_rain_rate, mask)
+
+
 _LOSSES: dict[str, Loss] = {
     "mse": masked_mse,
     "mae": masked_mae,
@@ -399,7 +433,7 @@ _LOSSES: dict[str, Loss] = {
     "pinball": pinball,
 }
 # Ensemble losses: their prediction has a member axis, so they are listed apart.
-_MEMBER_LOSSES: dict[str, Loss] = {"crps": fair_crps}
+_MEMBER_LOSSES: dict[str, Loss] = {"crps": fair_crps, "crps_rain": fair_crps_rain}
 
 
 def registered_losses(members: bool = False) -> list[str]:

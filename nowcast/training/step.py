@@ -44,6 +44,8 @@ def build_loss(
     if train_config.loss in losses.THRESHOLD_LOSSES:
         rain_rate = torch.tensor(losses.WET_AREA_THRESHOLDS, dtype=torch.float32)
         kwargs["wet_thresholds"] = normalization.forward(rain_rate).to(device)
+    if train_config.loss == "crps_rain":
+        kwargs["to_rain_rate"] = normalization.inverse
     if not kwargs:
         return loss_fn
     try:
