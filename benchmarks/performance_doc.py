@@ -116,6 +116,20 @@ SECTIONS = (
         ],
     ),
     (
+        "ensemble",
+        "A 20-member nowcast on the BoM grid (CPU)",
+        "`benchmarks/bench_ensemble.py`: the learned ensemble (bom_lagrangian_crps's "
+        "architecture, members in batches of 4) against pysteps STEPS (`num_workers=2`), same "
+        "inputs, torch on 2 threads, median of 3 interleaved runs.",
+        [
+            ("grid", "shape", "{}"),
+            ("members", "members", "{}"),
+            ("learned ensemble", "ensemble_s", seconds),
+            ("pysteps STEPS", "steps_s", seconds),
+            ("ensemble ÷ STEPS", "ensemble_over_steps", RATIO),
+        ],
+    ),
+    (
         "members",
         "A learned-ensemble nowcast on a large grid",
         "`benchmarks/bench_members.py`: 1 and 20 members of the stochastic Lagrangian ConvLSTM "

@@ -20,6 +20,13 @@ ROWS = (
         "{:.2f}x",
         "<= 0.8x (moonshot 0.5x)",
     ),
+    (
+        "ensemble",
+        "learned ensemble / pysteps STEPS, 20 members, BoM 512², CPU",
+        "ensemble_over_steps",
+        "{:.2f}x",
+        "<= 0.5x (stretch 0.25x, moonshot 0.1x)",
+    ),
     ("predict", "`nowcast predict` wall / its own work", "wall_over_work", "{:.2f}x", "<= 1.3x"),
     (
         "verification",
