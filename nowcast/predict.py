@@ -30,7 +30,7 @@ import xarray as xr
 from nowcast import storage
 from nowcast.config import ConfigError
 from nowcast.export import netcdf_bytes, write_forecast_netcdf
-from nowcast.nowcasts.forecast import ensemble_mean, ensemble_size, forecast_crs, is_ensemble
+from nowcast.nowcasts.forecast import ensemble_mean, ensemble_size, is_ensemble
 from nowcast.nowcasts.forecast import members as as_members
 from nowcast.nowcasts.inputs import cube_inputs
 from nowcast.nowcasts.model import MEMBER_BATCH, SEED
@@ -41,7 +41,7 @@ from nowcast.sources.catalog import Catalog, FrameRef, frame_path, load_catalog,
 from nowcast.sources.cube import build_cube, cube_path, open_cube
 from nowcast.sources.frames import read_frame_status, source_grid
 from nowcast.storage import atomic_write_file, exists, file_sha256, remove, write_text
-from nowcast.visualization.maps import NO_DATA_COLOR, grid_extent, map_axes, plot_forecast_panels
+from nowcast.visualization.maps import plot_forecast_panels
 from nowcast.windows import cube_timestep, frame_step_note, input_times
 
 #: Free space asked for the map PNG(s) besides the NetCDF (a map is a few hundred KiB).
@@ -510,45 +510,12 @@ def _write_map(forecast: xr.DataArray, name: str, step: int, path: Path) -> None
 def _write_probability_map(
     probability: xr.DataArray, threshold: float, step: int, path: Path
 ) -> None:
-    """Maps of P(rain rate >= ``threshold``) at :func:`_map_leads`, written atomically.
-
-    Drawn on :func:`nowcast.visualization.maps.map_axes` as the rain-rate maps are: deciles
-    of probability, a zero probability transparent and no data grey.
-    """
-    from matplotlib import colormaps, colors
-    from matplotlib.figure import Figure
+    """Maps of P(rain rate >= ``threshold``) at :func:`_map_leads`, written atomically."""
+    # Only an ensemble nowcast draws it: its module's imports stay off predict's start-up.
+    from nowcast.visualization.ensemble_plots import plot_probability_panels
 
     field = probability.sel(threshold=threshold)
-    leads = _map_leads(field, step)
-    extent, crs = grid_extent(field), forecast_crs(field)
-    bounds = [1e-6, *np.arange(1, 11) / 10.0]
-    cmap = colormaps["YlOrRd"].resampled(10).with_extremes(under="none", bad=NO_DATA_COLOR)
-    norm = colors.BoundaryNorm(bounds, cmap.N)
-    aspect = (extent[3] - extent[2]) / (extent[1] - extent[0])
-    figure = Figure(figsize=(3.2 * len(leads) + 1.6, 3.2 * aspect + 1.0), layout="constrained")
-    reference = pd.Timestamp(field["forecast_reference_time"].values)
-    axes = []
-    for column, minutes in enumerate(leads):
-        ax = map_axes(figure, (1, len(leads), column + 1), crs, extent)
-        frame = field.isel(lead_time=minutes // step - 1)
-        y = frame["y"].values
-        image = ax.imshow(
-            np.ma.masked_invalid(frame.values),
-            origin="upper" if y.size > 1 and y[0] > y[-1] else "lower",
-            extent=extent,
-            transform=ax.projection,
-            cmap=cmap,
-            norm=norm,
-            interpolation="nearest",
-            zorder=1,
-        )
-        ax.set_title(f"+{minutes} min", fontsize=10)
-        axes.append(ax)
-    members = probability.attrs.get("ensemble_size", "")
-    title = f"P(rain rate >= {threshold:g} mm/h), {members} members"
-    figure.suptitle(f"{title}, from {reference:%Y-%m-%d %H:%M} UTC", fontsize=11)
-    figure.colorbar(image, ax=axes, ticks=bounds[1:], label="probability", shrink=0.8)
-    _save_figure(figure, path)
+    _save_figure(plot_probability_panels(field, _map_leads(field, step), threshold), path)
 
 
 def _save_figure(figure, path: Path) -> None:

@@ -24,13 +24,14 @@ from matplotlib.figure import Figure
 from nowcast.nowcasts.forecast import forecast_crs, members
 from nowcast.nowcasts.probability import exceedance_probability
 from nowcast.visualization.maps import (
+    NO_DATA_COLOR,
     _colorbar,
-    _draw_field,
     _gridlines,
     _has_no_data,
     _iso,
     _map_size,
     _select_lead,
+    draw_field,
     grid_extent,
     map_axes,
 )
@@ -269,24 +270,49 @@ def probability_colormap() -> tuple[colors.ListedColormap, colors.BoundaryNorm]:
     """Discrete probability colours; below 5 % transparent, no data grey."""
     base = colormaps["YlOrRd"].resampled(len(PROBABILITY_BOUNDS) - 1)
     cmap = colors.ListedColormap(base(np.arange(base.N)), name="probability").with_extremes(
-        under="none", bad="#c8c8c8"
+        under="none", bad=NO_DATA_COLOR
     )
     return cmap, colors.BoundaryNorm(PROBABILITY_BOUNDS, cmap.N)
 
 
-def _draw_probability(ax, field: xr.DataArray, extent):
-    cmap, norm = probability_colormap()
-    y = field["y"].values
-    return ax.imshow(
-        np.ma.masked_invalid(np.asarray(field.values, dtype=np.float32)),
-        origin="upper" if y.size > 1 and y[0] > y[-1] else "lower",
-        extent=extent,
-        transform=ax.projection,
-        cmap=cmap,
-        norm=norm,
-        interpolation="nearest",
-        zorder=1,
+def plot_probability_panels(
+    probability: xr.DataArray, lead_times: Sequence[int], threshold: float
+) -> Figure:
+    """One row of maps of P(rain rate >= ``threshold``) at ``lead_times`` (minutes).
+
+    Parameters
+    ----------
+    probability : xarray.DataArray
+        Exceedance probabilities (lead_time, y, x) of one threshold, with the forecast's
+        coordinates and CRS (:func:`nowcast.nowcasts.probability.exceedance_probability`).
+    lead_times : sequence of int
+        Lead times shown, one panel each.
+    threshold : float
+        The threshold (mm/h), for the title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    extent, crs = grid_extent(probability), forecast_crs(probability)
+    aspect = (extent[3] - extent[2]) / (extent[1] - extent[0])
+    n = len(lead_times)
+    figure = Figure(figsize=(3.2 * n + 1.6, 3.2 * aspect + 1.0), layout="constrained")
+    axes, image = [], None
+    for column, minutes in enumerate(lead_times):
+        ax = map_axes(figure, (1, n, column + 1), crs, extent)
+        frame = _select_lead(probability, minutes, None)
+        image = draw_field(ax, frame, extent, *probability_colormap())
+        ax.set_title(f"+{minutes} min", fontsize=10)
+        axes.append(ax)
+    reference = pd.Timestamp(probability["forecast_reference_time"].values)
+    size = probability.attrs.get("ensemble_size", "")
+    figure.suptitle(
+        f"P(rain rate >= {threshold:g} mm/h), {size} members, from {reference:%Y-%m-%d %H:%M} UTC",
+        fontsize=11,
     )
+    figure.colorbar(image, ax=axes, label="probability", shrink=0.8)
+    return figure
 
 
 def plot_probability_maps(
@@ -346,10 +372,10 @@ def plot_probability_maps(
             if frame is None:
                 ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center")
             elif is_probability:
-                probability_image = _draw_probability(ax, frame, extent)
+                probability_image = draw_field(ax, frame, extent, *probability_colormap())
                 probability_axes.append(ax)
             else:
-                rain_image = _draw_field(ax, frame, extent)
+                rain_image = draw_field(ax, frame, extent)
                 rain_axes.append(ax)
             _gridlines(ax, left=col == 0, bottom=row == len(leads) - 1, fontsize=7)
             ax.set_title(f"{name}, +{minutes:g} min", fontsize=9)

@@ -138,8 +138,11 @@ def _gridlines(ax, left: bool = True, bottom: bool = True, fontsize: float = 8) 
     gl.ylabel_style = {"size": fontsize}
 
 
-def _draw_field(ax, field: xr.DataArray, extent) -> AxesImage:
-    cmap, norm = rain_rate_colormap()
+def draw_field(ax, field: xr.DataArray, extent, cmap=None, norm=None) -> AxesImage:
+    """Draw a (y, x) field on a map axes, rows the right way up, NaN in the colormap's bad
+    colour; rain-rate colours unless ``cmap`` and ``norm`` are given."""
+    if cmap is None:
+        cmap, norm = rain_rate_colormap()
     values = np.ma.masked_invalid(np.asarray(field.values, dtype=np.float32))
     y = field["y"].values
     origin = "upper" if y.size > 1 and y[0] > y[-1] else "lower"
@@ -218,7 +221,7 @@ def plot_rain_rate(
     else:
         fig = ax.figure
         ax.set_extent(extent, crs=ax.projection)
-    image = _draw_field(ax, field, extent)
+    image = draw_field(ax, field, extent)
     _gridlines(ax)
     if title:
         ax.set_title(title, fontsize=11)
@@ -294,7 +297,7 @@ def plot_forecast_panels(
             if frame is None:
                 ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center")
             else:
-                image = _draw_field(ax, frame, extent)
+                image = draw_field(ax, frame, extent)
                 no_data = no_data or _has_no_data(frame)
             _gridlines(ax, left=col == 0, bottom=row == len(rows) - 1, fontsize=7)
             if row == 0:
@@ -357,7 +360,7 @@ def animate_forecast(
     for i in range(len(panels)):
         ax = map_axes(fig, (1, len(panels), i + 1), crs, extent)
         _gridlines(ax, left=i == 0, fontsize=7)
-        image = _draw_field(ax, forecast.isel(lead_time=0), extent)
+        image = draw_field(ax, forecast.isel(lead_time=0), extent)
         images.append(image)
         axes.append(ax)
     _colorbar(fig, images[0], axes, no_data=_has_no_data(forecast), shrink=0.85)
