@@ -432,6 +432,23 @@ class EncoderForecaster(nn.Module):
             )
         return states
 
+    def _encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The input frames as patches (batch, n_frames, C', h, w) and the encoder's states
+        after the last of them."""
+        check_sequence_input(frames, self.n_input_frames, self.in_channels)
+        batch, n_frames, channels, height, width = frames.shape
+        images, _ = pad_to_multiple(
+            frames.reshape(batch * n_frames, channels, height, width),
+            self.spatial_multiple,
+            self.pad_mode,
+        )
+        patches = F.pixel_unshuffle(images, self.patch_factor)
+        patches = patches.reshape(batch, n_frames, *patches.shape[1:])
+        states = self._initial_states(patches)
+        for step in range(n_frames):
+            states = self._run_step(self._encoder_step, patches[:, step], *states)
+        return patches, states
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """Predict the next ``n_target_frames`` frames.
 
@@ -446,20 +463,8 @@ class EncoderForecaster(nn.Module):
         torch.Tensor
             Prediction of shape (batch, n_target_frames, in_channels, height, width).
         """
-        check_sequence_input(frames, self.n_input_frames, self.in_channels)
-        batch, n_frames, channels, height, width = frames.shape
-        images, _ = pad_to_multiple(
-            frames.reshape(batch * n_frames, channels, height, width),
-            self.spatial_multiple,
-            self.pad_mode,
-        )
-        patches = F.pixel_unshuffle(images, self.patch_factor)
-        patches = patches.reshape(batch, n_frames, *patches.shape[1:])
-
-        states = self._initial_states(patches)
-        for step in range(n_frames):
-            states = self._run_step(self._encoder_step, patches[:, step], *states)
-
+        patches, states = self._encode(frames)
+        batch, _, channels, height, width = frames.shape
         previous = patches[:, -1] if self.forecaster_input == "prediction" else None
         predictions = []
         for _ in range(self.n_target_frames):

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from nowcast.models.convlstm import ConvLSTMCell, EncoderForecaster
 from nowcast.models.registry import register
-from nowcast.models.spatial import check_sequence_input, pad_to_multiple
 
 __all__ = ["Encoded", "StochasticEncoderForecaster", "correlated_noise"]
 
@@ -219,18 +218,7 @@ class StochasticEncoderForecaster(EncoderForecaster):
         Encoded
             The states and last frame the members start from.
         """
-        check_sequence_input(frames, self.n_input_frames, self.in_channels)
-        batch, n_frames, channels, height, width = frames.shape
-        images, _ = pad_to_multiple(
-            frames.reshape(batch * n_frames, channels, height, width),
-            self.spatial_multiple,
-            self.pad_mode,
-        )
-        patches = F.pixel_unshuffle(images, self.patch_factor)
-        patches = patches.reshape(batch, n_frames, *patches.shape[1:])
-        states = self._initial_states(patches)
-        for step in range(n_frames):
-            states = self._run_step(self._encoder_step, patches[:, step], *states)
+        patches, states = self._encode(frames)
         return Encoded(list(states), patches[:, -1], frames[:, -1])
 
     def decode(
