@@ -108,9 +108,10 @@ def test_crps_of_both_methods_and_a_deterministic_crps_is_its_mae(evaluated, ens
     mae = _rows(metrics, "persistence", "MAE")["value"].to_numpy()
     crps = _rows(ensemble_metrics, "persistence", "CRPS")
     np.testing.assert_allclose(crps["value"].to_numpy(), mae, rtol=1e-5)
-    # A deterministic method gets no ensemble-only scores.
+    # A deterministic method gets no ensemble-only scores (its member CSI is its CSI, and its
+    # CRPS is compared with the ensemble's).
     persistence = set(ensemble_metrics[ensemble_metrics["method"] == "persistence"]["score"])
-    assert persistence == {"CRPS", "CRPS_POOLED", "BRIER"}
+    assert persistence == {"CRPS", "CRPS_POOLED", "BRIER", "MEMBER_CSI", "CRPS_DIFF"}
     finite = ensemble_metrics[np.isfinite(ensemble_metrics["value"])]
     assert (finite["ci_low"] <= finite["value"] + 1e-12).all()
     assert (finite["value"] <= finite["ci_high"] + 1e-12).all()
@@ -189,7 +190,7 @@ def test_report_has_the_probabilistic_section(evaluated):
     for heading in ("Spread/skill ratio", "Rank-histogram divergence", "ROC area", "Brier score"):
         assert f"#### {heading}" in section
     assert "| steps, ≥ 10 mm/h |" in section
-    assert "STEPS forecast every window." in section
+    assert "`steps` forecast every window." in section
     assert "`ensemble_metrics.csv`" in report
 
 

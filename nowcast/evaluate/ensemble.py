@@ -7,9 +7,10 @@ A run is probabilistic when a method's forecast of a window has more than one me
 :mod:`nowcast.verification`:
 
 - an ensemble (more than one member): CRPS, pooled CRPS, spread/skill, rank histogram,
-  reliability diagram, ROC curve, Brier score and power spectra (:data:`ENSEMBLE_FAMILIES`);
-- a deterministic forecast, a one-member ensemble: CRPS (its MAE), pooled CRPS and Brier score
-  of its 0/1 probabilities (:data:`ONE_MEMBER_FAMILIES`);
+  reliability diagram, ROC curve, Brier score, power spectra and the median over members of
+  each member's CSI (:data:`ENSEMBLE_FAMILIES`);
+- a deterministic forecast, a one-member ensemble: CRPS (its MAE), pooled CRPS, Brier score
+  of its 0/1 probabilities and ``MEMBER_CSI`` (its CSI) (:data:`ONE_MEMBER_FAMILIES`);
 - a probability forecast (``lagrangian_probability``): the Brier score only, the reference of
   each method's Brier skill score (``BSS``).
 
@@ -22,7 +23,10 @@ histogram's ties are broken by a generator seeded per window and method
 Per-window accumulators are stacked along a start axis as the deterministic ones are
 (:func:`stack_ensemble`), and :func:`ensemble_metrics_table` and :func:`ensemble_curves_table`
 give ``ensemble_metrics.csv`` (the columns of ``metrics.csv``, start-time bootstrap intervals)
-and ``ensemble_curves.csv`` (:data:`ENSEMBLE_CURVE_COLUMNS`).
+and ``ensemble_curves.csv`` (:data:`ENSEMBLE_CURVE_COLUMNS`). Two scores of that table pair a
+method with a reference, resampling both with the same start times: ``BSS`` against the first
+probability method, and ``CRPS_DIFF``, CRPS(method) - CRPS(reference) in mm/h, against the
+reference ensemble of :func:`crps_difference_reference`.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ from nowcast.verification._accumulator import (
     concat_starts,
     sum_starts,
 )
-from nowcast.verification.bootstrap import bootstrap_ci
+from nowcast.verification.bootstrap import bootstrap_ci, bootstrap_difference
 from nowcast.verification.brier import BrierSums, brier_accum_probability, brier_init
+from nowcast.verification.ensemble import crps_compute
 from nowcast.verification.interface import (
     CURVE_COLUMNS,
     curves_to_frame,
@@ -74,10 +79,13 @@ ENSEMBLE_FAMILIES = (
     "brier",
     "reldiag",
     "rapsd",
+    "member_csi",
 )
-#: Families of a deterministic forecast (one member): CRPS = MAE, pooled MAE, 0/1 Brier score.
-ONE_MEMBER_FAMILIES = ("crps", "crps_pooled", "brier")
-#: Summary scores per family in ``ensemble_metrics.csv``; ``BSS`` is added per method.
+#: Families of a deterministic forecast (one member): CRPS = MAE, pooled MAE, 0/1 Brier score,
+#: and its CSI as ``MEMBER_CSI``.
+ONE_MEMBER_FAMILIES = ("crps", "crps_pooled", "brier", "member_csi")
+#: Summary scores per family in ``ensemble_metrics.csv``; ``BSS`` and ``CRPS_DIFF`` are added
+#: per method.
 SUMMARY_SCORES = {
     "crps": ("CRPS",),
     "crps_pooled": ("CRPS_POOLED",),
@@ -85,6 +93,7 @@ SUMMARY_SCORES = {
     "rankhist": ("RANK_KL",),
     "roc": ("ROC_AREA",),
     "brier": ("BRIER",),
+    "member_csi": ("MEMBER_CSI",),
 }
 CURVE_FAMILIES = ("rankhist", "reldiag", "roc", "rapsd")
 #: Columns of ``ensemble_curves.csv`` (see :func:`nowcast.verification.curves_to_frame`).
@@ -308,31 +317,82 @@ def _bootstrap_frame(per_start, compute, bootstrap: tuple) -> pd.DataFrame:
     return interval_frame(per_start, bootstrap_ci(per_start, compute, *bootstrap))
 
 
+def crps_difference_reference(methods: Mapping[str, Mapping], compare: str | None) -> str | None:
+    """The reference ensemble of ``CRPS_DIFF``: ``compare`` if it is an ensemble, else the
+    first ensemble method (two or more members) in the methods' order; None without one."""
+    ensembles = [name for name, families in methods.items() if "rankhist" in families]
+    if compare is not None and compare.lower() in ensembles:
+        return compare.lower()
+    return ensembles[0] if ensembles else None
+
+
+def crps_difference_frame(method: Mapping, reference: Mapping, bootstrap: tuple):
+    """``CRPS_DIFF`` of a method against the reference, the paired start-time bootstrap.
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        The rows without ``method`` and ``source``; None when either has no CRPS or their lead
+        times differ.
+    """
+    if "crps" not in method or "crps" not in reference:
+        return None
+    ours, theirs = method["crps"], reference["crps"]
+    if not np.array_equal(ours.lead_times, theirs.lead_times):
+        return None
+    intervals = bootstrap_difference(ours, theirs, crps_compute, *bootstrap)
+    return interval_frame(ours, {"CRPS_DIFF": intervals["CRPS"]})
+
+
+def method_frames(
+    method: str, methods: Mapping[str, Mapping], references: tuple, bootstrap: tuple
+) -> list[pd.DataFrame]:
+    """One method's rows of ``ensemble_metrics.csv`` (without ``method`` and ``source``).
+
+    ``references`` are the probability method of ``BSS`` and the ensemble of ``CRPS_DIFF``
+    (either None).
+    """
+    families, (brier_reference, crps_reference) = methods[method], references
+    frames = []
+    for family, scores in SUMMARY_SCORES.items():
+        if family in families:
+            compute = functools.partial(score_family(family).compute, scores=scores)
+            frames.append(_bootstrap_frame(families[family], compute, bootstrap))
+    if brier_reference not in (None, method) and "brier" in families:
+        paired = brier_skill_sums(families["brier"], methods[brier_reference]["brier"])
+        if paired is not None:
+            frames.append(_bootstrap_frame(paired, brier_skill_compute, bootstrap))
+    if crps_reference not in (None, method):
+        difference = crps_difference_frame(families, methods[crps_reference], bootstrap)
+        if difference is not None:
+            frames.append(difference)
+    return frames
+
+
 def ensemble_metrics_table(
-    per_start: dict, n_bootstrap: int, confidence: float, seed: int
+    per_start: dict,
+    n_bootstrap: int,
+    confidence: float,
+    seed: int,
+    compare: str | None = None,
 ) -> pd.DataFrame:
     """The tidy probabilistic scores (the columns of ``metrics.csv``) with bootstrap intervals.
 
     Scores: ``CRPS``, ``CRPS_POOLED`` (``scale`` in pixels), ``SPREAD_SKILL``, ``RANK_KL``,
-    ``ROC_AREA`` and ``BRIER`` (``threshold`` in mm/h) as each method has them, and ``BSS``
-    against the first probability method when one was scored.
+    ``ROC_AREA``, ``BRIER`` and ``MEMBER_CSI`` (``threshold`` in mm/h) as each method has
+    them, ``BSS`` against the first probability method when one was scored, and ``CRPS_DIFF``
+    of every other rain method against :func:`crps_difference_reference` (``compare`` if it is
+    an ensemble) when an ensemble was scored.
     """
     bootstrap = (n_bootstrap, confidence, seed)
     frames = []
     for source, methods in per_start.items():
-        reference = next((m for m in methods if m in PROBABILITY_METHODS), None)
-        for method, families in methods.items():
-            for family, scores in SUMMARY_SCORES.items():
-                if family not in families:
-                    continue
-                compute = functools.partial(score_family(family).compute, scores=scores)
-                table = _bootstrap_frame(families[family], compute, bootstrap)
-                frames.append(table.assign(method=method, source=source))
-            if reference is None or method == reference or "brier" not in families:
-                continue
-            paired = brier_skill_sums(families["brier"], methods[reference]["brier"])
-            if paired is not None:
-                table = _bootstrap_frame(paired, brier_skill_compute, bootstrap)
+        references = (
+            next((m for m in methods if m in PROBABILITY_METHODS), None),
+            crps_difference_reference(methods, compare),
+        )
+        for method in methods:
+            for table in method_frames(method, methods, references, bootstrap):
                 frames.append(table.assign(method=method, source=source))
     if not frames:
         return pd.DataFrame(columns=list(METRIC_COLUMNS))
@@ -369,6 +429,8 @@ class ProbabilisticTables:
         Members of each rain method (1 for a deterministic one).
     reference : str or None
         The probability method of the Brier skill score.
+    crps_reference : str or None
+        The ensemble method of ``CRPS_DIFF``.
     """
 
     per_start: dict
@@ -376,6 +438,7 @@ class ProbabilisticTables:
     curves: pd.DataFrame
     members: dict[str, int]
     reference: str | None
+    crps_reference: str | None = None
 
     def summary(self) -> dict:
         """What ``metrics.json`` records of the probabilistic scores."""
@@ -384,14 +447,24 @@ class ProbabilisticTables:
             "thresholds": list(PROBABILITY_THRESHOLDS),
             "pooling_scales": list(POOLING_SCALES),
             "brier_skill_reference": self.reference,
+            "crps_difference_reference": self.crps_reference,
             "files": [ENSEMBLE_METRICS_FILE, ENSEMBLE_CURVES_FILE],
         }
 
 
 def probabilistic_tables(
-    results: list[WindowScores], n_bootstrap: int, confidence: float, seed: int
+    results: list[WindowScores],
+    n_bootstrap: int,
+    confidence: float,
+    seed: int,
+    compare: str | None = None,
 ) -> ProbabilisticTables | None:
-    """Stack the windows' probabilistic accumulators and tabulate them; None without any."""
+    """Stack the windows' probabilistic accumulators and tabulate them; None without any.
+
+    ``compare`` (the evaluation's ``compare`` method) is the reference of ``CRPS_DIFF`` when it
+    is an ensemble; otherwise, or when not given, the first ensemble method is
+    (:func:`crps_difference_reference`).
+    """
     per_start = stack_ensemble(results)
     if not per_start:
         return None
@@ -404,10 +477,11 @@ def probabilistic_tables(
     reference = next((method for method in first if method in PROBABILITY_METHODS), None)
     return ProbabilisticTables(
         per_start,
-        ensemble_metrics_table(per_start, n_bootstrap, confidence, seed),
+        ensemble_metrics_table(per_start, n_bootstrap, confidence, seed, compare),
         ensemble_curves_table(per_start),
         members,
         reference,
+        crps_difference_reference(first, compare),
     )
 
 
@@ -432,6 +506,7 @@ __all__ = [
     "BrierSkillSums",
     "ProbabilisticTables",
     "accumulate_ensemble_scores",
+    "crps_difference_reference",
     "ensemble_curves_table",
     "ensemble_metrics_table",
     "failed_windows",

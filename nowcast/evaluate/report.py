@@ -252,15 +252,16 @@ def probabilistic_lines(table: pd.DataFrame, summary: dict, pixel_km: float) -> 
 def failure_lines(summary: dict, source: str) -> list[str]:
     """Windows of ``source`` a method could not forecast (scored as its stand-in forecast)."""
     failures = [f for f in summary.get("failed_windows", []) if f["source"] == source]
-    stand_in = [name for name in summary["methods"] if name == "steps"]
+    stand_in = [name for name in summary["methods"] if name in ("steps", "model_steps")]
     if not failures:
         if stand_in and "probabilistic" in summary:
-            return ["STEPS forecast every window.", ""]
+            named = " and ".join(f"`{name}`" for name in stand_in)
+            return [f"{named} forecast every window.", ""]
         return []
     lines = [
         "### Windows a method could not forecast",
         "",
-        "Each is scored as the method's stand-in forecast (STEPS: zero rain).",
+        "Each is scored as the method's stand-in forecast (STEPS and model_steps: zero rain).",
         "",
     ]
     lines += [f"- `{f['method']}` from {f['reference_time']}: {f['reason']}" for f in failures]

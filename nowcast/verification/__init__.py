@@ -16,6 +16,7 @@ Ensemble forecasts (``[n_starts,] n_members, n_leadtimes, y, x``, members first)
   probabilities.
 - :mod:`~nowcast.verification.brier`: Brier score and Brier skill score.
 - :mod:`~nowcast.verification.spectra`: radially averaged power spectra (RAPSD).
+- :mod:`~nowcast.verification.member_csi`: median over members of each member's CSI.
 
 Shared:
 
@@ -91,6 +92,13 @@ from nowcast.verification.interface import (
     score_forecasts,
     scores_to_frame,
 )
+from nowcast.verification.member_csi import (
+    MemberContingency,
+    member_csi_accum,
+    member_csi_compute,
+    member_csi_init,
+    member_csi_merge,
+)
 from nowcast.verification.probabilistic import (
     ReliabilitySums,
     ROCCounts,
@@ -138,6 +146,7 @@ __all__ = [
     "ContingencyTable",
     "ContinuousErrors",
     "FractionsSums",
+    "MemberContingency",
     "PooledCRPSSums",
     "ROCCounts",
     "RankHistogram",
@@ -182,6 +191,10 @@ __all__ = [
     "fss_merge",
     "fss_sums",
     "get_method",
+    "member_csi_accum",
+    "member_csi_compute",
+    "member_csi_init",
+    "member_csi_merge",
     "rankhist_accum",
     "rankhist_compute",
     "rankhist_init",

@@ -37,6 +37,12 @@ from nowcast.verification.ensemble import (
     spread_skill_init,
     spread_skill_merge,
 )
+from nowcast.verification.member_csi import (
+    member_csi_accum,
+    member_csi_compute,
+    member_csi_init,
+    member_csi_merge,
+)
 from nowcast.verification.probabilistic import (
     DEFAULT_THRESHOLDS,
     reldiag_accum,
@@ -128,6 +134,9 @@ _FAMILIES = {
     "roc": ScoreFamily(roc_init, roc_accum, roc_merge, roc_compute, roc_curves),
     "brier": ScoreFamily(brier_init, brier_accum, brier_merge, brier_compute),
     "rapsd": ScoreFamily(rapsd_init, rapsd_accum, rapsd_merge, rapsd_compute, rapsd_curves),
+    "member_csi": ScoreFamily(
+        member_csi_init, member_csi_accum, member_csi_merge, member_csi_compute
+    ),
 }
 
 #: What each family's ``init`` takes after the lead times (names of :func:`score_ensemble`'s
@@ -144,6 +153,7 @@ INIT_ARGUMENTS = {
     "roc": ("n_members", "thresholds"),
     "brier": ("thresholds",),
     "rapsd": ("shape", "pixel_size"),
+    "member_csi": ("n_members", "thresholds"),
 }
 
 
@@ -156,8 +166,9 @@ def get_method(name: str) -> ScoreFamily:
         Case-insensitive. Deterministic: ``"det_cat"`` (contingency-table scores),
         ``"det_cont"`` (continuous scores), ``"fss"`` (fractions skill score). Ensemble:
         ``"crps"``, ``"crps_pooled"``, ``"spread_skill"``, ``"rankhist"`` (rank histogram and
-        its KL divergence), ``"reldiag"`` (reliability diagram), ``"roc"``, ``"brier"`` and
-        ``"rapsd"`` (power spectra).
+        its KL divergence), ``"reldiag"`` (reliability diagram), ``"roc"``, ``"brier"``,
+        ``"rapsd"`` (power spectra) and ``"member_csi"`` (median over members of each
+        member's CSI).
 
     Returns
     -------
@@ -368,7 +379,8 @@ def ensemble_accumulators(
     families : sequence of str
         Ensemble score families (:func:`get_method`).
     thresholds : sequence of float, optional
-        Event thresholds (mm/h) of ``reldiag``, ``roc`` and ``brier``; by default 1, 5 and 10.
+        Event thresholds (mm/h) of ``reldiag``, ``roc``, ``brier`` and ``member_csi``; by
+        default 1, 5 and 10.
     scales : sequence of int, optional
         Pooling sizes of ``crps_pooled`` (pixels); by default 1, 4 and 16.
     lead_times : sequence of float, optional
