@@ -205,8 +205,8 @@ def evaluate(
     figures: bool = typer.Option(True, help="draw curves, maps and a GIF (--source)"),
     methods_from: Path = typer.Option(
         None,
-        help="experiment config whose evaluate.methods, forecast_methods (blending, probability "
-        "matching) and evaluate.checkpoint are scored (--source)",
+        help="experiment config whose evaluate.methods, method_kwargs, forecast_methods "
+        "(blending, probability matching) and evaluate.checkpoint are scored (--source)",
     ),
     members: int = typer.Option(
         None,
@@ -240,13 +240,14 @@ def evaluate(
     else:
         from nowcast.evaluate.zeroshot import evaluate_source
 
-        methods, variants = None, None
+        methods, variants, method_kwargs = None, None, None
         if methods_from is not None:
             from nowcast.config import load_experiment
 
             declared = load_experiment(methods_from)
             methods = declared.evaluate.get("methods")
             variants = declared.forecast_methods
+            method_kwargs = declared.evaluate.get("method_kwargs")
             checkpoint = checkpoint or declared.evaluate.get("checkpoint")
             if members is None:
                 members = declared.evaluate.get("members")
@@ -263,6 +264,7 @@ def evaluate(
             scheduler=scheduler,
             figures=figures,
             members=members,
+            method_kwargs=method_kwargs,
         )
     typer.echo(Path(outputs["report"]).read_text())
     typer.echo(f"outputs: {Path(outputs['report']).parent}")
@@ -324,8 +326,9 @@ def predict(
     ),
     members: int = typer.Option(
         None,
-        help="forecast N members with the learned ensemble of a stochastic --checkpoint: the "
-        "NetCDF adds the members and P(>= 1, 5, 10 mm/h), plus a P(>= 10 mm/h) map",
+        help="forecast N members with the learned ensemble (by default the packaged "
+        "nowcast/pretrained/bom_lagrangian_crps.pt when N > 1): the NetCDF adds the members "
+        "and P(>= 1, 5, 10 mm/h), plus a P(>= 10 mm/h) map",
     ),
     member_batch: int = typer.Option(4, help="members drawn together (memory grows with it)"),
     seed: int = typer.Option(0, help="seed of the members (with the source and time)"),
@@ -335,10 +338,16 @@ def predict(
         from nowcast.config import load_experiment
         from nowcast.predict import predict as run_predict
         from nowcast.sources.catalog import load_catalog
-        from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT
+        from nowcast.training.checkpoint import (
+            PRETRAINED_CHECKPOINT,
+            PRETRAINED_ENSEMBLE_CHECKPOINT,
+        )
     _skip_exit_collection()
 
-    checkpoint = checkpoint or PRETRAINED_CHECKPOINT
+    if checkpoint is None:
+        # The deterministic model stays the default; asking for members asks for the ensemble.
+        ensemble = members is not None and members > 1
+        checkpoint = PRETRAINED_ENSEMBLE_CHECKPOINT if ensemble else PRETRAINED_CHECKPOINT
     if at is None and not latest:
         raise UsageError("give --at TIME or --latest")
     if members is not None and members < 1:

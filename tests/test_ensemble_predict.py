@@ -19,6 +19,7 @@ from test_predict import residual_checkpoint
 from nowcast.config import ConfigError
 from nowcast.export import netcdf_bytes, write_forecast_netcdf
 from nowcast.models.registry import build_model
+from nowcast.nowcasts import runner
 from nowcast.nowcasts.forecast import ENSEMBLE_DIMS, REALIZATION
 from nowcast.nowcasts.inputs import cube_inputs
 from nowcast.nowcasts.interface import get_method
@@ -200,7 +201,7 @@ def test_an_eulerian_stochastic_model_gives_members_too(setup, tmp_path):
     assert not np.allclose(forecast.values[0], forecast.values[1], equal_nan=True)
 
 
-def test_a_deterministic_checkpoint_is_unchanged_and_not_an_ensemble(setup):
+def test_a_deterministic_checkpoint_is_unchanged_and_not_an_ensemble(setup, monkeypatch):
     model = get_method("model")(checkpoint=setup.deterministic)
     forecast = model(setup.inputs, N_TARGET)
     assert forecast.dims == ("lead_time", "y", "x") and not model.stochastic
@@ -209,8 +210,10 @@ def test_a_deterministic_checkpoint_is_unchanged_and_not_an_ensemble(setup):
     np.testing.assert_allclose(forecast.values, last, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="is deterministic; the ensemble method needs"):
         get_method("ensemble")(checkpoint=setup.deterministic)
+    # Without a checkpoint the ensemble is the packaged one; when that is missing, one line.
+    monkeypatch.setattr(runner, "PRETRAINED_ENSEMBLE", Path(setup.deterministic).parent / "none.pt")
     run = ForecastRun(("ensemble",), {}, None, "cpu", N_INPUT, N_TARGET, 10)
-    with pytest.raises(ConfigError, match="needs method_kwargs"):
+    with pytest.raises(ConfigError, match="needs method_kwargs.*none.pt is missing"):
         forecast_inputs(setup.inputs, run)
 
 

@@ -122,6 +122,25 @@ def test_members_differ_and_a_seed_repeats_them(kwargs):
     assert not torch.allclose(members, other)
 
 
+def test_noise_gain_scales_the_noise_in_eval_mode_only():
+    model = tiny_model(noise_gain=0.0)
+    perturb_head(model)
+    inputs = frames()
+    with torch.no_grad():
+        model.eval()
+        silent = model(inputs, n_members=3, generator=seeded(5))
+        # Gain 0: no noise reaches the forecaster, so every member is the same forecast.
+        assert torch.equal(silent[:, 0], silent[:, 1]) and torch.equal(silent[:, 0], silent[:, 2])
+        loud = model.decode(model.encode(inputs), 3, seeded(5), noise_gain=1.0)
+        model.train()
+        trained = model(inputs, n_members=3, generator=seeded(5))
+    # Training mode draws unit-variance noise whatever the gain: the same members as gain 1.
+    torch.testing.assert_close(trained, loud)
+    assert (loud[:, 0] - loud[:, 1]).abs().amax() > 1e-3
+    with pytest.raises(ValueError, match="noise_gain"):
+        tiny_model(noise_gain=-0.5)
+
+
 def test_member_batches_give_the_same_members_and_share_the_encoder():
     model = tiny_model()
     perturb_head(model)

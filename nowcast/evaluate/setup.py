@@ -20,7 +20,7 @@ MAP_RAIN_THRESHOLD = 1.0
 SPLITS = ("train", "val", "test")
 #: Ensemble methods and the keyword argument that sets their number of members
 #: (``EvaluateConfig.members``).
-MEMBER_KWARGS = {"steps": "n_ens_members", "ensemble": "n_members"}
+MEMBER_KWARGS = {"steps": "n_ens_members", "ensemble": "n_members", "model_steps": "n_ens_members"}
 #: Methods whose forecast is exceedance probabilities (threshold, lead_time, y, x), not rain:
 #: scored by the Brier score only, as the reference of the Brier skill score.
 PROBABILITY_METHODS = ("lagrangian_probability",)
@@ -44,8 +44,8 @@ class EvaluateConfig(StrictModel):
     members: int = Field(
         20,
         ge=1,
-        description="members of the ensemble methods (steps' n_ens_members, the learned "
-        "ensemble's n_members) unless method_kwargs sets them",
+        description="members of the ensemble methods (steps' and model_steps' n_ens_members, "
+        "the learned ensemble's n_members) unless method_kwargs sets them",
     )
     checkpoint: str | None = Field(
         None, description="model checkpoint; default <run_dir>/checkpoints/best.pt"

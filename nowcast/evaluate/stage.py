@@ -71,12 +71,16 @@ def resolve_methods(
     else:
         methods = list(config.methods)
     check_method_names(methods, variants, "evaluate.methods")
-    if "model" not in base_methods(methods, variants):
+    bases = base_methods(methods, variants)
+    # model_steps perturbs the deterministic model: the run's checkpoint unless it names one.
+    own = config.method_kwargs.get("model_steps", {}).get("checkpoint")
+    needing = [m for m in bases if m == "model" or (m == "model_steps" and not own)]
+    if not needing:
         return tuple(methods), None
     if not Path(checkpoint).is_file():
         raise ConfigError(
-            f"evaluate: method 'model' needs the checkpoint {checkpoint}; run `nowcast train` "
-            "or set evaluate.checkpoint"
+            f"evaluate: method '{needing[0]}' needs the checkpoint {checkpoint}; run "
+            "`nowcast train` or set evaluate.checkpoint"
         )
     return tuple(methods), checkpoint
 
@@ -317,7 +321,7 @@ def score_and_write(
     differences = differences_table(per_start, compare, *bootstrap)
     summary = plan.summary
     _summarise_sources(summary, windows, results)
-    probabilistic = probabilistic_tables(results, *bootstrap)
+    probabilistic = probabilistic_tables(results, *bootstrap, compare=compare)
     if probabilistic is not None:
         summary["probabilistic"] = probabilistic.summary()
     failures = failed_windows(results)

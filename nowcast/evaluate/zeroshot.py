@@ -152,6 +152,7 @@ def evaluate_source(
     compare: str | None = None,
     window_stride: int = 1,
     members: int | None = None,
+    method_kwargs: dict | None = None,
 ) -> dict:
     """Score a model and the baselines on every forecast start of a catalog source.
 
@@ -188,6 +189,9 @@ def evaluate_source(
     members : int, optional
         Members of the ensemble methods (``steps``, the learned ensemble); default
         :attr:`EvaluateConfig.members <nowcast.evaluate.setup.EvaluateConfig>` (20).
+    method_kwargs : dict, optional
+        Keyword arguments per method, as an experiment's ``evaluate.method_kwargs`` (the
+        learned ensemble's ``checkpoint`` and ``noise_gain``, for example).
 
     Returns
     -------
@@ -245,6 +249,7 @@ def evaluate_source(
         window_stride=window_stride,
         figures=figures,
         compare=compare,
+        method_kwargs=method_kwargs or {},
         **({} if members is None else {"members": members}),
     )
     info = {"n_input_frames": n_input, "n_target_frames": n_target, "timestep_minutes": model_step}

@@ -143,6 +143,10 @@ class StochasticEncoderForecaster(EncoderForecaster):
         Standard deviation of the noise's Gaussian smoothing in input pixels, by default 32 (the
         correlation at a lag of ``d`` pixels is ``exp(-d**2 / (4 s**2))``); the noise lives at
         the patch resolution, and 0 gives white noise there.
+    noise_gain : float, optional
+        Factor on the noise in eval mode, by default 1 (in training mode the noise keeps unit
+        variance whatever this is): the spread-calibration knob, chosen on validation
+        windows after training (a shipped checkpoint records its value).
     residual : bool, optional
         Predict a correction of the last input frame, with the output layer starting at zero,
         by default True.
@@ -167,6 +171,7 @@ class StochasticEncoderForecaster(EncoderForecaster):
         in_channels: int = 1,
         noise_channels: int = 4,
         noise_scale_pixels: float = 32.0,
+        noise_gain: float = 1.0,
         residual: bool = True,
         patch_factor: int = 4,
         hidden_channels: Sequence[int] = (64, 64),
@@ -180,6 +185,8 @@ class StochasticEncoderForecaster(EncoderForecaster):
             raise ValueError(f"noise_channels must be >= 1, got {noise_channels}")
         if not noise_scale_pixels >= 0:
             raise ValueError(f"noise_scale_pixels must be >= 0, got {noise_scale_pixels}")
+        if not noise_gain >= 0:
+            raise ValueError(f"noise_gain must be >= 0, got {noise_gain}")
         super().__init__(
             n_input_frames,
             n_target_frames,
@@ -195,6 +202,7 @@ class StochasticEncoderForecaster(EncoderForecaster):
         )
         self.noise_channels = noise_channels
         self.noise_scale_pixels = float(noise_scale_pixels)
+        self.noise_gain = float(noise_gain)
         first = self.forecaster[0]
         self.forecaster[0] = ConvLSTMCell(
             first.in_channels + noise_channels,
@@ -222,7 +230,11 @@ class StochasticEncoderForecaster(EncoderForecaster):
         return Encoded(list(states), patches[:, -1], frames[:, -1])
 
     def decode(
-        self, encoded: Encoded, n_members: int, generator: torch.Generator | None = None
+        self,
+        encoded: Encoded,
+        n_members: int,
+        generator: torch.Generator | None = None,
+        noise_gain: float | None = None,
     ) -> torch.Tensor:
         """Forecast ``n_members`` members of every sample from the shared encoder states.
 
@@ -235,26 +247,35 @@ class StochasticEncoderForecaster(EncoderForecaster):
         generator : torch.Generator, optional
             Source of the noise, by default torch's global generator (on the model's device),
             whose state a training checkpoint records.
+        noise_gain : float, optional
+            Factor on the noise, by default the model's ``noise_gain`` in eval mode and 1 in
+            training mode.
 
         Returns
         -------
         torch.Tensor
             Members of shape (batch, n_members, n_target_frames, in_channels, height, width).
         """
+        if noise_gain is None:
+            noise_gain = 1.0 if self.training else self.noise_gain
+        gain = float(noise_gain)
         batch = encoded.batch
         _, channels, height, width = encoded.last_frame.shape
         states = [state.repeat_interleave(n_members, dim=0) for state in encoded.states]
         patch_height, patch_width = encoded.last_patches.shape[-2:]
-        noise = correlated_noise(
-            n_members,
-            batch,
-            self.noise_channels,
-            patch_height,
-            patch_width,
-            self.noise_scale_pixels / self.patch_factor,
-            generator,
-            encoded.last_patches.device,
-        ).to(encoded.last_patches.dtype)
+        noise = (
+            correlated_noise(
+                n_members,
+                batch,
+                self.noise_channels,
+                patch_height,
+                patch_width,
+                self.noise_scale_pixels / self.patch_factor,
+                generator,
+                encoded.last_patches.device,
+            ).to(encoded.last_patches.dtype)
+            * gain
+        )
         previous = None
         if self.forecaster_input == "prediction":
             previous = encoded.last_patches.repeat_interleave(n_members, dim=0)

@@ -19,6 +19,9 @@ lagrangian_probability local Lagrangian exceedance probabilities (pysteps)
 model                  a trained network: ``get_method("model")(checkpoint=path)`` -> callable
 ensemble               a trained stochastic network's members (``n_members``, ``member_batch``,
                        ``seed``), each with its motion perturbed as STEPS' ``bps`` does
+model_steps            a trained deterministic network's forecast perturbed with STEPS noise
+                       (pysteps' blended STEPS, ``n_ens_members``, ``seed``), built from a
+                       checkpoint like ``model``
 ====================== =======================================================================
 
 :func:`forecast_window` (:mod:`nowcast.nowcasts.runner`) forecasts one window of a cube with

@@ -45,6 +45,7 @@ from nowcast.nowcasts.inputs import (
     to_forecast,
 )
 from nowcast.nowcasts.isotonic import apply_calibration
+from nowcast.nowcasts.masking import apply_incremental_mask, mask_radius
 from nowcast.nowcasts.seeds import window_seed
 from nowcast.training.checkpoint import TrainedOn, load_model
 from nowcast.training.device import resolve_device
@@ -93,6 +94,10 @@ class ModelNowcast:
         forecaster batch (default 4; memory grows with it) and the run's seed (default 0), which
         with the radar source and reference time seeds each window
         (:func:`~nowcast.nowcasts.seeds.window_seed`). A call may override them.
+    mask_method : {"incremental", None}, optional
+        For a stochastic model: STEPS' incremental mask on each member
+        (:mod:`nowcast.nowcasts.masking`), by default ``"incremental"`` as in pysteps' STEPS;
+        None lets the members rain anywhere.
 
     Attributes
     ----------
@@ -118,8 +123,12 @@ class ModelNowcast:
         n_members: int = N_MEMBERS,
         member_batch: int = MEMBER_BATCH,
         seed: int = SEED,
+        mask_method: str | None = "incremental",
     ) -> None:
         self.device = resolve_device(device)
+        if mask_method not in ("incremental", None):
+            raise ValueError(f"mask_method must be 'incremental' or None, got {mask_method!r}")
+        self.mask_method = mask_method
         if (checkpoint is None) == (model is None):
             raise ValueError("give either a checkpoint path or an in-memory model")
         self.checkpoint = None if checkpoint is None else str(checkpoint)
@@ -228,6 +237,7 @@ class ModelNowcast:
         seed: int = 0,
         n_leadtimes: int | None = None,
         pixel_size_km: float = 1.0,
+        noise_gain: float | None = None,
     ) -> np.ndarray:
         """Run a stochastic model: ``n_members`` members drawn in member batches.
 
@@ -247,7 +257,10 @@ class ModelNowcast:
         n_leadtimes : int, optional
             Lead times kept, by default all the model predicts.
         pixel_size_km : float, optional
-            Pixel size, for the motion perturbations (pixels per timestep to km/h).
+            Pixel size, for the motion perturbations (pixels per timestep to km/h) and the
+            incremental mask.
+        noise_gain : float, optional
+            Factor on the members' noise, by default the checkpoint's ``noise_gain``.
 
         Returns
         -------
@@ -264,6 +277,10 @@ class ModelNowcast:
                 bps_perturbation(coarse, pixel_size_km, self.timestep_minutes, rng)
                 for rng in _member_generators(seed, n_members)
             ]
+        # The mask follows each member in the network's frame, from the last input (the
+        # reference time, where the Lagrangian frame coincides with the Eulerian one).
+        last_observed = np.asarray(rain_rate[-1], dtype=np.float32)
+        radius = mask_radius(self.timestep_minutes, pixel_size_km)
         # The noise is drawn on the CPU, so a seed gives the same members on any device.
         generator = torch.Generator().manual_seed(int(seed))
         values = np.empty((n_members, n_lead, *frames.shape[-2:]), dtype=np.float32)
@@ -271,16 +288,20 @@ class ModelNowcast:
             encoded = self.network.encode(frames)
             for first in range(0, n_members, member_batch):
                 count = min(member_batch, n_members - first)
-                batch = self.network.decode(encoded, count, generator)[0, :, :n_lead, 0]
+                batch = self.network.decode(encoded, count, generator, noise_gain)
+                batch = batch[0, :, :n_lead, 0]
                 rain = torch.clamp(self.normalization.inverse(batch.float()), min=0.0)
                 del batch
                 for k in range(count):
                     member = first + k
+                    field = rain[k].cpu().numpy()
+                    if self.mask_method == "incremental":
+                        apply_incremental_mask(field, last_observed, radius)
                     if lagrangian is None:
-                        values[member] = rain[k].cpu().numpy()
+                        values[member] = field
                     else:
                         values[member] = lagrangian.outputs_from_lagrangian(
-                            rain[k], perturbations[member]
+                            field, perturbations[member]
                         )
                     if self.calibration:
                         values[member] = apply_calibration(values[member], self.calibration)
@@ -326,6 +347,7 @@ class ModelNowcast:
         n_members: int | None = None,
         member_batch: int | None = None,
         seed: int | None = None,
+        noise_gain: float | None = None,
     ) -> xr.DataArray:
         """Forecast from the last ``n_input_frames`` frames of ``inputs``.
 
@@ -347,6 +369,8 @@ class ModelNowcast:
             A stochastic model's members, member batch and run seed, by default the method's;
             the window's seed is ``window_seed(seed, inputs.attrs["radar_source"], last input
             time)``. A deterministic model takes none but ``n_members=1``.
+        noise_gain : float, optional
+            A stochastic model's factor on its noise, by default the checkpoint's.
 
         Returns
         -------
@@ -371,7 +395,15 @@ class ModelNowcast:
         rain_rate = inputs.values[-self.n_input_frames :]
         if self.stochastic:
             forecast = self._ensemble(
-                inputs, rain_rate, int(n_leadtimes), step, velocity, n_members, member_batch, seed
+                inputs,
+                rain_rate,
+                int(n_leadtimes),
+                step,
+                velocity,
+                n_members=self.n_members if n_members is None else n_members,
+                member_batch=member_batch,
+                seed=self.seed if seed is None else seed,
+                noise_gain=noise_gain,
             )
         else:
             if n_members not in (None, 1):
@@ -393,27 +425,33 @@ class ModelNowcast:
         n_leadtimes: int,
         step: float,
         velocity: np.ndarray | None,
-        n_members: int | None,
+        *,
+        n_members: int,
         member_batch: int | None,
-        seed: int | None,
+        seed: int,
+        noise_gain: float | None,
     ) -> xr.DataArray:
         """A stochastic model's members in the ensemble Forecast layout."""
         source = str(inputs.attrs.get("radar_source", ""))
         reference = reference_time(inputs)
-        seed = window_seed(self.seed if seed is None else seed, source, reference)
+        seed = window_seed(seed, source, reference)
         values = self.predict_members(
             rain_rate,
-            self.n_members if n_members is None else n_members,
+            n_members,
             velocity,
             member_batch,
             seed,
             n_leadtimes,
             input_pixel_size_km(inputs),
+            noise_gain,
         )
         # In place (to_ensemble_forecast would copy the whole ensemble).
         values[:, :, no_data_mask(inputs)] = np.nan
         forecast = make_ensemble_forecast(values, reference, step, inputs, method=self.name)
         forecast.attrs["window_seed"] = seed
+        forecast.attrs["noise_gain"] = float(
+            self.network.noise_gain if noise_gain is None else noise_gain
+        )
         return forecast
 
     def _at_model_step(self, inputs: xr.DataArray, step: float) -> xr.DataArray:

@@ -8,9 +8,10 @@ way and builds the variants (:mod:`nowcast.nowcasts.variants`) with the same fun
 Motion is estimated once per window, at the resolution the run needs, and shared by every
 method that advects:
 
-- when a pysteps baseline that advects runs (``extrapolation``, ``sprog``), the full-resolution
-  Lucas-Kanade field (:func:`nowcast.advection.motion.motion_field`), also handed to a
-  Lagrangian-frame model;
+- when a pysteps method that advects runs (``extrapolation``, ``sprog``, ``steps``,
+  ``model_steps``, ...: :data:`~nowcast.nowcasts.interface.FULL_MOTION_METHODS`), the
+  full-resolution Lucas-Kanade field (:func:`nowcast.advection.motion.motion_field`), also
+  handed to a Lagrangian-frame model;
 - otherwise nothing is estimated here: a Lagrangian-frame model computes its own coarse field
   (:func:`nowcast.advection.motion.coarse_motion_field`), which agrees with the full field at its
   nodes only to float rounding, so a model run alone gives the values it gives on its own.
@@ -18,8 +19,13 @@ method that advects:
 A method given its own ``motion_method`` in ``method_kwargs`` estimates its own motion.
 
 The learned ensemble ``ensemble`` is built from ``method_kwargs["ensemble"]``: its
-``checkpoint`` (a stochastic model's, loaded once per process and checkpoint version) and
-optionally ``n_members``, ``member_batch`` and ``seed``, which go to each call.
+``checkpoint`` (a stochastic model's, loaded once per process and checkpoint version; by default
+the packaged :data:`~nowcast.training.checkpoint.PRETRAINED_ENSEMBLE_CHECKPOINT`) and
+optionally ``n_members``, ``member_batch``, ``seed`` and ``noise_gain``, which go to each
+call. The deterministic model perturbed with STEPS noise, ``model_steps``, is built from
+``method_kwargs["model_steps"]["checkpoint"]`` (a deterministic model's), by default the run's
+``checkpoint``; its other keys (``n_ens_members``, ``seed``, pysteps settings) go to each call,
+and its model advects along the shared motion it is given.
 
 Forecasts are passed on as the methods return them: dimensions beyond ``(lead_time, y, x)``
 reach the caller untouched.
@@ -41,9 +47,10 @@ from nowcast.advection.motion import motion_field
 from nowcast.config import ConfigError
 from nowcast.nowcasts.forecast import make_forecast
 from nowcast.nowcasts.inputs import cube_inputs
-from nowcast.nowcasts.interface import BASELINES, get_method, uses_motion
+from nowcast.nowcasts.interface import FULL_MOTION_METHODS, get_method, uses_motion
 from nowcast.nowcasts.variants import base_methods, forecast_variants
 from nowcast.sources.cube import open_cube
+from nowcast.training.checkpoint import PRETRAINED_ENSEMBLE_CHECKPOINT as PRETRAINED_ENSEMBLE
 from nowcast.windows import cube_time_indices, valid_times
 
 
@@ -176,8 +183,38 @@ def _cached_ensemble(checkpoint: str, device: str | None, modified: float):
     return get_method("ensemble")(checkpoint=checkpoint, device=device)
 
 
-#: ``method_kwargs["ensemble"]`` keys that build the method rather than go to its calls.
-ENSEMBLE_BUILD_KEYS = ("checkpoint",)
+def model_steps_method(checkpoint: str, device: str | None = None, calibrated: bool = True):
+    """The deterministic model of a checkpoint perturbed with STEPS noise, loaded once per
+    process and checkpoint version (as :func:`model_method`, whose model it shares).
+
+    Parameters
+    ----------
+    checkpoint : str
+        Checkpoint path of a deterministic model.
+    device : str, optional
+        Device; None picks CUDA when available.
+    calibrated : bool, optional
+        See :attr:`ForecastRun.checkpoint_calibration`.
+
+    Returns
+    -------
+    nowcast.nowcasts.model_steps.ModelStepsNowcast
+
+    Raises
+    ------
+    ConfigError
+        If the checkpoint's model is stochastic.
+    """
+    return _cached_model_steps(str(checkpoint), device, calibrated, os.path.getmtime(checkpoint))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model_steps(checkpoint: str, device: str | None, calibrated: bool, modified: float):
+    return get_method("model_steps")(checkpoint=checkpoint, device=device, calibrated=calibrated)
+
+
+#: ``method_kwargs`` keys, per method, that build the method rather than go to its calls.
+BUILD_KEYS = {"ensemble": ("checkpoint",), "model_steps": ("checkpoint",)}
 
 
 def _methods(names: list[str], run: ForecastRun) -> dict[str, Callable]:
@@ -189,12 +226,24 @@ def _methods(names: list[str], run: ForecastRun) -> dict[str, Callable]:
             methods[name] = model_method(run.checkpoint, run.device, run.checkpoint_calibration)
         elif name == "ensemble":
             checkpoint = run.method_kwargs.get("ensemble", {}).get("checkpoint")
+            if not checkpoint and PRETRAINED_ENSEMBLE.is_file():
+                checkpoint = str(PRETRAINED_ENSEMBLE)
             if not checkpoint:
                 raise ConfigError(
                     "method 'ensemble' needs method_kwargs: {ensemble: {checkpoint: PATH}} "
-                    "(a stochastic model's checkpoint)"
+                    f"(a stochastic model's checkpoint; the packaged {PRETRAINED_ENSEMBLE} "
+                    "is missing)"
                 )
             methods[name] = ensemble_method(checkpoint, run.device)
+        elif name == "model_steps":
+            checkpoint = run.method_kwargs.get("model_steps", {}).get("checkpoint")
+            checkpoint = checkpoint or run.checkpoint
+            if not checkpoint:
+                raise ConfigError(
+                    "method 'model_steps' needs a deterministic model's checkpoint: set "
+                    "method_kwargs: {model_steps: {checkpoint: PATH}}"
+                )
+            methods[name] = model_steps_method(checkpoint, run.device, run.checkpoint_calibration)
         else:
             methods[name] = get_method(name)
     return methods
@@ -203,9 +252,8 @@ def _methods(names: list[str], run: ForecastRun) -> dict[str, Callable]:
 def _call_kwargs(name: str, run: ForecastRun) -> dict:
     """The method's ``method_kwargs`` less those that built it."""
     kwargs = dict(run.method_kwargs.get(name, {}))
-    if name == "ensemble":
-        for key in ENSEMBLE_BUILD_KEYS:
-            kwargs.pop(key, None)
+    for key in BUILD_KEYS.get(name, ()):
+        kwargs.pop(key, None)
     return kwargs
 
 
@@ -217,7 +265,7 @@ def _takes_motion(name: str, method: Callable, run: ForecastRun) -> bool:
 def shared_motion(
     inputs: xr.DataArray, names: Iterable[str], methods: Mapping[str, Callable], run: ForecastRun
 ) -> np.ndarray | None:
-    """The full-resolution motion of ``inputs`` when a pysteps baseline advects, else None.
+    """The full-resolution motion of ``inputs`` when a pysteps method advects, else None.
 
     Parameters
     ----------
@@ -231,7 +279,7 @@ def shared_motion(
         Its ``method_kwargs``: a method with its own ``motion_method`` is left out.
     """
     advecting = [name for name in names if _takes_motion(name, methods[name], run)]
-    if not any(name in BASELINES for name in advecting):
+    if not any(name in FULL_MOTION_METHODS for name in advecting):
         return None
     return motion_field(np.asarray(inputs.values))
 

@@ -45,6 +45,10 @@ BEST = "best"
 PRETRAINED_CHECKPOINT = (
     Path(__file__).resolve().parents[1] / "pretrained" / "bom_lagrangian_convlstm.pt"
 )
+#: The learned ensemble (``make skill ARGS=--ensemble``): the stochastic ConvLSTM of
+#: ``pipelines/configs/bom_lagrangian_crps.yaml`` with the noise gain chosen on validation; the
+#: ``ensemble`` method and ``nowcast predict --members`` use it by default.
+PRETRAINED_ENSEMBLE_CHECKPOINT = PRETRAINED_CHECKPOINT.with_name("bom_lagrangian_crps.pt")
 
 #: Keys of a checkpoint dict.
 CHECKPOINT_KEYS = (
