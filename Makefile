@@ -22,7 +22,7 @@ ARGS ?=
 
 STAMP := $(VENV)/.installed
 
-.PHONY: system-deps setup data ingest patches train evaluate evaluate-source calibrate export predict skill compare test lint format bench demo lab clean
+.PHONY: system-deps setup data ingest patches train evaluate evaluate-source calibrate export predict watch skill compare test lint format bench demo lab clean
 
 # System libraries from Debian: udunits2 for the CF checker, GSHHS coastlines for offline maps.
 # Installed when we are root with apt-get (CI, containers); otherwise a note is printed.
@@ -78,6 +78,10 @@ export: $(STAMP)
 
 predict: $(STAMP)
 	$(NOWCAST) predict --source $(SOURCE) $(ARGS)
+
+# One long-lived process: a nowcast for every new frame of SOURCE's folders (Ctrl-C stops it).
+watch: $(STAMP)
+	$(NOWCAST) predict --source $(SOURCE) --watch --out-dir $(or $(OUT),runs/watch) $(ARGS)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest $(ARGS)

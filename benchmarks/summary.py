@@ -29,6 +29,14 @@ ROWS = (
     ),
     ("predict", "`nowcast predict` wall / its own work", "wall_over_work", "{:.2f}x", "<= 1.3x"),
     (
+        "watch",
+        "`predict --watch` wall / work per nowcast, steady state",
+        "wall_over_work",
+        "{:.2f}x",
+        "<= 1.3x",
+    ),
+    ("watch", "`predict --watch` RSS, last / 10th nowcast", "rss_ratio", "{:.2f}x", "<= 1.1x"),
+    (
         "verification",
         "verification speed-up over pysteps' loop",
         "speedup",

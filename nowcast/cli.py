@@ -332,8 +332,30 @@ def predict(
     ),
     member_batch: int = typer.Option(4, help="members drawn together (memory grows with it)"),
     seed: int = typer.Option(0, help="seed of the members (with the source and time)"),
+    watch: bool = typer.Option(
+        False,
+        help="keep the model loaded and issue a nowcast for every new frame in the source's "
+        "folders (implies --from-files); stop with SIGTERM or Ctrl-C",
+    ),
+    poll_seconds: float = typer.Option(1.0, help="--watch: seconds between folder listings"),
+    settle_seconds: float = typer.Option(
+        1.0, help="--watch: seconds a file's size must hold before it is read"
+    ),
+    keep_hours: float = typer.Option(
+        24.0, help="--watch: frames and outputs older than this before the newest are dropped"
+    ),
+    backlog: str = typer.Option(
+        "newest", help="--watch: after the newest frame, the backlog 'newest' or 'oldest' first"
+    ),
+    heartbeat_seconds: float = typer.Option(60.0, help="--watch: seconds between heartbeats"),
+    max_nowcasts: int = typer.Option(None, help="--watch: stop after this many nowcasts"),
+    exit_when_idle: float = typer.Option(
+        None, help="--watch: stop when nothing changed for this many seconds (replays)"
+    ),
 ) -> None:
-    """Issue a nowcast from the newest (or --at) frames: CF NetCDF + forecast map PNG."""
+    """Issue a nowcast from the newest (or --at) frames: CF NetCDF + forecast map PNG.
+
+    With --watch, one for every new frame, the model loaded once."""
     with _gc_paused():
         from nowcast.config import load_experiment
         from nowcast.predict import predict as run_predict
@@ -362,6 +384,21 @@ def predict(
         postprocess = {"method": "isotonic", "file": str(calibration)}
         variants = {method: {"method": "model", "postprocess": postprocess}}
     catalog_config = load_catalog(catalog)
+    if watch:
+        if at is not None or timings_json is not None:
+            raise UsageError("--watch issues a nowcast per new frame: drop --at/--timings-json")
+        _watch(
+            source,
+            checkpoint,
+            catalog_config,
+            out_dir,
+            {"method": method, "forecast_methods": variants, "members": members,
+             "member_batch": member_batch, "seed": seed},
+            {"poll_seconds": poll_seconds, "settle_seconds": settle_seconds,
+             "keep_hours": keep_hours, "order": backlog, "heartbeat_seconds": heartbeat_seconds,
+             "max_nowcasts": max_nowcasts, "idle_exit_seconds": exit_when_idle},
+        )  # fmt: skip
+        return
     startup = _seconds_since_process_start()
     result = run_predict(
         source,
@@ -383,6 +420,27 @@ def predict(
         import json
 
         timings_json.write_text(json.dumps(timings, indent=2))
+
+
+def _watch(source, checkpoint, catalog, out_dir, request: dict, settings: dict) -> None:
+    """``predict --watch``: load the model once, then watch the source's folders."""
+    from nowcast.predict.issue import Predictor
+    from nowcast.predict.watch import Watcher, WatchSettings
+
+    catalog[source]  # an unknown source: one line naming the catalog's sources
+    try:
+        watch_settings = WatchSettings(**settings)
+    except ValueError as err:
+        raise UsageError(f"--watch: {err}") from None
+    predictor = Predictor.load(source, checkpoint, **request)
+    summary = Watcher(predictor, catalog, out_dir, watch_settings).run()
+    latencies = summary["latencies"]
+    if latencies:
+        typer.echo(
+            f"watch: {summary['nowcasts']} nowcasts, latency median "
+            f"{sorted(latencies)[len(latencies) // 2]:.2f} s, max {max(latencies):.2f} s",
+            err=True,
+        )
 
 
 # Module import time: the start-up clock where /proc is not available (see below).

@@ -1,60 +1,33 @@
-"""CF-1.8 NetCDF export of forecasts (the ``export`` stage).
+"""The ``export`` stage: forecasts of an experiment's windows as NetCDF files.
 
-One forecast becomes a file with dims ``(lead_time, y, x)``; several forecasts of one method can
-share a file with an extra ``forecast_reference_time`` dimension. An ensemble keeps its
-``realization`` dimension first and adds its exceedance probabilities at 1, 5 and 10 mm/h
-(``exceedance_probability``, dims ``(threshold, ..., lead_time, y, x)``). The layout is in
-``docs/architecture.md`` ("Forecast NetCDF"); every file passes the CF checker (cfchecker,
-CF-1.8) with no errors and no warnings. Files are written to a temporary sibling and renamed
-when complete (:func:`nowcast.storage.atomic_write_file`); the ``export`` stage's folder is one
-artifact (:func:`export`), so the folder at the final path is always a complete set.
+Each forecast becomes one file, written by
+:func:`nowcast.nowcasts.netcdf.write_forecast_netcdf`: CF-1.8 (cfchecker, no errors and no
+warnings) and read by pysteps' ``pysteps.io.nowcast_importers.import_netcdf_pysteps``. That
+reader takes one reference time per file, so ``export.multi_file: true`` (several reference
+times in one file) is refused. The stage's folder is one artifact (:func:`export`): the folder
+at the final path is always a complete set.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 
-import dask
 import numpy as np
 import xarray as xr
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from nowcast import __version__, storage
+from nowcast import storage
 from nowcast.config import ConfigError, ExperimentConfig, StrictModel, load_experiment, stage_config
-from nowcast.nowcasts.forecast import (
-    FORECAST_ATTRS,
-    REALIZATION,
-    ensemble_size,
-    forecast_crs,
-    is_ensemble,
-    members,
-)
-from nowcast.nowcasts.probability import (
-    PROBABILITY_NAME,
-    THRESHOLD,
-    THRESHOLDS,
-    exceedance_probability,
-)
+from nowcast.nowcasts.netcdf import netcdf_bytes, write_forecast_netcdf
 from nowcast.nowcasts.runner import ForecastRun, forecast_windows
 from nowcast.nowcasts.variants import base_methods, check_method_names, parse_variants
 from nowcast.patches.reader import PatchStore
-from nowcast.sources.cube import crs_variable, cube_path, latlon_grid
-from nowcast.storage import atomic_path, atomic_write_file, exclusive_lock, file_sha256
+from nowcast.sources.cube import cube_path
+from nowcast.storage import atomic_path, exclusive_lock, file_sha256
 from nowcast.windows import on_time_grid
-
-VARIABLE = "rain_rate"
-#: Stored type of ``rain_rate`` (and of the 2-D lat/lon, as :func:`latlon_grid` makes them).
-STORED_DTYPE = np.dtype("float32")
-FILL_VALUE = np.float32(-9999.0)
-COMPLEVEL = 4
-#: Allowance per file for what the array sizes leave out: HDF5 headers and the attributes (the
-#: experiment config among them).
-FILE_OVERHEAD_BYTES = 64 * 1024
 
 
 class ExportConfig(StrictModel):
@@ -63,8 +36,8 @@ class ExportConfig(StrictModel):
     out_dir: str = Field("", description="where NetCDF files go; default <run_dir>/netcdf")
     multi_file: bool = Field(
         False,
-        description="one file per method holding every forecast (extra forecast_reference_time "
-        "dimension) instead of one file per forecast",
+        description="must be false: one file per forecast, the one reference time per file that "
+        "pysteps' NetCDF reader takes",
     )
     latlon: bool = Field(True, description="add 2-D lat/lon auxiliary coordinates")
     methods: list[str] = Field(
@@ -80,310 +53,20 @@ class ExportConfig(StrictModel):
     window_stride_minutes: int = Field(60, gt=0, description="minutes between forecast starts")
     max_forecasts: int | None = Field(None, ge=1, description="at most this many start times")
 
-
-def forecast_to_dataset(
-    forecast: xr.DataArray, provenance: dict | None = None, latlon: bool = True
-) -> xr.Dataset:
-    """CF-1.8 Dataset of one forecast.
-
-    Parameters
-    ----------
-    forecast : xarray.DataArray
-        A forecast as built by :func:`nowcast.nowcasts.forecast.make_forecast`.
-    provenance : dict, optional
-        See :func:`provenance_attrs`.
-    latlon : bool
-        Add 2-D ``lat``/``lon`` auxiliary coordinates.
-
-    Returns
-    -------
-    xarray.Dataset
-        Variables ``rain_rate`` (lead_time, y, x) and ``crs``; coordinates ``lead_time``
-        (standard_name ``forecast_period``), ``forecast_reference_time`` (scalar), ``time``
-        (valid time, on ``lead_time``), ``y``, ``x`` and optionally ``lat``, ``lon``. An
-        ensemble has ``rain_rate`` (realization, lead_time, y, x) and ``exceedance_probability``
-        (threshold, lead_time, y, x).
-    """
-    return _dataset([forecast], provenance, latlon, multi=False)
+    @field_validator("multi_file")
+    @classmethod
+    def _one_reference_time_per_file(cls, multi_file: bool) -> bool:
+        if multi_file:
+            raise ValueError(
+                "true would put several reference times in one file, which pysteps' NetCDF "
+                "reader cannot read; remove it (export writes one file per forecast)"
+            )
+        return multi_file
 
 
-def _dataset(
-    forecasts: list[xr.DataArray],
-    provenance: dict | None,
-    latlon: bool,
-    multi: bool,
-    probabilities: list[xr.DataArray] | None = None,
-) -> xr.Dataset:
-    if not forecasts:
-        raise ValueError("no forecasts to export")
-    first = forecasts[0]
-    _check_compatible(forecasts)
-    ensemble = is_ensemble(first)
-    if ensemble:
-        forecasts = [members(f) for f in forecasts]
-    crs = forecast_crs(first)
-    lead_time = first["lead_time"].values.astype("timedelta64[ns]")
-    reference = np.array(
-        [f["forecast_reference_time"].values for f in forecasts], dtype="datetime64[ns]"
-    )
-    coords = {
-        "lead_time": (
-            "lead_time",
-            lead_time,
-            {"standard_name": "forecast_period", "long_name": "forecast lead time"},
-        ),
-    }
-    for axis in ("y", "x"):  # projected metres
-        name = f"projection_{axis}_coordinate"
-        attrs = {"standard_name": name, "long_name": f"{axis} coordinate of projection"}
-        coords[axis] = (axis, first[axis].values, {**attrs, "units": "m", "axis": axis.upper()})
-    reference_attrs = {
-        "standard_name": "forecast_reference_time",
-        "long_name": "time of the last observation the forecast starts from",
-    }
-    time_attrs = {"standard_name": "time", "long_name": "valid time"}
-    valid_time = reference[:, None] + lead_time[None, :]
-    if multi:
-        dims = ("forecast_reference_time", "lead_time", "y", "x")
-        coords["forecast_reference_time"] = ("forecast_reference_time", reference, reference_attrs)
-        coords["time"] = (("forecast_reference_time", "lead_time"), valid_time, time_attrs)
-    else:
-        dims = ("lead_time", "y", "x")
-        coords["forecast_reference_time"] = ((), reference[0], reference_attrs)
-        coords["time"] = ("lead_time", valid_time[0], time_attrs)
-    if latlon:
-        lat, lon = latlon_grid(crs, first["x"].values, first["y"].values)
-        coords["lat"] = (("y", "x"), lat, {"standard_name": "latitude", "units": "degrees_north"})
-        coords["lon"] = (("y", "x"), lon, {"standard_name": "longitude", "units": "degrees_east"})
-    grid = {"grid_mapping": "crs"}
-    variables = {"crs": crs_variable(crs)}
-    if ensemble:
-        coords[REALIZATION] = first[REALIZATION].variable.to_base_variable()
-        coords[REALIZATION].attrs["units"] = "1"  # the CF standard name's canonical units
-        if probabilities is None:
-            probabilities = [exceedance_probability(f, THRESHOLDS) for f in forecasts]
-        coords[THRESHOLD] = probabilities[0][THRESHOLD].variable.to_base_variable()
-        # long_name and units "1": CF has no standard name for a probability.
-        attrs_p = {key: probabilities[0].attrs[key] for key in ("long_name", "units")}
-        values = _stacked([p.values for p in probabilities], multi)
-        variables[PROBABILITY_NAME] = ((THRESHOLD, *dims), values, {**attrs_p, **grid})
-        dims = (REALIZATION, *dims)
-    values = _stacked([f.values for f in forecasts], multi, ensemble)
-    variables[VARIABLE] = (dims, values, {**FORECAST_ATTRS, **grid})
-    ds = xr.Dataset(variables, coords=coords)
-    ds.attrs = provenance_attrs(first, provenance)
-    return ds
-
-
-def _stacked(values: list[np.ndarray], multi: bool, lazy: bool = False):
-    """Float32 values of one forecast, or of several stacked after their leading dimension (an
-    ensemble's realization, a probability's threshold) when ``multi``. ``lazy``: one frame per
-    Dask chunk, read from the array itself, so NetCDF encoding (NaN to the fill value) copies a
-    frame at a time, not the ensemble (``dask.array.from_array`` would copy an ndarray)."""
-    if multi:
-        arrays = [np.asarray(v, dtype=np.float32) for v in values]
-        return np.stack(arrays, axis=arrays[0].ndim - 3)
-    array = np.asarray(values[0], dtype=np.float32)
-    if not lazy:
-        return array
-    import dask.array  # only here: a deterministic predict starts up without it
-
-    chunks = (1,) * (array.ndim - 2) + array.shape[-2:]
-    meta = np.empty((0,) * array.ndim, dtype=np.float32)
-    return dask.array.from_array(_Frames(array), chunks=chunks, name=False, meta=meta)
-
-
-class _Frames:
-    """An ndarray seen through indexing only: ``from_array`` copies what has ``copy``."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
-
-    def __getitem__(self, key):
-        return self.array[key]
-
-
-def _check_compatible(forecasts: list[xr.DataArray]) -> None:
-    first = forecasts[0]
-    for other in forecasts[1:]:
-        for name in ("lead_time", "y", "x"):
-            if not np.array_equal(first[name].values, other[name].values):
-                raise ValueError(f"forecasts differ in '{name}'; they cannot share a file")
-        if forecast_crs(first) != forecast_crs(other):
-            raise ValueError("forecasts differ in CRS; they cannot share a file")
-        if (is_ensemble(first), ensemble_size(first)) != (is_ensemble(other), ensemble_size(other)):
-            raise ValueError("forecasts differ in members; they cannot share a file")
-    references = [f["forecast_reference_time"].values for f in forecasts]
-    if len(set(references)) != len(references):
-        raise ValueError("two forecasts share a forecast_reference_time")
-
-
-def provenance_attrs(forecast: xr.DataArray, provenance: dict | None = None) -> dict:
-    """Global attributes: CF/ACDD description and provenance.
-
-    Parameters
-    ----------
-    forecast : xarray.DataArray
-        Supplies defaults: ``method``, ``radar_source``, ``institution`` attributes.
-    provenance : dict, optional
-        Recognised keys (all optional): ``title``, ``institution``, ``method``, ``source``
-        (radar source name), ``checkpoint_sha256`` (model checkpoint digest), ``config``
-        (experiment config: a mapping, written as JSON, or a string). Any other key is written
-        as an attribute too (non-strings as JSON).
-
-    Returns
-    -------
-    dict
-        ``Conventions``, ``title``, ``institution``, ``source``, ``history``, ``date_created``,
-        ``nowcast_version``, ``nowcast_method``, ``radar_source`` and, when given,
-        ``model_checkpoint_sha256`` and ``config``.
-    """
-    provenance = dict(provenance or {})
-    method = provenance.pop("method", forecast.attrs.get("method", "unknown"))
-    radar = provenance.pop("source", forecast.attrs.get("radar_source", "unknown"))
-    institution = provenance.pop("institution", forecast.attrs.get("institution", ""))
-    title = provenance.pop("title", f"Precipitation nowcast ({method}) for radar '{radar}'")
-    created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    attrs = {
-        "Conventions": "CF-1.8",
-        "title": title,
-        "institution": institution or "unknown",
-        "source": f"nowcast {__version__}, method '{method}', from radar source '{radar}'",
-        "history": f"{created} nowcast export",
-        "date_created": created,
-        "nowcast_version": __version__,
-        "nowcast_method": method,
-        "radar_source": radar,
-    }
-    checkpoint = provenance.pop("checkpoint_sha256", None)
-    if checkpoint:
-        attrs["model_checkpoint_sha256"] = checkpoint
-    config = provenance.pop("config", None)
-    if config is not None:
-        attrs["config"] = config if isinstance(config, str) else json.dumps(config, default=str)
-    for key, value in provenance.items():
-        attrs[key] = value if isinstance(value, str) else json.dumps(value, default=str)
-    return attrs
-
-
-def _time_units(times: np.ndarray, reference: np.datetime64) -> tuple[str, str]:
-    """CF units and dtype that store ``times`` exactly (whole minutes when possible)."""
-    offsets = (times - reference).astype("timedelta64[ns]").astype(np.int64)
-    stamp = np.datetime_as_string(reference, unit="s").replace("T", " ")
-    for unit, ns in (("minutes", 60 * 10**9), ("seconds", 10**9)):
-        if not np.any(offsets % ns):
-            return f"{unit} since {stamp}", "int64"
-    return f"nanoseconds since {stamp}", "int64"
-
-
-def encoding(ds: xr.Dataset) -> dict:
-    """NetCDF encoding: zlib level 4, one chunk per frame, exact integer times."""
-    references = np.ravel(ds["forecast_reference_time"].values)
-    times = np.concatenate([ds["time"].values.ravel(), references])
-    time_units, time_dtype = _time_units(times, references.min())
-    lead_ns = ds["lead_time"].values.astype("timedelta64[ns]").astype(np.int64)
-    lead_unit = "minutes" if not np.any(lead_ns % (60 * 10**9)) else "seconds"
-    fixed = {"_FillValue": None}  # coordinates: no fill value
-    enc = {name: dict(fixed) for name in ("x", "y", REALIZATION, THRESHOLD) if name in ds}
-    enc["lead_time"] = {"units": lead_unit, "dtype": "int64", **fixed}
-    for name in ("time", "forecast_reference_time"):
-        enc[name] = {"units": time_units, "dtype": time_dtype, **fixed}
-    for name in (VARIABLE, PROBABILITY_NAME):
-        if name in ds:
-            enc[name] = {
-                "dtype": STORED_DTYPE.name,
-                "zlib": True,
-                "complevel": COMPLEVEL,
-                "chunksizes": tuple(ds.sizes[d] if d in ("y", "x") else 1 for d in ds[name].dims),
-                "_FillValue": FILL_VALUE,
-            }
-    for name in ("lat", "lon"):
-        if name in ds:
-            enc[name] = {"zlib": True, "complevel": COMPLEVEL, **fixed}
-    return enc
-
-
-def write_forecast_netcdf(
-    forecasts: xr.DataArray | Sequence[xr.DataArray],
-    path: str | Path,
-    provenance: dict | None = None,
-    multi: bool = False,
-    latlon: bool = True,
-    atomic: bool = True,
-    probabilities: xr.DataArray | None = None,
-) -> str:
-    """Write one forecast, or several into one multi-forecast file, as CF-1.8 NetCDF4.
-
-    Parameters
-    ----------
-    forecasts : xarray.DataArray or sequence of xarray.DataArray
-        One forecast (``multi=False``), or forecasts sharing grid and lead times
-        (``multi=True``).
-    path : str or Path
-        Final file path; written atomically (temporary sibling, then rename) unless ``atomic``
-        is False.
-    provenance : dict, optional
-        See :func:`provenance_attrs`.
-    multi : bool
-        Write a ``(forecast_reference_time, lead_time, y, x)`` file.
-    latlon : bool
-        Add 2-D ``lat``/``lon`` auxiliary coordinates.
-    atomic : bool
-        False writes at ``path`` directly: for a file inside a folder that is itself written
-        atomically (:func:`export`), where a disk error is then reported for that folder.
-    probabilities : xarray.DataArray, optional
-        One ensemble's exceedance probabilities, by default ``exceedance_probability(forecast)``.
-
-    Returns
-    -------
-    str
-        ``path``.
-    """
-    forecasts = [forecasts] if isinstance(forecasts, xr.DataArray) else list(forecasts)
-    if not multi and len(forecasts) != 1:
-        raise ValueError(f"{len(forecasts)} forecasts for one file: pass multi=True")
-    given = None if probabilities is None else [probabilities]
-    ds = _dataset(forecasts, provenance, latlon, multi, given)
-    enc = encoding(ds)
-
-    def write(tmp: str) -> None:
-        # An ensemble's members are a Dask array (see _stacked): written here, in this thread.
-        with dask.config.set(scheduler="synchronous"):
-            ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=enc)
-
-    if atomic:
-        atomic_write_file(path, write)
-    else:
-        write(str(path))
-    return str(path)
-
-
-def netcdf_bytes(forecast: xr.DataArray, n_forecasts: int = 1, latlon: bool = True) -> int:
-    """Uncompressed size of a NetCDF file of ``n_forecasts`` forecasts shaped like ``forecast``.
-
-    The ``rain_rate`` values (every member of an ensemble) and an ensemble's exceedance
-    probabilities at their stored dtype (:data:`STORED_DTYPE`), the coordinates (``y``, ``x``,
-    lead and valid times, members and thresholds, the 2-D ``lat``/``lon`` when ``latlon``) and
-    :data:`FILE_OVERHEAD_BYTES`. zlib makes the file smaller (much smaller where it is dry), so
-    this is an upper bound for the free-space checks before a write.
-    """
-    n_lead, ny, nx = (forecast.sizes[d] for d in ("lead_time", "y", "x"))
-    ensemble = is_ensemble(forecast)
-    n_members, n_thresholds = ensemble_size(forecast), len(THRESHOLDS) * ensemble
-    fields = n_forecasts * (n_members + n_thresholds)
-    values = fields * n_lead * ny * nx * STORED_DTYPE.itemsize
-    coords = 8 * (ny + nx + n_lead + n_forecasts * (n_lead + 1) + n_thresholds)
-    coords += 4 * n_members * ensemble  # int32 realization
-    if latlon:
-        coords += 2 * ny * nx * STORED_DTYPE.itemsize
-    return values + coords + FILE_OVERHEAD_BYTES
-
-
-def forecast_filename(experiment: str, forecast: xr.DataArray, multi: bool = False) -> str:
-    """``<experiment>_<method>[_<reference time>].nc``."""
+def forecast_filename(experiment: str, forecast: xr.DataArray) -> str:
+    """``<experiment>_<method>_<reference time>.nc``."""
     method = forecast.attrs.get("method", "forecast")
-    if multi:
-        return f"{experiment}_{method}.nc"
     reference = np.datetime_as_string(forecast["forecast_reference_time"].values, unit="m")
     return f"{experiment}_{method}_{reference.replace('-', '').replace(':', '')}Z.nc"
 
@@ -480,7 +163,8 @@ def export(
     run holds ``<folder>.lock``, writes each file into a temporary sibling folder as its
     forecast arrives, and renames that folder into place when every file is written. A killed
     run leaves the previous folder (if any) as it was, and the next run redoes the export.
-    Before writing, the free space must hold the files uncompressed (:func:`netcdf_bytes`).
+    Before writing, the free space must hold the files uncompressed
+    (:func:`nowcast.nowcasts.netcdf.netcdf_bytes`).
 
     Parameters
     ----------
@@ -508,7 +192,8 @@ def export(
     nowcast.storage.DiskWriteError
         If the disk has no room for the files, or is full or read-only when writing.
     ConfigError
-        If the folder holds files other than NetCDF (the export would replace them).
+        If the folder holds files other than NetCDF (the export would replace them), or the
+        section is invalid (``multi_file: true`` among others).
     """
     experiment = config if isinstance(config, ExperimentConfig) else load_experiment(config)
     settings = stage_config(experiment, "export", ExportConfig)
@@ -522,10 +207,7 @@ def export(
     out_dir = (settings.out_dir or f"{experiment.run_path}/netcdf").rstrip("/")
     with exclusive_lock(f"{out_dir}.lock"):
         _check_replaceable(out_dir)
-        if settings.multi_file:
-            names = _write_multi(forecasts, out_dir, experiment.name, provenance, settings.latlon)
-        else:
-            names = _write_single(forecasts, out_dir, experiment.name, provenance, settings.latlon)
+        names = _write_files(forecasts, out_dir, experiment.name, provenance, settings.latlon)
     return [f"{out_dir}/{name}" for name in names]
 
 
@@ -549,7 +231,7 @@ def _check_space(out_dir: str, needed: int, n_files: int | None) -> None:
     storage.check_free_space(out_dir, needed, what)
 
 
-def _write_single(
+def _write_files(
     forecasts: Iterable[xr.DataArray], out_dir: str, experiment: str, provenance: dict, latlon: bool
 ) -> list[str]:
     """One file per forecast, each written as it comes (memory holds one window whatever
@@ -572,26 +254,4 @@ def _write_single(
             names.append(forecast_filename(experiment, forecast))
             path = f"{tmp}/{names[-1]}"
             write_forecast_netcdf(forecast, path, provenance, latlon=latlon, atomic=False)
-    return names
-
-
-def _write_multi(
-    forecasts: Iterable[xr.DataArray], out_dir: str, experiment: str, provenance: dict, latlon: bool
-) -> list[str]:
-    """One file per method holding all its forecasts (gathered first); returns the names."""
-    by_method: dict[str, list[xr.DataArray]] = {}
-    for forecast in forecasts:
-        by_method.setdefault(forecast.attrs.get("method", "forecast"), []).append(forecast)
-    if not by_method:
-        return []
-    groups = list(by_method.values())
-    needed = sum(netcdf_bytes(group[0], len(group), latlon) for group in groups)
-    _check_space(out_dir, needed, len(groups))
-    names = []
-    with atomic_path(out_dir) as tmp:
-        os.makedirs(tmp)
-        for group in groups:
-            names.append(forecast_filename(experiment, group[0], multi=True))
-            path = f"{tmp}/{names[-1]}"
-            write_forecast_netcdf(group, path, provenance, True, latlon=latlon, atomic=False)
     return names

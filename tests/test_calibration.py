@@ -181,6 +181,8 @@ def test_predict_calibration_applies_the_file(calibrated, tmp_path):
     )
     assert raw.exit_code == 0 and iso.exit_code == 0, raw.output + iso.output
     (raw_file,), (iso_file,) = (list((tmp_path / d).glob("*.nc")) for d in ("raw", "iso"))
-    raw_values = xr.open_dataset(raw_file)["rain_rate"].values
+    raw_values = xr.open_dataset(raw_file)["precip_intensity"].values
     expected = apply_calibration(raw_values, load_calibration(summary["path"], checkpoint))
-    np.testing.assert_allclose(xr.open_dataset(iso_file)["rain_rate"].values, expected, atol=1e-5)
+    np.testing.assert_allclose(
+        xr.open_dataset(iso_file)["precip_intensity"].values, expected, atol=1e-5
+    )

@@ -17,12 +17,12 @@ from test_export import cf_check
 from test_predict import residual_checkpoint
 
 from nowcast.config import ConfigError
-from nowcast.export import netcdf_bytes, write_forecast_netcdf
 from nowcast.models.registry import build_model
 from nowcast.nowcasts import runner
 from nowcast.nowcasts.forecast import ENSEMBLE_DIMS, REALIZATION
 from nowcast.nowcasts.inputs import cube_inputs
 from nowcast.nowcasts.interface import get_method
+from nowcast.nowcasts.netcdf import netcdf_bytes, write_forecast_netcdf
 from nowcast.nowcasts.probability import exceedance_probability
 from nowcast.nowcasts.runner import ForecastRun, forecast_inputs
 from nowcast.nowcasts.seeds import window_seed
@@ -225,7 +225,7 @@ def test_an_ensemble_netcdf_round_trip_is_exact_and_cf_clean(setup, tmp_path):
     )
     with xr.open_dataset(path) as ds:
         ds.load()
-    read = ds["rain_rate"]
+    read = ds["precip_intensity"]
     assert read.dims == ENSEMBLE_DIMS and read.dtype == np.float32
     np.testing.assert_array_equal(np.isnan(read.values), np.isnan(forecast.values))
     np.testing.assert_array_equal(read.values, forecast.values)
@@ -249,28 +249,6 @@ def test_an_ensemble_netcdf_round_trip_is_exact_and_cf_clean(setup, tmp_path):
     fields = 3 - 1 + 3  # two more members, three thresholds
     assert netcdf_bytes(forecast) - netcdf_bytes(one) == fields * 4 * 64 * 64 * 4 + 3 * 4 + 3 * 8
     assert Path(path).stat().st_size < netcdf_bytes(forecast)
-
-
-def test_a_multi_forecast_file_of_ensembles_keeps_realization_first(setup, tmp_path):
-    later = cube_inputs(
-        open_cube(setup.root / "cubes" / "synthetic.zarr"), AT + pd.Timedelta("10min"), N_INPUT
-    )
-    method = get_method("ensemble")(checkpoint=setup.stochastic)
-    forecasts = [method(setup.inputs, N_TARGET, n_members=2), method(later, N_TARGET, n_members=2)]
-    path = write_forecast_netcdf(forecasts, tmp_path / "multi.nc", multi=True)
-    with xr.open_dataset(path) as ds:
-        assert ds["rain_rate"].dims == (
-            REALIZATION,
-            "forecast_reference_time",
-            "lead_time",
-            "y",
-            "x",
-        )
-        for k, forecast in enumerate(forecasts):
-            np.testing.assert_array_equal(
-                ds["rain_rate"].isel(forecast_reference_time=k).values, forecast.values
-            )
-        assert ds["exceedance_probability"].dims[:2] == ("threshold", "forecast_reference_time")
 
 
 def run_cli(args):
@@ -310,13 +288,13 @@ def test_predict_members_writes_the_ensemble_its_probabilities_and_their_map(
     netcdf = tmp_path / "out" / "synthetic_20000101T0100Z.nc"
     with xr.open_dataset(netcdf) as ds:
         ds.load()
-    assert ds["rain_rate"].dims[0] == REALIZATION and ds.sizes[REALIZATION] == 3
+    assert ds["precip_intensity"].dims[0] == REALIZATION and ds.sizes[REALIZATION] == 3
     assert ds.attrs["nowcast_method"] == "ensemble"
     assert json.loads(ds.attrs["config"])["members"] == 3
     # The members are the ensemble method's, and the probabilities are theirs.
     expected = ensemble(setup, n_members=3)
-    np.testing.assert_array_equal(ds["rain_rate"].values, expected.values)
-    probability = exceedance_probability(ds["rain_rate"])
+    np.testing.assert_array_equal(ds["precip_intensity"].values, expected.values)
+    probability = exceedance_probability(ds["precip_intensity"])
     np.testing.assert_array_equal(ds["exceedance_probability"].values, probability.values)
     values = ds["exceedance_probability"].values
     assert np.nanmin(values) >= 0 and np.nanmax(values) <= 1
@@ -381,13 +359,16 @@ def test_predict_one_member_of_a_deterministic_model_is_its_forecast(setup, tmp_
     assert plain.probability_png is None and one.probability_png is not None
     with xr.open_dataset(one.netcdf) as ensemble_ds, xr.open_dataset(plain.netcdf) as ds:
         assert (
-            ensemble_ds["rain_rate"].dims == ENSEMBLE_DIMS
+            ensemble_ds["precip_intensity"].dims == ENSEMBLE_DIMS
             and "exceedance_probability" in ensemble_ds
         )
         assert (
-            ds["rain_rate"].dims == ("lead_time", "y", "x") and "exceedance_probability" not in ds
+            ds["precip_intensity"].dims == ("lead_time", "y", "x")
+            and "exceedance_probability" not in ds
         )
-        np.testing.assert_array_equal(ensemble_ds["rain_rate"].values[0], ds["rain_rate"].values)
+        np.testing.assert_array_equal(
+            ensemble_ds["precip_intensity"].values[0], ds["precip_intensity"].values
+        )
         probability = ensemble_ds["exceedance_probability"].values
         assert set(np.unique(probability[np.isfinite(probability)])) <= {0.0, 1.0}
 
@@ -428,7 +409,7 @@ def test_the_export_stage_writes_the_learned_ensemble(setup, tmp_path):
     build_patches(experiment, scheduler="threads", progress=False)
     (path,) = export(experiment)
     with xr.open_dataset(path) as ds:
-        assert ds["rain_rate"].dims == ENSEMBLE_DIMS and ds.sizes[REALIZATION] == 2
+        assert ds["precip_intensity"].dims == ENSEMBLE_DIMS and ds.sizes[REALIZATION] == 2
         assert ds["exceedance_probability"].dims == ("threshold", "lead_time", "y", "x")
         assert ds.attrs["nowcast_method"] == "ensemble"
         assert len(ds.attrs["ensemble_checkpoint_sha256"]) == 64

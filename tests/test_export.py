@@ -11,20 +11,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import netCDF4
 import numpy as np
 import pyproj
 import pytest
 import xarray as xr
 
 from nowcast.config import ConfigError
-from nowcast.export import (
-    ExportConfig,
-    export,
-    forecast_to_dataset,
-    netcdf_bytes,
-    write_forecast_netcdf,
-)
+from nowcast.export import ExportConfig, export
 from nowcast.nowcasts.forecast import forecast_crs, lead_time_minutes, make_forecast
+from nowcast.nowcasts.netcdf import forecast_to_dataset, netcdf_bytes, write_forecast_netcdf
 from nowcast.sources.cube import cube_crs, open_cube
 from nowcast.storage import DiskWriteError, StoreLockedError
 
@@ -98,11 +94,10 @@ def test_make_forecast_rejects_a_wrong_shape(bom):
         make_forecast(np.zeros((3, 10, 10)), "2020-10-31T10:00", 10, cube)
 
 
-@pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
-def test_netcdf_passes_the_cf_checker(bom, tmp_path, multi):
-    _, first, second = bom
+def test_netcdf_passes_the_cf_checker(bom, tmp_path):
+    _, first, _ = bom
     path = tmp_path / "forecast.nc"
-    write_forecast_netcdf([first, second] if multi else first, path, PROVENANCE, multi=multi)
+    write_forecast_netcdf(first, path, PROVENANCE)
     report = cf_check(path)
     errors = re.search(r"ERRORS detected: (\d+)", report)
     warnings = re.search(r"WARNINGS given: (\d+)", report)
@@ -116,7 +111,7 @@ def test_netcdf_round_trip_is_exact(bom, tmp_path):
     path = write_forecast_netcdf(forecast, tmp_path / "forecast.nc", PROVENANCE)
     with xr.open_dataset(path) as ds:
         ds.load()
-    read = ds["rain_rate"]
+    read = ds["precip_intensity"]
     assert read.dims == ("lead_time", "y", "x")
     assert read.dtype == np.float32
     np.testing.assert_array_equal(np.isnan(read.values), np.isnan(forecast.values))
@@ -124,7 +119,10 @@ def test_netcdf_round_trip_is_exact(bom, tmp_path):
     for name in ("lead_time", "time", "forecast_reference_time", "x", "y"):
         assert ds[name].dtype == forecast[name].dtype, name
         np.testing.assert_array_equal(ds[name].values, forecast[name].values)
-    assert ds["time"].encoding["units"].startswith("minutes since")
+    with netCDF4.Dataset(path) as nc:  # as pysteps reads it: seconds since the reference time
+        assert re.fullmatch(r"seconds since 2020-10-31[T ]09:50:00", nc["time"].units)
+        np.testing.assert_array_equal(nc["time"][:], 600 * np.arange(1, N_LEAD + 1))
+        assert nc["forecast_reference_time"][:] == 0
     assert ds["lead_time"].encoding["units"] == "minutes"
     assert ds["lead_time"].attrs["standard_name"] == "forecast_period"
     assert ds["forecast_reference_time"].attrs["standard_name"] == "forecast_reference_time"
@@ -158,7 +156,7 @@ def test_latlon_locate_the_brisbane_radar(bom, tmp_path):
     with xr.open_dataset(path) as ds:  # plain xarray, as a pysteps user would open it
         lat, lon = ds["lat"].values, ds["lon"].values
         assert ds["lat"].attrs["units"] == "degrees_north"
-        assert "lat" in ds["rain_rate"].encoding["coordinates"]
+        assert "lat" in ds["precip_intensity"].encoding["coordinates"]
     centre = (lat.shape[0] // 2, lat.shape[1] // 2)  # the radar is at the grid centre
     assert lat[centre] == pytest.approx(-27.718, abs=0.01)
     assert lon[centre] == pytest.approx(153.24, abs=0.01)
@@ -166,35 +164,6 @@ def test_latlon_locate_the_brisbane_radar(bom, tmp_path):
     assert lon[centre[0], -1] > lon[centre[0], 0]
     # a 256 km square about the radar: about 2.3 degrees of latitude
     assert lat.max() - lat.min() == pytest.approx(2.3, abs=0.1)
-
-
-def test_multi_forecast_file_round_trip(bom, tmp_path):
-    _, first, second = bom
-    path = write_forecast_netcdf([first, second], tmp_path / "multi.nc", multi=True)
-    with xr.open_dataset(path) as ds:
-        ds.load()
-    assert ds["rain_rate"].dims == ("forecast_reference_time", "lead_time", "y", "x")
-    np.testing.assert_array_equal(
-        ds["forecast_reference_time"].values,
-        [first["forecast_reference_time"].values, second["forecast_reference_time"].values],
-    )
-    for i, forecast in enumerate((first, second)):
-        np.testing.assert_array_equal(ds["rain_rate"].values[i], forecast.values)
-        np.testing.assert_array_equal(ds["time"].values[i], forecast["time"].values)
-    np.testing.assert_array_equal(ds["lead_time"].values, first["lead_time"].values)
-
-
-def test_multi_file_rejects_mismatched_forecasts(bom, tmp_path):
-    _, first, _ = bom
-    with pytest.raises(ValueError, match="share a forecast_reference_time"):
-        write_forecast_netcdf([first, first], tmp_path / "x.nc", multi=True)
-    shorter = first.isel(lead_time=slice(0, 3)).copy()
-    shorter["forecast_reference_time"] = first["forecast_reference_time"] + np.timedelta64(10, "m")
-    with pytest.raises(ValueError, match="differ in 'lead_time'"):
-        write_forecast_netcdf([first, shorter], tmp_path / "x.nc", multi=True)
-    with pytest.raises(ValueError, match="multi=True"):
-        write_forecast_netcdf([first, first], tmp_path / "x.nc")
-    assert not (tmp_path / "x.nc").exists()
 
 
 def test_failed_write_leaves_no_file(bom, tmp_path, monkeypatch):
@@ -215,7 +184,7 @@ KILLED_WRITER = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np, xarray as xr
-    from nowcast.export import write_forecast_netcdf
+    from nowcast.nowcasts.netcdf import write_forecast_netcdf
     from nowcast.nowcasts.forecast import make_forecast
     from nowcast.sources.cube import crs_variable
     import pyproj
@@ -258,7 +227,7 @@ def test_forecast_to_dataset_without_latlon(bom):
     _, forecast, _ = bom
     ds = forecast_to_dataset(forecast, latlon=False)
     assert "lat" not in ds and "lon" not in ds
-    assert set(ds.data_vars) == {"rain_rate", "crs"}
+    assert set(ds.data_vars) == {"precip_intensity", "crs"}
 
 
 def _experiment(tmp_path: Path, export_section: dict) -> Path:
@@ -288,11 +257,11 @@ def test_export_stage_writes_one_file_per_forecast(bom, tmp_path):
         assert json.loads(ds.attrs["config"])["name"] == "bom"
 
 
-def test_export_stage_multi_file_from_a_forecast_source(bom, tmp_path):
+def test_export_stage_from_a_forecast_source(bom, tmp_path):
     _, first, second = bom
     persistence = first.copy()
     persistence.attrs["method"] = "persistence"
-    config = _experiment(tmp_path, {"multi_file": True, "out_dir": str(tmp_path / "nc")})
+    config = _experiment(tmp_path, {"out_dir": str(tmp_path / "nc")})
     calls = []
 
     def source(experiment):
@@ -302,11 +271,12 @@ def test_export_stage_multi_file_from_a_forecast_source(bom, tmp_path):
     paths = export(config, forecast_source=source)
     assert calls == ["bom"]
     assert sorted(Path(p).name for p in paths) == [
-        "bom_observed_as_forecast.nc",
-        "bom_persistence.nc",
+        "bom_observed_as_forecast_20201031T0950Z.nc",
+        "bom_observed_as_forecast_20201031T1020Z.nc",
+        "bom_persistence_20201031T0950Z.nc",
     ]
-    with xr.open_dataset(tmp_path / "nc" / "bom_observed_as_forecast.nc") as ds:
-        assert ds.sizes["forecast_reference_time"] == 2
+    with xr.open_dataset(tmp_path / "nc" / "bom_persistence_20201031T0950Z.nc") as ds:
+        assert ds.attrs["nowcast_method"] == "persistence"
 
 
 def _entries(folder: Path) -> list[str]:
@@ -330,7 +300,8 @@ def _assert_same_files(a: dict[str, xr.Dataset], b: dict[str, xr.Dataset]) -> No
         assert {k: v for k, v in a[name].attrs.items() if k not in moment} == {
             k: v for k, v in b[name].attrs.items() if k not in moment
         }
-        assert a[name]["rain_rate"].encoding["dtype"] == b[name]["rain_rate"].encoding["dtype"]
+        dtypes = [ds["precip_intensity"].encoding["dtype"] for ds in (a[name], b[name])]
+        assert dtypes[0] == dtypes[1]
 
 
 def test_export_folder_appears_only_when_complete(bom, tmp_path, monkeypatch):
@@ -377,17 +348,15 @@ def test_export_folder_appears_only_when_complete(bom, tmp_path, monkeypatch):
     _assert_same_files(_load_all(folder), complete)
 
 
-@pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
-def test_export_checks_free_space_before_writing(bom, tmp_path, monkeypatch, multi):
+def test_export_checks_free_space_before_writing(bom, tmp_path, monkeypatch):
     _, first, second = bom
-    config = _experiment(tmp_path, {"multi_file": multi})
+    config = _experiment(tmp_path, {})
     folder = tmp_path / "run" / "netcdf"
     monkeypatch.setattr("nowcast.storage.free_bytes", lambda path: 4096)
     with pytest.raises(DiskWriteError) as err:
         export(config, forecasts=[first, second])
     message = str(err.value)
-    n_files = 1 if multi else 2
-    assert str(folder) in message and f"export of {n_files} NetCDF file(s)" in message
+    assert str(folder) in message and "export of 2 NetCDF file(s)" in message
     assert "4.0 KiB free" in message and "\n" not in message
     assert _entries(tmp_path / "run") == []
 
@@ -395,8 +364,7 @@ def test_export_checks_free_space_before_writing(bom, tmp_path, monkeypatch, mul
     monkeypatch.undo()
     paths = export(config, forecasts=[first, second])
     written = sum(os.path.getsize(p) for p in paths)
-    estimate = netcdf_bytes(first, 2) if multi else 2 * netcdf_bytes(first)
-    assert written <= estimate
+    assert written <= 2 * netcdf_bytes(first)
 
 
 def test_export_to_a_folder_in_use_fails_on_its_lock(bom, tmp_path):
@@ -473,6 +441,6 @@ def test_export_stage_writes_forecasts_of_the_test_windows(tmp_path):
     expected_starts = (n_windows + 1) // 2  # one start every 20 min on a 10-min axis
     assert len(paths) == 2 * expected_starts
     ds = xr.open_dataset(paths[0])
-    assert ds["rain_rate"].sizes["lead_time"] == 3
+    assert ds["precip_intensity"].sizes["lead_time"] == 3
     assert ds.attrs["nowcast_method"] in {"persistence", "extrapolation"}
     assert json.loads(ds.attrs["config"])["name"] == "syn"

@@ -59,7 +59,7 @@ def test_quickstart_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
     assert load_experiment(workdir / "quickstart.yaml").name == "quickstart"
     (netcdf,) = (workdir / "run" / "netcdf").glob("*.nc")
     with xr.open_dataset(netcdf) as exported:
-        assert exported["rain_rate"].dims == ("lead_time", "y", "x")
+        assert exported["precip_intensity"].dims == ("lead_time", "y", "x")
         assert exported.attrs["nowcast_method"] == "model"
     # Map of the cube, training log, CSI curves, forecast panels, exported forecast.
     assert displayed_images(notebook) >= 5
@@ -71,7 +71,7 @@ def test_explore_forecasts_trains_compares_and_exports(tmp_path, monkeypatch):
     workdir = tmp_path / "explore"
     assert (workdir / "run_synthetic" / "checkpoints" / "best.pt").is_file()
     with xr.open_dataset(workdir / "forecast_model_synthetic.nc") as exported:
-        assert exported["rain_rate"].dims == ("lead_time", "y", "x")
+        assert exported["precip_intensity"].dims == ("lead_time", "y", "x")
         assert "crs_wkt" in exported["crs"].attrs
     # Wet-area series, patch sample, forecast panels, score curves, PCA spectrum and maps.
     assert displayed_images(notebook) >= 6

@@ -74,14 +74,14 @@ def test_predict_latest_writes_netcdf_and_map(synthetic_setup):
     )
     assert result.reference_time.startswith("2000-01-01T01:50")  # the newest frame
     ds = xr.open_dataset(result.netcdf)
-    assert ds["rain_rate"].sizes == {"lead_time": 4, "y": 64, "x": 64}
+    assert ds["precip_intensity"].sizes == {"lead_time": 4, "y": 64, "x": 64}
     assert len(ds.attrs["model_checkpoint_sha256"]) == 64
     # The untrained residual model is persistence: every lead equals the last input frame.
     cube = xr.open_zarr(tmp_path / "cubes" / "synthetic.zarr")
     last = cube["rain_rate"].sel(time="2000-01-01T01:50").values
     for lead in range(4):
         np.testing.assert_allclose(
-            ds["rain_rate"].isel(lead_time=lead).values, last, rtol=1e-5, atol=1e-5
+            ds["precip_intensity"].isel(lead_time=lead).values, last, rtol=1e-5, atol=1e-5
         )
     from PIL import Image
 
@@ -136,7 +136,7 @@ def test_predict_from_raw_files_equals_from_cube(synthetic_setup):
     )
     from_files = predict("synthetic", checkpoint, from_files=True, out_dir=tmp_path / "b", **kwargs)
     a, b = xr.open_dataset(from_cube.netcdf), xr.open_dataset(from_files.netcdf)
-    np.testing.assert_array_equal(a["rain_rate"].values, b["rain_rate"].values)
+    np.testing.assert_array_equal(a["precip_intensity"].values, b["precip_intensity"].values)
 
 
 def test_predict_across_a_gap_is_a_clear_error(synthetic_setup):
@@ -190,8 +190,8 @@ def test_every_registered_model_runs_through_predict_and_export(
         catalog=catalog,
     )
     with xr.open_dataset(result.netcdf) as ds:
-        assert ds["rain_rate"].sizes == {"lead_time": 4, "y": 64, "x": 64}
-        assert np.isfinite(ds["rain_rate"].values).any()
+        assert ds["precip_intensity"].sizes == {"lead_time": 4, "y": 64, "x": 64}
+        assert np.isfinite(ds["precip_intensity"].values).any()
 
     from nowcast.config import ExperimentConfig
     from nowcast.patches.build import build_patches
@@ -249,7 +249,7 @@ def test_predict_applies_a_forecast_method_variant_as_evaluate_does(synthetic_se
         method="model_mix",
         forecast_methods=variants,
     )
-    written = xr.open_dataset(result.netcdf)["rain_rate"].values
+    written = xr.open_dataset(result.netcdf)["precip_intensity"].values
     cube = xr.open_zarr(tmp_path / "cubes" / "synthetic.zarr")
     inputs = cube_inputs(cube, at, 3)
     bases = {

@@ -194,7 +194,7 @@ def test_export_and_predict_give_identical_values(tmp_path):
         with xr.open_dataset(path) as exported:
             method = exported.attrs["nowcast_method"]
             at = pd.Timestamp(exported["forecast_reference_time"].values)
-            values = exported["rain_rate"].values
+            values = exported["precip_intensity"].values
         result = predict(
             "synthetic",
             checkpoint,
@@ -206,4 +206,4 @@ def test_export_and_predict_give_identical_values(tmp_path):
             forecast_methods=variants,
         )
         with xr.open_dataset(result.netcdf) as predicted:
-            np.testing.assert_array_equal(predicted["rain_rate"].values, values)
+            np.testing.assert_array_equal(predicted["precip_intensity"].values, values)

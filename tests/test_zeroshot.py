@@ -135,11 +135,13 @@ def test_predict_on_a_five_minute_source_with_a_ten_minute_model(tmp_path):
     assert from_cube.reference_time.startswith("2000-01-01T00:55")  # the newest 5-min frame
     assert "every 2nd frame" in from_cube.note and "note:" in from_cube.summary()
     a, b = xr.open_dataset(from_cube.netcdf), xr.open_dataset(from_files.netcdf)
-    np.testing.assert_array_equal(a["rain_rate"].values, b["rain_rate"].values)
+    np.testing.assert_array_equal(a["precip_intensity"].values, b["precip_intensity"].values)
     assert (a["lead_time"].values / np.timedelta64(1, "m")).tolist() == [10, 20, 30, 40]
     cube = xr.open_zarr(tmp_path / "cubes" / "synthetic.zarr")
     last = cube["rain_rate"].sel(time="2000-01-01T00:55").values
-    np.testing.assert_allclose(a["rain_rate"].isel(lead_time=0).values, last, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        a["precip_intensity"].isel(lead_time=0).values, last, rtol=1e-5, atol=1e-5
+    )
     six = Catalog(
         sources={"synthetic": catalog.sources["synthetic"].model_copy(update={"timestep": 6})}
     )

@@ -17,7 +17,7 @@ exceeds the available memory is refused before any work.
 
 from __future__ import annotations
 
-import json
+import functools
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,27 +29,18 @@ import xarray as xr
 
 from nowcast import storage
 from nowcast.config import ConfigError
-from nowcast.export import netcdf_bytes, write_forecast_netcdf
-from nowcast.nowcasts.forecast import ensemble_mean, ensemble_size, is_ensemble
 from nowcast.nowcasts.forecast import members as as_members
 from nowcast.nowcasts.inputs import cube_inputs
 from nowcast.nowcasts.model import MEMBER_BATCH, SEED
 from nowcast.nowcasts.probability import THRESHOLDS, exceedance_probability
 from nowcast.nowcasts.runner import ForecastRun, forecast_window, model_method
 from nowcast.nowcasts.variants import check_method_names, parse_variants
+from nowcast.predict.outputs import manifest_path, write_set
 from nowcast.sources.catalog import Catalog, FrameRef, frame_path, load_catalog, plan_frames
 from nowcast.sources.cube import build_cube, cube_path, open_cube
 from nowcast.sources.frames import read_frame_status, source_grid
-from nowcast.storage import atomic_write_file, exists, file_sha256, remove, write_text
-from nowcast.visualization.maps import plot_forecast_panels
+from nowcast.storage import exists, file_sha256
 from nowcast.windows import cube_timestep, frame_step_note, input_times
-
-#: Free space asked for the map PNG(s) besides the NetCDF (a map is a few hundred KiB).
-PNG_ALLOWANCE_BYTES = 4 * 2**20
-#: Resolution of the map, as :func:`nowcast.visualization.maps.plot_forecast_panels` saves it.
-MAP_DPI = 110
-#: The threshold (mm/h) of an ensemble's probability map.
-MAP_THRESHOLD = 10.0
 
 
 class InputFramesError(ConfigError):
@@ -78,6 +69,8 @@ class PredictResult:
         and ``files`` (name to sha256) of the set.
     probability_png : str, optional
         An ensemble's map of P(rain rate >= 10 mm/h), ``<stem>_p10.png``.
+    published_at : float, optional
+        ``time.monotonic()`` when the NetCDF was in place (before the maps were drawn).
     """
 
     netcdf: str
@@ -87,6 +80,7 @@ class PredictResult:
     note: str | None = None
     manifest: str | None = None
     probability_png: str | None = None
+    published_at: float | None = None
 
     @property
     def work_seconds(self) -> float:
@@ -302,127 +296,180 @@ def predict(
         If ``members`` is below 1 or more than a deterministic checkpoint gives, or the
         ensemble will not fit in the available memory (the message gives the estimate).
     """
-    variants = parse_variants(forecast_methods)
-    name = method.lower()
-    check_method_names([name], variants, "predict --method")
-    spec = variants.get(name)
-    if name != "model" and (spec is None or spec.method != "model"):
-        raise ConfigError(f"predict --method {method}: not the model or a variant built on it")
-    if members is not None and int(members) < 1:
-        raise ConfigError(f"predict --members {members}: give at least 1 member")
-    seconds = {}
-    start = time.perf_counter()
-    model = model_method(str(checkpoint))
-    seconds["load_model"] = time.perf_counter() - start
-    step = int(model.timestep_minutes)
-    n_members = _ensemble_members(model, checkpoint, members, name)
-
+    predictor = Predictor.load(
+        source,
+        checkpoint,
+        n_leadtimes=n_leadtimes,
+        method=method,
+        forecast_methods=forecast_methods,
+        members=members,
+        member_batch=member_batch,
+        seed=seed,
+    )
+    step = predictor.step
     start = time.perf_counter()
     if from_files:
         catalog = catalog or load_catalog()
         note = _timestep_note(source, catalog[source].timestep, step)
-        cube, reference = cube_from_files(catalog, source, at, model.n_input_frames, step)
+        cube, reference = cube_from_files(catalog, source, at, predictor.n_input_frames, step)
     else:
         path = cube_path(cube_dir, source)
         if catalog is not None and source not in catalog.sources and not exists(path):
             catalog[source]  # no cube and no such source: say the source is unknown
         cube = open_cube(path)
         note = _timestep_note(source, cube_timestep(cube), step)
-        reference = cube_reference_time(cube, at, model.n_input_frames, step)
-    opened = time.perf_counter() - start
-
-    n_leadtimes = n_leadtimes or model.n_target_frames
-    ensemble_kwargs = {}
-    if n_members is not None and model.stochastic:
-        shape = (cube.sizes["y"], cube.sizes["x"])
-        check_ensemble_memory(model, n_members, member_batch, n_leadtimes, shape)
-        ensemble_kwargs = {"n_members": n_members, "member_batch": member_batch, "seed": seed}
-    run = ForecastRun(
-        methods=(name,),
-        method_kwargs={name: ensemble_kwargs} if ensemble_kwargs else {},
-        checkpoint=str(checkpoint),
-        device=None,
-        n_input_frames=model.n_input_frames,
-        n_leadtimes=n_leadtimes,
-        timestep_minutes=step,
-        variants={name: spec} if spec else {},
-    )
-    window = forecast_window(cube, reference, run, observe=False)
-    seconds["read_inputs"] = opened + window.seconds["read"]
-    seconds["model"] = window.seconds["forecast"]
-    forecast = window.forecasts[name]
-    probability = None
-    if n_members is not None:
-        # The learned ensemble (also the one-member forecast of a deterministic model).
-        name = "ensemble"
-        forecast = as_members(forecast)
-        forecast.attrs["method"] = name
-        probability = exceedance_probability(forecast, THRESHOLDS)
-
-    config = {"checkpoint": str(checkpoint), "from_files": from_files}
-    if n_members is not None:
-        config.update(members=n_members, seed=seed)
-    if spec:
-        config["forecast_method"] = spec.model_dump(mode="json")
-    provenance = {"source": source, "method": name, "checkpoint_sha256": file_sha256(checkpoint)}
-    provenance["config"] = config
-    if "window_seed" in forecast.attrs:
-        provenance["window_seed"] = forecast.attrs["window_seed"]
-    written = _write_set(forecast, probability, step, Path(out_dir), provenance, seconds)
-    return PredictResult(
-        reference_time=written["reference"].isoformat(),
-        seconds=seconds,
-        note=note,
-        **{key: str(path) if path else None for key, path in written.items() if key != "reference"},
+        reference = cube_reference_time(cube, at, predictor.n_input_frames, step)
+    seconds = {"load_model": predictor.load_seconds, "read_inputs": time.perf_counter() - start}
+    return predictor.issue(
+        cube, reference, out_dir, seconds=seconds, note=note, from_files=from_files
     )
 
 
-def _write_set(
-    forecast: xr.DataArray,
-    probability: xr.DataArray | None,
-    step: int,
-    out_dir: Path,
-    provenance: dict,
-    seconds: dict,
-) -> dict:
-    """Write a forecast's set: the NetCDF, the map(s), then the manifest.
+@dataclass
+class Predictor:
+    """A loaded model and how its nowcasts are made and written.
 
-    Returns
-    -------
-    dict
-        The paths ``netcdf``, ``map_png``, ``probability_png`` (None without probabilities)
-        and ``manifest``, and the ``reference`` time; ``seconds`` gains ``netcdf`` and ``map``.
+    :func:`predict` issues one nowcast with it; ``nowcast predict --watch``
+    (:class:`nowcast.predict.watch.Watcher`) keeps one for every new frame, so the model is
+    loaded once. Build it with :meth:`load`.
     """
-    source, name = provenance["source"], provenance["method"]
-    reference = pd.Timestamp(forecast["forecast_reference_time"].values)
-    stem = f"{source}_{reference:%Y%m%dT%H%M}Z"
-    manifest = out_dir / f"{stem}.json"
-    n_maps = 1 if probability is None else 2
-    storage.check_free_space(
-        out_dir, netcdf_bytes(forecast) + n_maps * PNG_ALLOWANCE_BYTES, f"forecast files {stem}.*"
-    )
-    remove(manifest)  # the set is incomplete until its new manifest is written
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    netcdf = out_dir / f"{stem}.nc"
-    write_forecast_netcdf(forecast, netcdf, provenance=provenance, probabilities=probability)
-    seconds["netcdf"] = time.perf_counter() - start
-    start = time.perf_counter()
-    png = out_dir / f"{stem}.png"
-    _write_map(forecast, name, step, png)
-    files = [netcdf, png]
-    if probability is not None:
-        files.append(out_dir / f"{stem}_p{MAP_THRESHOLD:g}.png")
-        _write_probability_map(probability, MAP_THRESHOLD, step, files[-1])
-    seconds["map"] = time.perf_counter() - start
-    _write_manifest(manifest, reference, source, name, files)
-    return {
-        "netcdf": netcdf,
-        "map_png": png,
-        "probability_png": files[2] if probability is not None else None,
-        "manifest": manifest,
-        "reference": reference,
-    }
+
+    source: str
+    checkpoint: str
+    model: object
+    run: ForecastRun
+    name: str
+    spec: object | None
+    n_members: int | None
+    member_batch: int
+    seed: int
+    load_seconds: float
+
+    @classmethod
+    def load(
+        cls,
+        source: str,
+        checkpoint: str | Path,
+        *,
+        n_leadtimes: int | None = None,
+        method: str = "model",
+        forecast_methods: dict | None = None,
+        members: int | None = None,
+        member_batch: int = MEMBER_BATCH,
+        seed: int = SEED,
+    ) -> Predictor:
+        """Load the checkpoint and check the request (the arguments of :func:`predict`)."""
+        variants = parse_variants(forecast_methods)
+        name = method.lower()
+        check_method_names([name], variants, "predict --method")
+        spec = variants.get(name)
+        if name != "model" and (spec is None or spec.method != "model"):
+            raise ConfigError(f"predict --method {method}: not the model or a variant built on it")
+        if members is not None and int(members) < 1:
+            raise ConfigError(f"predict --members {members}: give at least 1 member")
+        start = time.perf_counter()
+        model = model_method(str(checkpoint))
+        load_seconds = time.perf_counter() - start
+        n_members = _ensemble_members(model, checkpoint, members, name)
+        kwargs = {}
+        if n_members is not None and model.stochastic:
+            kwargs = {"n_members": n_members, "member_batch": member_batch, "seed": seed}
+        run = ForecastRun(
+            methods=(name,),
+            method_kwargs={name: kwargs} if kwargs else {},
+            checkpoint=str(checkpoint),
+            device=None,
+            n_input_frames=model.n_input_frames,
+            n_leadtimes=n_leadtimes or model.n_target_frames,
+            timestep_minutes=int(model.timestep_minutes),
+            variants={name: spec} if spec else {},
+        )
+        return cls(
+            source, str(checkpoint), model, run, name, spec, n_members, member_batch, seed,
+            load_seconds,
+        )  # fmt: skip
+
+    @property
+    def step(self) -> int:
+        """The model's timestep in minutes."""
+        return int(self.model.timestep_minutes)
+
+    @property
+    def n_input_frames(self) -> int:
+        """Input frames the model reads, at its timestep."""
+        return int(self.model.n_input_frames)
+
+    def manifest_path(self, out_dir: str | Path, reference) -> Path:
+        """The manifest of the set of ``reference`` in ``out_dir``."""
+        return manifest_path(out_dir, self.source, reference)
+
+    def issue(
+        self,
+        cube: xr.Dataset,
+        reference: pd.Timestamp,
+        out_dir: str | Path,
+        seconds: dict | None = None,
+        note: str | None = None,
+        from_files: bool = True,
+    ) -> PredictResult:
+        """Forecast from the frames of ``cube`` ending at ``reference`` and write the set.
+
+        Raises
+        ------
+        ConfigError
+            If the ensemble will not fit in the available memory (the estimate is named).
+        """
+        seconds = dict(seconds or {})
+        if self.n_members is not None and self.model.stochastic:
+            shape = (cube.sizes["y"], cube.sizes["x"])
+            check_ensemble_memory(
+                self.model, self.n_members, self.member_batch, self.run.n_leadtimes, shape
+            )
+        window = forecast_window(cube, reference, self.run, observe=False)
+        seconds["read_inputs"] = seconds.get("read_inputs", 0.0) + window.seconds["read"]
+        seconds["model"] = window.seconds["forecast"]
+        forecast, name, probability = window.forecasts[self.name], self.name, None
+        if self.n_members is not None:
+            # The learned ensemble (also the one-member forecast of a deterministic model).
+            name = "ensemble"
+            forecast = as_members(forecast)
+            forecast.attrs["method"] = name
+            probability = exceedance_probability(forecast, THRESHOLDS)
+        config = {"checkpoint": self.checkpoint, "from_files": from_files}
+        if self.n_members is not None:
+            config.update(members=self.n_members, seed=self.seed)
+        if self.spec:
+            config["forecast_method"] = self.spec.model_dump(mode="json")
+        provenance = {
+            "source": self.source,
+            "method": name,
+            "checkpoint_sha256": _sha256(self.checkpoint),
+            "config": config,
+        }
+        if "window_seed" in forecast.attrs:
+            provenance["window_seed"] = forecast.attrs["window_seed"]
+        written = write_set(forecast, probability, self.step, Path(out_dir), provenance, seconds)
+        return PredictResult(
+            reference_time=written["reference"].isoformat(),
+            seconds=seconds,
+            note=note,
+            published_at=written["published_at"],
+            **{
+                key: str(path) if path else None
+                for key, path in written.items()
+                if key not in ("reference", "published_at")
+            },
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_sha256(path: str, modified: int) -> str:
+    return file_sha256(path)
+
+
+def _sha256(path: str) -> str:
+    """The checkpoint's digest, computed once per file version (a watcher issues many)."""
+    return _cached_sha256(path, Path(path).stat().st_mtime_ns)
 
 
 def _ensemble_members(model, checkpoint, members: int | None, name: str) -> int | None:
@@ -490,54 +537,6 @@ def check_ensemble_memory(
     return needed
 
 
-def _map_leads(forecast: xr.DataArray, step: int) -> list[int]:
-    """+1, +3 and +6 steps, those the forecast has (minutes)."""
-    return [step * k for k in (1, 3, 6) if k <= forecast.sizes["lead_time"]]
-
-
-def _write_map(forecast: xr.DataArray, name: str, step: int, path: Path) -> None:
-    """The map panels at :func:`_map_leads`, written atomically: one row for a deterministic
-    forecast; for an ensemble the first two members and the ensemble mean."""
-    rows = {name: forecast}
-    if is_ensemble(forecast):
-        shown = range(min(2, ensemble_size(forecast)))
-        rows = {f"member {k}": forecast.isel(realization=k) for k in shown}
-        rows["ensemble mean"] = ensemble_mean(forecast)
-    figure = plot_forecast_panels(None, rows, _map_leads(forecast, step))
-    _save_figure(figure, path)
-
-
-def _write_probability_map(
-    probability: xr.DataArray, threshold: float, step: int, path: Path
-) -> None:
-    """Maps of P(rain rate >= ``threshold``) at :func:`_map_leads`, written atomically."""
-    # Only an ensemble nowcast draws it: its module's imports stay off predict's start-up.
-    from nowcast.visualization.ensemble_plots import plot_probability_panels
-
-    field = probability.sel(threshold=threshold)
-    _save_figure(plot_probability_panels(field, _map_leads(field, step), threshold), path)
-
-
-def _save_figure(figure, path: Path) -> None:
-    try:
-        atomic_write_file(path, lambda tmp: figure.savefig(tmp, dpi=MAP_DPI, format="png"))
-    finally:
-        _close(figure)
-
-
-def _write_manifest(
-    path: Path, reference: pd.Timestamp, source: str, method: str, files: list[Path]
-) -> None:
-    """``<stem>.json``: the set's files and their sha256, written after all of them."""
-    record = {
-        "reference_time": reference.isoformat(),
-        "source": source,
-        "method": method,
-        "files": {file.name: file_sha256(file) for file in files},
-    }
-    write_text(path, json.dumps(record, indent=2) + "\n")
-
-
 def _timestep_note(source: str, source_step: int, model_step: int) -> str | None:
     # The rule of nowcast.windows.frames_per_model_step: inputs are read every k-th source frame
     # counted
@@ -545,13 +544,9 @@ def _timestep_note(source: str, source_step: int, model_step: int) -> str | None
     return frame_step_note(source, source_step, model_step)
 
 
-def _close(figure) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-
-
 __all__ = [
+    "Predictor",
+    "PredictResult",
     "predict",
     "cube_reference_time",
     "cube_from_files",
