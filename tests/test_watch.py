@@ -136,6 +136,8 @@ def test_one_nowcast_per_frame_with_its_inputs_in_arrival_order(replay):
     for k in range(CORRUPT, CORRUPT + 6):
         assert f"input {FRAMES[CORRUPT].isoformat()} corrupt" in skipped[FRAMES[k].isoformat()]
     assert "missing" in skipped[FRAMES[5].isoformat()]  # before F4 came
+    gaps = [(e["after"], e["before"]) for e in watch.of("gap")]
+    assert (FRAMES[3].isoformat(), FRAMES[5].isoformat()) in gaps
     assert not [e for e in watch.of("corrupt") if e["frame"] != FRAMES[CORRUPT].isoformat()]
     latest = json.loads((out_dir / "latest.json").read_text())
     assert latest["reference_time"] == FRAMES[13].isoformat()
@@ -184,3 +186,20 @@ def test_keep_hours_deletes_older_sets_and_bounds_the_restart(replay):
         json.loads((out_dir / "latest.json").read_text())["reference_time"]
         == FRAMES[13].isoformat()
     )
+
+
+def test_a_backlog_goes_newest_first_then_in_the_chosen_order(tmp_path):
+    from nowcast.predict.watch import Watcher, WatchSettings, _File
+    from nowcast.sources.catalog import load_catalog
+
+    class Stub:  # what the watcher reads of a Predictor
+        source, step, n_input_frames = "bom", 10, 2
+
+    times = [FIRST + timedelta(minutes=10 * k) for k in range(5)]
+    for order, expected in [("newest", [4, 3, 2, 1]), ("oldest", [4, 1, 2, 3])]:
+        settings = WatchSettings(order=order, keep_hours=24)
+        watcher = Watcher(Stub(), load_catalog(), tmp_path, settings, log=lambda event: None)
+        watcher.files = {when: _File(str(when), 1, 0.0, state="ok") for when in times}
+        assert watcher.ready() == [times[k] for k in expected]  # times[0] lacks its input
+    with pytest.raises(ValueError, match="order"):
+        WatchSettings(order="random")
