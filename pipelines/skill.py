@@ -7,6 +7,7 @@ under ``pipelines/configs/``; training starts fresh. ``--compare`` trains every 
 
     python -m pipelines.skill                      # the skill experiments
     python -m pipelines.skill --compare            # the model comparison
+    python -m pipelines.skill --ensemble           # the learned ensemble against STEPS
     python -m pipelines.skill --report-only        # rewrite docs/skill.md from existing runs
 """
 
@@ -14,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from nowcast.config import ExperimentConfig, load_experiment
 from nowcast.evaluate.calibration import calibrate
@@ -29,8 +28,10 @@ from nowcast.evaluate.report import markdown_table
 from nowcast.evaluate.stage import evaluate
 from nowcast.patches.build import build_patches
 from nowcast.sources.ingest import ingest
-from nowcast.training.loop import train
+from pipelines.skill_ensemble import run_ensemble
+from pipelines.skill_ensemble_report import ensemble_section
 from pipelines.skill_routes import routes_section, run_routes
+from pipelines.skill_runs import hardware, train_from_scratch
 
 REPO = Path(__file__).resolve().parent.parent
 # The plain ConvLSTM reference (pipelines/configs/bom.yaml) is trained by `make compare`.
@@ -55,12 +56,6 @@ FIGURES = REPO / "docs" / "skill"
 RESULTS = FIGURES / "results.json"
 
 
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def run_experiment(
     experiment: ExperimentConfig,
     command: str,
@@ -72,20 +67,12 @@ def run_experiment(
     With ``previous`` (an earlier result of the same experiment) training is skipped and the
     existing ``best.pt`` is re-calibrated and re-evaluated.
     """
-    for source in experiment.sources:
-        ingest(source, experiment.cube_root, progress=False)
-    build_patches(experiment, progress=False)
     if previous is None:
-        checkpoints = Path(experiment.run_path) / "checkpoints"
-        if checkpoints.exists():
-            shutil.rmtree(checkpoints)  # a skill run trains from scratch
-        for stale in ("train_log.csv", "tensorboard"):
-            path = Path(experiment.run_path) / stale
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        start = time.perf_counter()
-        summary = train(experiment, progress=False)
-        train_seconds = time.perf_counter() - start
+        summary, train_seconds = train_from_scratch(experiment)
     else:
+        for source in experiment.sources:
+            ingest(source, experiment.cube_root, progress=False)
+        build_patches(experiment, progress=False)
         summary = {"steps": previous["steps"], "stop_reason": previous["stop_reason"]}
         train_seconds = previous["train_seconds"]
     calibration = None
@@ -327,6 +314,8 @@ def write_doc(results: dict) -> None:
         " runs above wrote.",
         "",
     ]
+    if results.get("ensemble"):
+        lines += ensemble_section(results["ensemble"])
     if results.get("routes"):
         lines += routes_section(results["routes"])
     comparison = results.get("compare")
@@ -382,12 +371,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="heavy-rain routes: postprocessing and blending of the pretrained model",
     )
+    parser.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="the learned ensemble: train, choose its noise gain and route on validation, "
+        "ship it, and score it against STEPS (with --evaluate-only: keep its checkpoint)",
+    )
     parser.add_argument("configs", nargs="*", help="experiment configs (default: the skill set)")
     args = parser.parse_args(argv)
     FIGURES.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if not args.report_only:
-        if args.routes:
+        if args.ensemble:
+            results["ensemble"] = run_ensemble(
+                previous=results.get("ensemble"), keep=args.evaluate_only
+            )
+        elif args.routes:
             results["routes"] = run_routes()
         elif args.compare:
             section = results.setdefault("compare", {})

@@ -28,13 +28,20 @@ from nowcast.training.checkpoint import (
     CHECKPOINT_KEYS,
     OPTIONAL_CHECKPOINT_KEYS,
     PRETRAINED_CHECKPOINT,
+    PRETRAINED_ENSEMBLE_CHECKPOINT,
     load_checkpoint,
+    load_model,
 )
 
 ARCHITECTURE = REPO / "docs" / "architecture.md"
 PACKAGE = REPO / "nowcast"
 #: The files the package reads from itself; the wheel must carry them.
-PACKAGE_DATA = (PACKAGED_CATALOG, REGISTRY_FILE, PRETRAINED_CHECKPOINT)
+PACKAGE_DATA = (
+    PACKAGED_CATALOG,
+    REGISTRY_FILE,
+    PRETRAINED_CHECKPOINT,
+    PRETRAINED_ENSEMBLE_CHECKPOINT,
+)
 #: What ``pip wheel .`` reads from the checkout.
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "nowcast")
 
@@ -77,6 +84,17 @@ def test_the_pretrained_checkpoint_has_the_whole_schema():
     assert checkpoint["frame"] == "lagrangian" and checkpoint["motion_stride"] == 8
     assert "full resolution" in checkpoint["provenance"]
     assert checkpoint["pixel_size_m"] == {"bom": 500.0}
+
+
+def test_the_packaged_ensemble_is_a_stochastic_model_with_its_chosen_gain():
+    checkpoint = load_checkpoint(PRETRAINED_ENSEMBLE_CHECKPOINT)  # refuses a missing key
+    assert set(checkpoint) - set(CHECKPOINT_KEYS) == {"provenance"}
+    assert checkpoint["model_name"] == "stochastic_convlstm"
+    # make skill chose the gain on the validation windows and says so.
+    gain = checkpoint["model_kwargs"]["noise_gain"]
+    assert f"noise_gain {gain:g} chosen on the BoM validation windows" in checkpoint["provenance"]
+    model, _ = load_model(PRETRAINED_ENSEMBLE_CHECKPOINT)
+    assert model.stochastic and model.noise_gain == gain and not model.training
 
 
 @pytest.mark.realdata
@@ -131,5 +149,5 @@ def test_the_wheel_installs_and_predicts_from_an_empty_folder(data_root, tmp_pat
     run([*command, "--at", "2020-10-31T09:50"], cwd=empty, env=env)
     (netcdf,) = (empty / "runs" / "predict").glob("*.nc")
     with xr.open_dataset(netcdf) as written:
-        assert written["rain_rate"].sizes["lead_time"] == 6
+        assert written["precip_intensity"].sizes["lead_time"] == 6
         assert written.attrs["model_checkpoint_sha256"] == file_sha256(packaged)

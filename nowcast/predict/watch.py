@@ -163,7 +163,7 @@ class Watcher:
     # ---- events -------------------------------------------------------------------------
 
     def log(self, event: str, **fields) -> None:
-        self._log({"event": event, "time": pd.Timestamp.utcnow().isoformat(), **fields})
+        self._log({"event": event, "time": pd.Timestamp.now("UTC").isoformat(), **fields})
 
     # ---- the loop -----------------------------------------------------------------------
 
