@@ -45,6 +45,7 @@ from nowcast.nowcasts.inputs import (
     reference_time,
     to_ensemble_forecast,
 )
+from nowcast.nowcasts.model import ModelNowcast
 from nowcast.nowcasts.pysteps_call import pysteps_call
 from nowcast.nowcasts.seeds import window_seed
 from nowcast.nowcasts.steps import FAILED_ATTR, N_MEMBERS, PRECIP_THR_DB, PYSTEPS_FAILURES
@@ -64,8 +65,8 @@ class ModelStepsNowcast:
     Parameters
     ----------
     checkpoint : str or path-like, optional
-        A deterministic model's checkpoint, loaded once per process and checkpoint version
-        (:func:`nowcast.nowcasts.runner.model_method`).
+        A deterministic model's checkpoint (the runner passes ``model`` instead: the model
+        method it caches, :func:`nowcast.nowcasts.runner.model_method`).
     model : nowcast.nowcasts.model.ModelNowcast, optional
         An already built deterministic model method instead of a checkpoint.
     device : str, optional
@@ -102,10 +103,7 @@ class ModelStepsNowcast:
         if (checkpoint is None) == (model is None):
             raise ValueError("give either a checkpoint path or a built model method")
         if model is None:
-            # Imported here: the runner imports the method registry, which imports this module.
-            from nowcast.nowcasts.runner import model_method
-
-            model = model_method(str(checkpoint), device, calibrated)
+            model = ModelNowcast(checkpoint, device=device, calibrated=calibrated)
         if getattr(model, "stochastic", False):
             name = getattr(model, "checkpoint", None) or getattr(model, "model_name", "model")
             raise ConfigError(

@@ -210,7 +210,8 @@ def model_steps_method(checkpoint: str, device: str | None = None, calibrated: b
 
 @functools.lru_cache(maxsize=4)
 def _cached_model_steps(checkpoint: str, device: str | None, calibrated: bool, modified: float):
-    return get_method("model_steps")(checkpoint=checkpoint, device=device, calibrated=calibrated)
+    model = model_method(checkpoint, device, calibrated)
+    return get_method("model_steps")(model=model)
 
 
 #: ``method_kwargs`` keys, per method, that build the method rather than go to its calls.
