@@ -52,6 +52,7 @@ def test_registry_lists_methods_for_unknown_name():
         "extrapolation",
         "lagrangian_probability",
         "model",
+        "model_steps",
         "persistence",
         "sprog",
         "steps",
