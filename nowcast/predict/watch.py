@@ -24,10 +24,10 @@ crosses midnight; the catalog's ``end`` is ignored) and handles what changed:
   written atomically (:mod:`nowcast.storage`), so nothing partial or temporary is left.
 
 One JSON line per event goes to stdout (``received``, ``corrupt``, ``skipped`` with the reason,
-``issued`` with ``latency_s`` to the NetCDF's publication, ``set_latency_s`` to the whole set's,
-``work_s`` and ``rss_mb``, ``failed``, ``gap``, ``deleted``, ``heartbeat``), so a log shipper
-can parse it. One watcher at
-a time holds ``<out_dir>/.watch.lock``.
+``issued`` with ``latency_s`` to the NetCDF's publication, ``set_latency_s`` to the whole
+set's, ``wall_s`` from taking the frame up to ``latest.json``, ``work_s`` of the stages and
+``rss_mb``; ``failed``, ``gap``, ``deleted``, ``heartbeat``), so a log shipper can parse it.
+One watcher at a time holds ``<out_dir>/.watch.lock``.
 """
 
 from __future__ import annotations
@@ -373,18 +373,21 @@ class Watcher:
             # One frame's failure is one line; the next frames still get their nowcasts.
             self.log("failed", reference=reference.isoformat(), reason=_one_line(err))
             return
-        work = time.perf_counter() - start
+        self._advance(reference, result)
+        # wall: the frame taken up to latest.json written; work: the stages, as predict times
+        # them (a one-shot predict's wall adds its start-up to the same work).
+        wall, work = time.perf_counter() - start, result.work_seconds
         complete = max(self.files[when].first_seen for when in times)
         latency = result.published_at - complete
         self.nowcasts += 1
         self.latencies.append(latency)
         self.work_seconds.append(work)
-        self._advance(reference, result)
         self.log(
             "issued",
             reference=reference.isoformat(),
             latency_s=round(latency, 3),
             set_latency_s=round(time.monotonic() - complete, 3),
+            wall_s=round(wall, 3),
             work_s=round(work, 3),
             rss_mb=round(rss_bytes() / 2**20, 1),
             netcdf=result.netcdf,
