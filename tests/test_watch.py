@@ -203,3 +203,29 @@ def test_a_backlog_goes_newest_first_then_in_the_chosen_order(tmp_path):
         assert watcher.ready() == [times[k] for k in expected]  # times[0] lacks its input
     with pytest.raises(ValueError, match="order"):
         WatchSettings(order="random")
+
+
+def test_the_listing_crosses_midnight_and_ignores_the_catalog_end(tmp_path, data_root):
+    from nowcast.predict.watch import Watcher, WatchSettings
+    from nowcast.sources.catalog import load_catalog
+
+    class Stub:
+        source, step, n_input_frames = "bom", 10, 2
+
+    original = data_root / "radar" / "bom" / FOLDER / file_name(FRAMES[0])
+    source = yaml.safe_load((Path(__file__).parents[1] / "data_catalog.yaml").read_text())
+    # The catalog's end is before both frames: the watcher lists them anyway.
+    bom = {**source["sources"]["bom"], "root_path": str(tmp_path), "end": "2020-10-31T00:10"}
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump({"sources": {"bom": bom}}))
+    catalog = load_catalog(tmp_path / "catalog.yaml")
+    settings = WatchSettings(poll_seconds=0.1, settle_seconds=0.0)
+    watcher = Watcher(Stub(), catalog, tmp_path / "out", settings, log=lambda event: None)
+    before, after = datetime(2020, 10, 31, 23, 50), datetime(2020, 11, 1, 0, 0)
+    for when in (before, after):
+        folder = tmp_path / f"prcp-c10/66/{when:%Y/%m/%d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(original, folder / file_name(when))
+        watcher.poll()  # first sight
+        watcher.poll()  # settled: read
+        assert watcher.files[when].state == "ok"
+    assert sorted(watcher.files) == [before, after]
