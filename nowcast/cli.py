@@ -321,6 +321,11 @@ def predict(
     calibration: Path = typer.Option(
         None, help="calibration file of the checkpoint (nowcast calibrate): isotonic model"
     ),
+    probability_matching: str = typer.Option(
+        None,
+        help="cdf or mean: match each lead's distribution (all members pooled) to the last "
+        "observed frame's, as pysteps' STEPS does; advised on a radar the model was not trained on",
+    ),
     timings_json: Path = typer.Option(
         None, help="also write the stage timings, work, start-up and wall seconds as JSON here"
     ),
@@ -382,6 +387,14 @@ def predict(
             raise UsageError("--calibration replaces --config/--method")
         method = "model_isotonic"
         postprocess = {"method": "isotonic", "file": str(calibration)}
+        variants = {method: {"method": "model", "postprocess": postprocess}}
+    if probability_matching is not None:
+        if probability_matching not in ("cdf", "mean"):
+            raise UsageError(f"--probability-matching {probability_matching}: give cdf or mean")
+        if config is not None or calibration is not None or method != "model":
+            raise UsageError("--probability-matching replaces --config/--method/--calibration")
+        method = f"model_{probability_matching}"
+        postprocess = {"method": probability_matching, "target": "last_input"}
         variants = {method: {"method": "model", "postprocess": postprocess}}
     catalog_config = load_catalog(catalog)
     if watch:

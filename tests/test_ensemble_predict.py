@@ -413,3 +413,44 @@ def test_the_export_stage_writes_the_learned_ensemble(setup, tmp_path):
         assert ds["exceedance_probability"].dims == ("threshold", "lead_time", "y", "x")
         assert ds.attrs["nowcast_method"] == "ensemble"
         assert len(ds.attrs["ensemble_checkpoint_sha256"]) == 64
+
+
+def test_predict_members_matched_to_the_last_frame_take_its_distribution(
+    setup, tmp_path, monkeypatch
+):
+    """--probability-matching cdf: every lead's members, pooled, take the last frame's values."""
+    from nowcast.sources import catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "load_catalog", lambda *args, **kwargs: setup.catalog)
+    args = predict_args(setup, tmp_path / "out", setup.stochastic, 3)
+    result = run_cli([*args, "--probability-matching", "cdf"])
+    assert result.exit_code == 0, result.output
+    with xr.open_dataset(tmp_path / "out" / "synthetic_20000101T0100Z.nc") as ds:
+        members = ds["precip_intensity"].load()
+        config = json.loads(ds.attrs["config"])
+    assert config["members"] == 3 and config["forecast_method"]["postprocess"]["method"] == "cdf"
+    raw = ensemble(setup, n_members=3)
+    last = setup.inputs.values[-1]
+    np.testing.assert_array_equal(np.isfinite(members.values), np.isfinite(raw.values))
+    assert not np.allclose(np.nan_to_num(members.values), np.nan_to_num(raw.values))
+    for lead in range(N_TARGET):
+        pooled = members.values[:, lead]
+        both = np.isfinite(pooled) & np.isfinite(last)[None]
+        target = np.broadcast_to(last, pooled.shape)[both]
+        np.testing.assert_allclose(np.sort(pooled[both]), np.sort(target), rtol=1e-6)
+        # The members keep their order: matching is monotone in the raw values (ties in the
+        # raw values, such as the dry zeros, may take any of their target values).
+        levels, group = np.unique(raw.values[:, lead][both], return_inverse=True)
+        highest = np.full(levels.size, -np.inf)
+        lowest = np.full(levels.size, np.inf)
+        np.maximum.at(highest, group, pooled[both])
+        np.minimum.at(lowest, group, pooled[both])
+        assert levels.size > 10 and np.all(highest[:-1] <= lowest[1:] + 1e-6)
+
+
+def test_predict_refuses_an_unknown_probability_matching(setup, tmp_path):
+    args = predict_args(setup, tmp_path / "out", setup.stochastic, 3)
+    result = run_cli([*args, "--probability-matching", "quantile"])
+    assert result.exit_code == 2, result.output
+    assert "--probability-matching quantile: give cdf or mean" in result.output
+    assert not (tmp_path / "out").exists()

@@ -300,3 +300,41 @@ def test_evaluate_source_thins_starts_with_window_stride(tmp_path):
     # Every second of the six 5-minute starts 00:25 .. 00:50.
     assert info["reference_times"] == [f"2000-01-01T00:{m}:00" for m in ("25", "35", "45")]
     assert "one start every 10.0 min" in (out / "report.md").read_text()
+
+
+def test_matched_ensemble_zero_shot_on_knmi(catalog, tmp_path):
+    """pipelines/configs/ensemble_zero_shot.yaml on a radar the ensemble never saw: matching the
+    members to the last frame (STEPS' cdf) removes the raw members' excess rain."""
+    from nowcast.config import load_experiment
+
+    declared = load_experiment(REPO / "pipelines" / "configs" / "ensemble_zero_shot.yaml")
+    knmi = SourceConfig.model_validate(
+        {
+            **catalog.sources["knmi"].model_dump(),
+            "start": "2010-08-26T03:10",
+            "end": "2010-08-26T05:00",
+        }
+    )
+    outputs = evaluate_source(
+        "knmi",
+        catalog=Catalog(sources={"knmi": knmi}),
+        out_dir=tmp_path / "out",
+        cube_dir=str(tmp_path / "cubes"),
+        scheduler="threads",
+        progress=False,
+        figures=False,
+        methods=declared.evaluate["methods"],
+        forecast_methods=declared.forecast_methods,
+        members=4,
+    )
+    info = json.loads(Path(outputs["metrics_json"]).read_text())["sources"]["knmi"]
+    assert info["reference_times"] == ["2010-08-26T04:00:00"]
+    table = pd.read_csv(outputs["ensemble_metrics_csv"])
+    table = table[table["threshold"].isna() & table["scale"].isna()]
+    score = table.set_index(["score", "method", "lead_time"])["value"]
+    for lead in (30.0, 60.0):
+        assert score["CRPS", "ensemble_cdf", lead] < score["CRPS", "ensemble", lead]
+        raw, matched = (
+            abs(score["SPREAD_SKILL", m, lead] - 1) for m in ("ensemble", "ensemble_cdf")
+        )
+        assert matched < raw

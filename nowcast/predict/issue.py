@@ -370,13 +370,14 @@ class Predictor:
         start = time.perf_counter()
         model = model_method(str(checkpoint))
         load_seconds = time.perf_counter() - start
-        n_members = _ensemble_members(model, checkpoint, members, name)
+        n_members = _ensemble_members(model, checkpoint, members, name, spec)
         kwargs = {}
         if n_members is not None and model.stochastic:
             kwargs = {"n_members": n_members, "member_batch": member_batch, "seed": seed}
         run = ForecastRun(
             methods=(name,),
-            method_kwargs={name: kwargs} if kwargs else {},
+            # The members are the base model's: a variant only matches them.
+            method_kwargs={"model": kwargs} if kwargs else {},
             checkpoint=str(checkpoint),
             device=None,
             n_input_frames=model.n_input_frames,
@@ -423,7 +424,12 @@ class Predictor:
         if self.n_members is not None and self.model.stochastic:
             shape = (cube.sizes["y"], cube.sizes["x"])
             check_ensemble_memory(
-                self.model, self.n_members, self.member_batch, self.run.n_leadtimes, shape
+                self.model,
+                self.n_members,
+                self.member_batch,
+                self.run.n_leadtimes,
+                shape,
+                matched=self.spec is not None,
             )
         window = forecast_window(cube, reference, self.run, observe=False)
         seconds["read_inputs"] = seconds.get("read_inputs", 0.0) + window.seconds["read"]
@@ -472,7 +478,7 @@ def _sha256(path: str) -> str:
     return _cached_sha256(path, Path(path).stat().st_mtime_ns)
 
 
-def _ensemble_members(model, checkpoint, members: int | None, name: str) -> int | None:
+def _ensemble_members(model, checkpoint, members: int | None, name: str, spec=None) -> int | None:
     """Members the forecast will have: None for a deterministic forecast (as before).
 
     A stochastic checkpoint gives an ensemble (its default size without ``members``); a
@@ -486,12 +492,24 @@ def _ensemble_members(model, checkpoint, members: int | None, name: str) -> int 
             f"('{model.model_name}'); give --checkpoint of a stochastic model "
             "(stochastic_convlstm) or leave out --members"
         )
-    if name != "model":
+    if name != "model" and not _matches_members(spec):
         raise ConfigError(
-            f"predict --method {name}: variants are built on a deterministic forecast, not on "
-            "an ensemble (--members, or a stochastic --checkpoint)"
+            f"predict --method {name}: an ensemble (--members, or a stochastic --checkpoint) "
+            "takes only a probability-matching variant (postprocess cdf or mean, no blend)"
         )
     return int(members) if members is not None else int(model.n_members)
+
+
+def _matches_members(spec) -> bool:
+    """Whether a variant only probability-matches: the one kind defined on members too
+    (each lead's members pooled, :func:`nowcast.nowcasts.variants.probability_match`)."""
+    postprocess = getattr(spec, "postprocess", None)
+    return (
+        spec is not None
+        and spec.blend is None
+        and postprocess is not None
+        and postprocess.method in ("cdf", "mean")
+    )
 
 
 def available_memory_bytes() -> int | None:
@@ -509,13 +527,20 @@ def available_memory_bytes() -> int | None:
 
 
 def check_ensemble_memory(
-    model, n_members: int, member_batch: int, n_leadtimes: int, shape: tuple[int, int]
+    model,
+    n_members: int,
+    member_batch: int,
+    n_leadtimes: int,
+    shape: tuple[int, int],
+    matched: bool = False,
 ) -> int:
     """Refuse an ensemble that will not fit in the available memory; return its estimate.
 
     The estimate is the model's (:meth:`~nowcast.nowcasts.model.ModelNowcast.ensemble_bytes`:
     the members in float32 and one member batch of network state and transport) plus the
-    exceedance probabilities and pysteps' ``excprob`` float64 copy of one lead time's members.
+    exceedance probabilities and pysteps' ``excprob`` float64 copy of one lead time's members;
+    with ``matched`` (a probability-matching variant) also the matched copy of the members
+    and the sort of one lead's pooled members.
 
     Raises
     ------
@@ -525,6 +550,8 @@ def check_ensemble_memory(
     pixels = int(shape[0]) * int(shape[1])
     needed = model.ensemble_bytes(n_members, n_leadtimes, shape, member_batch)
     needed += len(THRESHOLDS) * n_leadtimes * pixels * 4 + n_members * pixels * 10
+    if matched:
+        needed += n_members * n_leadtimes * pixels * 4 + n_members * pixels * 24
     available = available_memory_bytes()
     if available is not None and needed > available:
         raise ConfigError(
