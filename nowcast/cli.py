@@ -323,8 +323,9 @@ def predict(
     ),
     probability_matching: str = typer.Option(
         None,
-        help="cdf or mean: match each lead's distribution (all members pooled) to the last "
-        "observed frame's, as pysteps' STEPS does; advised on a radar the model was not trained on",
+        help="with --members: auto (default: the checkpoint's choice on radars it was not "
+        "trained on, none on its own), none, cdf or mean: each lead's members, pooled, take the "
+        "last observed frame's distribution, as pysteps' STEPS matches its members",
     ),
     timings_json: Path = typer.Option(
         None, help="also write the stage timings, work, start-up and wall seconds as JSON here"
@@ -388,14 +389,10 @@ def predict(
         method = "model_isotonic"
         postprocess = {"method": "isotonic", "file": str(calibration)}
         variants = {method: {"method": "model", "postprocess": postprocess}}
-    if probability_matching is not None:
-        if probability_matching not in ("cdf", "mean"):
-            raise UsageError(f"--probability-matching {probability_matching}: give cdf or mean")
-        if config is not None or calibration is not None or method != "model":
-            raise UsageError("--probability-matching replaces --config/--method/--calibration")
-        method = f"model_{probability_matching}"
-        postprocess = {"method": probability_matching, "target": "last_input"}
-        variants = {method: {"method": "model", "postprocess": postprocess}}
+    if probability_matching not in (None, "auto", "none", "cdf", "mean"):
+        raise UsageError(
+            f"--probability-matching {probability_matching}: give auto, none, cdf or mean"
+        )
     catalog_config = load_catalog(catalog)
     if watch:
         if at is not None or timings_json is not None:
@@ -406,7 +403,8 @@ def predict(
             catalog_config,
             out_dir,
             {"method": method, "forecast_methods": variants, "members": members,
-             "member_batch": member_batch, "seed": seed},
+             "member_batch": member_batch, "seed": seed,
+             "probability_matching": probability_matching},
             {"poll_seconds": poll_seconds, "settle_seconds": settle_seconds,
              "keep_hours": keep_hours, "order": backlog, "heartbeat_seconds": heartbeat_seconds,
              "max_nowcasts": max_nowcasts, "idle_exit_seconds": exit_when_idle},
@@ -426,6 +424,7 @@ def predict(
         members=members,
         member_batch=member_batch,
         seed=seed,
+        probability_matching=probability_matching,
     )
     timings = result.process_timings(startup, _seconds_since_process_start())
     typer.echo(result.summary(timings))

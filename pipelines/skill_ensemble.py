@@ -8,8 +8,11 @@
    (:data:`GAINS`), chosen by :func:`select_gain`, then the route: the learned ensemble
    against the deterministic model perturbed with STEPS noise (``model_steps``), chosen by
    :func:`select_route`, with the paired interval of their CRPS difference;
-3. the chosen checkpoint and gain written to the package (:data:`PACKAGED`);
-4. the BoM test block against pysteps STEPS, ``lagrangian_probability``, the deterministic
+3. on held-out radars the ensemble never saw (:data:`UNSEEN_RADARS`, KNMI and FMI 2017): its
+   members as they are or matched to the last frame (:data:`UNSEEN_MATCHINGS`), chosen by
+   :func:`select_unseen_matching` for every radar it was not trained on;
+4. the chosen checkpoint, gain and matching written to the package (:data:`PACKAGED`);
+5. the BoM test block against pysteps STEPS, ``lagrangian_probability``, the deterministic
    model, LK and persistence, and FMI 2016 zero-shot, which serve nothing but the numbers.
 
 The gates and targets of ``docs/skill.md`` are computed from those runs' tables
@@ -40,6 +43,11 @@ PACKAGED = PRETRAINED_ENSEMBLE_CHECKPOINT
 ZERO_SHOT_SOURCE = "fmi_2016"
 #: Every second 5-minute FMI start: one per 10-minute model step.
 ZERO_SHOT_STRIDE = 2
+#: Radars outside the training data on which the members' matching there is chosen, each with
+#: its start stride (5-minute starts): not the reported zero-shot radar.
+UNSEEN_RADARS = {"knmi": 4, "fmi_2017": 2}
+#: The candidate matchings on unseen radars and the method each is scored as.
+UNSEEN_MATCHINGS = {"none": "ensemble", "cdf": "ensemble_cdf"}
 #: Factors on the members' noise tried on the validation windows.
 GAINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: The methods every gate is measured beside: they set the common mask of the scores.
@@ -150,6 +158,27 @@ def select_gain(sweep: dict) -> float:
     return float(max(sweep, key=key))
 
 
+def select_unseen_matching(radars: dict) -> str:
+    """The matching meeting the most gates over the unseen radars; ties by the lower CRPS.
+
+    The CRPS of a candidate is its mean over leads divided by LK's mean MAE, averaged over the
+    radars, so that no radar weighs more for raining more.
+    """
+
+    def key(matching: str) -> tuple[int, float]:
+        method = UNSEEN_MATCHINGS[matching]
+        met, relative = 0, []
+        for summary in radars.values():
+            table = pd.read_csv(summary["ensemble_metrics"])
+            band = summary["rapsd_ratio_range"].get(method)
+            met += sum(g["met"] for g in gates(table, band, method))
+            lk = np.nanmean(series(table, "extrapolation", "CRPS"))
+            relative.append(np.nanmean(series(table, method, "CRPS")) / lk)
+        return met, -float(np.mean(relative))
+
+    return max(UNSEEN_MATCHINGS, key=key)
+
+
 def select_route(summary: dict) -> str:
     """The route meeting the most gates on validation; ties by the lower mean CRPS."""
     table = pd.read_csv(summary["ensemble_metrics"])
@@ -177,12 +206,16 @@ def _ensemble_kwargs(checkpoint: str, gain: float | None) -> dict:
     return kwargs if gain is None else {**kwargs, "noise_gain": gain}
 
 
-def package(checkpoint: str, gain: float, note: str) -> Path:
-    """Write the chosen checkpoint, with its noise gain, to the package (atomically)."""
+def package(checkpoint: str, gain: float, note: str, unseen_matching: str = "none") -> Path:
+    """Write the chosen checkpoint, with its noise gain and its matching on unseen radars
+    (``unseen_radar_matching``, left out for ``"none"``), to the package (atomically)."""
     from nowcast.training.checkpoint import save_checkpoint
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state["model_kwargs"] = {**state["model_kwargs"], "noise_gain": float(gain)}
+    state.pop("unseen_radar_matching", None)
+    if unseen_matching != "none":
+        state["unseen_radar_matching"] = unseen_matching
     state["provenance"] = note
     save_checkpoint(PACKAGED, state)
     return PACKAGED
@@ -232,6 +265,29 @@ def run_training(experiment: ExperimentConfig, previous: dict | None) -> dict:
     }
 
 
+def run_unseen_radars(experiment: ExperimentConfig, checkpoint: str, gain: float) -> dict:
+    """The ensemble as it is and matched, on each of :data:`UNSEEN_RADARS` (zero-shot)."""
+    kwargs = {**_ensemble_kwargs(checkpoint, gain), "probability_matching": "none"}
+    matched = {"method": "ensemble", "postprocess": {"method": "cdf", "target": "last_input"}}
+    radars = {}
+    for source, stride in UNSEEN_RADARS.items():
+        outputs = evaluate_source(
+            source,
+            checkpoint=experiment.evaluate.get("checkpoint"),
+            out_dir=f"runs/{experiment.name}/unseen_{source}",
+            methods=[*GATE_METHODS, UNSEEN_MATCHINGS["cdf"]],
+            forecast_methods={UNSEEN_MATCHINGS["cdf"]: matched},
+            method_kwargs={"ensemble": kwargs},
+            compare="ensemble",
+            progress=False,
+            figures=False,
+            window_stride=stride,
+        )
+        summary = summarise(outputs, list(UNSEEN_MATCHINGS.values()))
+        radars[source] = _kept(summary, f"unseen_{source}")
+    return radars
+
+
 def run_ensemble(
     config: str = ENSEMBLE_CONFIG, previous: dict | None = None, keep: bool = False
 ) -> dict:
@@ -271,11 +327,15 @@ def run_ensemble(
     )
     routes_val = _kept(summarise(outputs, list(ROUTES)), "val_routes")
     route = select_route(routes_val)
+    unseen = run_unseen_radars(experiment, checkpoint, gain)
+    matching = select_unseen_matching(unseen)
     note = (
         f"make skill ({config}): best.pt of {training['steps']} steps; noise_gain {gain:g} "
-        f"chosen on the BoM validation windows from {', '.join(sweep)}; route '{route}'"
+        f"chosen on the BoM validation windows from {', '.join(sweep)}; route '{route}'; "
+        f"matching '{matching}' on radars it was not trained on, chosen on "
+        f"{' and '.join(UNSEEN_RADARS)}"
     )
-    package(checkpoint, gain, note)
+    package(checkpoint, gain, note, matching)
     shipped = {"ensemble": {"checkpoint": str(PACKAGED.relative_to(REPO))}}
     test = _evaluate(
         experiment,
@@ -313,6 +373,8 @@ def run_ensemble(
         "selected_gain": gain,
         "routes_val": routes_val,
         "selected_route": route,
+        "unseen_radars": unseen,
+        "selected_unseen_matching": matching,
         "packaged": str(PACKAGED.relative_to(REPO)),
         "test": _kept(summarise(test, ["ensemble", "model_steps", "steps"]), "bom_test"),
         "zero_shot": _kept(summarise(zero_shot, ["ensemble", "steps"]), ZERO_SHOT_SOURCE),

@@ -415,6 +415,58 @@ def test_the_export_stage_writes_the_learned_ensemble(setup, tmp_path):
         assert len(ds.attrs["ensemble_checkpoint_sha256"]) == 64
 
 
+def _with_training(path, source: str, matching: str | None) -> str:
+    """The stochastic checkpoint as if trained on ``source``, with ``unseen_radar_matching``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["pixel_size_m"] = {source: 1000.0}
+    if matching is not None:
+        state["unseen_radar_matching"] = matching
+    target = Path(path).with_name(f"trained_on_{source}_{matching}.pt")
+    save_checkpoint(target, state)
+    return str(target)
+
+
+def _assert_matched_to(members: np.ndarray, raw: np.ndarray, last: np.ndarray) -> None:
+    """Each lead's members, pooled, have ``last``'s values and keep the raw members' order."""
+    np.testing.assert_array_equal(np.isfinite(members), np.isfinite(raw))
+    assert not np.allclose(np.nan_to_num(members), np.nan_to_num(raw))
+    for lead in range(members.shape[1]):
+        pooled = members[:, lead]
+        both = np.isfinite(pooled) & np.isfinite(last)[None]
+        target = np.broadcast_to(last, pooled.shape)[both]
+        np.testing.assert_allclose(np.sort(pooled[both]), np.sort(target), rtol=1e-6)
+        # Monotone in the raw values (ties, such as the dry zeros, take any of their values).
+        levels, group = np.unique(raw[:, lead][both], return_inverse=True)
+        highest = np.full(levels.size, -np.inf)
+        lowest = np.full(levels.size, np.inf)
+        np.maximum.at(highest, group, pooled[both])
+        np.minimum.at(lowest, group, pooled[both])
+        assert levels.size > 10 and np.all(highest[:-1] <= lowest[1:] + 1e-6)
+
+
+def test_auto_matching_applies_on_a_radar_the_checkpoint_was_not_trained_on(setup):
+    """probability_matching="auto": the checkpoint's unseen_radar_matching off its own radars."""
+    raw = ensemble(setup, n_members=3, probability_matching="none")
+    last = setup.inputs.values[-1]
+    elsewhere = get_method("ensemble")(checkpoint=_with_training(setup.stochastic, "bom", "cdf"))
+    matched = elsewhere(setup.inputs, N_TARGET, n_members=3)
+    assert matched.attrs["probability_matching"] == "cdf"
+    _assert_matched_to(matched.values, raw.values, last)
+    # On its own radar, or without a recorded choice, the members are left as they are.
+    for source, matching in (("synthetic", "cdf"), ("bom", None)):
+        method = get_method("ensemble")(
+            checkpoint=_with_training(setup.stochastic, source, matching)
+        )
+        forecast = method(setup.inputs, N_TARGET, n_members=3)
+        assert forecast.attrs["probability_matching"] == "none"
+        np.testing.assert_array_equal(forecast.values, raw.values)
+    # An explicit setting overrides the checkpoint's, either way.
+    kept = elsewhere(setup.inputs, N_TARGET, n_members=3, probability_matching="none")
+    np.testing.assert_array_equal(kept.values, raw.values)
+    with pytest.raises(ValueError, match="probability_matching must be"):
+        elsewhere(setup.inputs, N_TARGET, n_members=3, probability_matching="quantile")
+
+
 def test_predict_members_matched_to_the_last_frame_take_its_distribution(
     setup, tmp_path, monkeypatch
 ):
@@ -428,29 +480,24 @@ def test_predict_members_matched_to_the_last_frame_take_its_distribution(
     with xr.open_dataset(tmp_path / "out" / "synthetic_20000101T0100Z.nc") as ds:
         members = ds["precip_intensity"].load()
         config = json.loads(ds.attrs["config"])
-    assert config["members"] == 3 and config["forecast_method"]["postprocess"]["method"] == "cdf"
+    assert config["members"] == 3 and config["probability_matching"] == "cdf"
     raw = ensemble(setup, n_members=3)
-    last = setup.inputs.values[-1]
-    np.testing.assert_array_equal(np.isfinite(members.values), np.isfinite(raw.values))
-    assert not np.allclose(np.nan_to_num(members.values), np.nan_to_num(raw.values))
-    for lead in range(N_TARGET):
-        pooled = members.values[:, lead]
-        both = np.isfinite(pooled) & np.isfinite(last)[None]
-        target = np.broadcast_to(last, pooled.shape)[both]
-        np.testing.assert_allclose(np.sort(pooled[both]), np.sort(target), rtol=1e-6)
-        # The members keep their order: matching is monotone in the raw values (ties in the
-        # raw values, such as the dry zeros, may take any of their target values).
-        levels, group = np.unique(raw.values[:, lead][both], return_inverse=True)
-        highest = np.full(levels.size, -np.inf)
-        lowest = np.full(levels.size, np.inf)
-        np.maximum.at(highest, group, pooled[both])
-        np.minimum.at(lowest, group, pooled[both])
-        assert levels.size > 10 and np.all(highest[:-1] <= lowest[1:] + 1e-6)
+    _assert_matched_to(members.values, raw.values, setup.inputs.values[-1])
 
 
-def test_predict_refuses_an_unknown_probability_matching(setup, tmp_path):
-    args = predict_args(setup, tmp_path / "out", setup.stochastic, 3)
-    result = run_cli([*args, "--probability-matching", "quantile"])
-    assert result.exit_code == 2, result.output
-    assert "--probability-matching quantile: give cdf or mean" in result.output
+@pytest.mark.parametrize(
+    ("checkpoint", "members", "words"),
+    [
+        ("stochastic", "3", "--probability-matching quantile: give auto, none, cdf or mean"),
+        ("deterministic", None, "only an ensemble's members are matched"),
+    ],
+)
+def test_predict_refuses_a_matching_it_cannot_apply(setup, tmp_path, checkpoint, members, words):
+    args = predict_args(setup, tmp_path / "out", getattr(setup, checkpoint), 3)
+    if members is None:
+        args = args[: args.index("--members")]
+    matching = "quantile" if checkpoint == "stochastic" else "cdf"
+    result = run_cli([*args, "--probability-matching", matching])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code in (1, 2) and len(lines) == 1 and words in lines[0], result.output
     assert not (tmp_path / "out").exists()

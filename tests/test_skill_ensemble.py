@@ -113,3 +113,49 @@ def test_targets_compare_with_steps_and_lk(ours, met):
     assert heavy["met"] and len(heavy["values"]) == 4
     lines = report.target_lines(list(found.values()))
     assert sum("**not met**" in line for line in lines) == (1 if met else 2)
+
+
+def test_unseen_radar_matching_most_gates_over_radars_then_crps_relative_to_lk(tmp_path):
+    def radar(name, raw: dict, matched: dict, lk: float) -> dict:
+        rows = good_ensemble(raw)
+        for (method, score, threshold, scale), values in good_ensemble(matched).items():
+            if method == "ensemble":
+                rows[("ensemble_cdf", score, threshold, scale)] = values
+        rows[("extrapolation", "CRPS", np.nan, np.nan)] = lk
+        path = tmp_path / f"{name}.csv"
+        table(rows).to_csv(path, index=False)
+        bands = {"ensemble": [0.6, 1.8], "ensemble_cdf": [0.6, 1.8]}
+        return {"ensemble_metrics": str(path), "rapsd_ratio_range": bands}
+
+    over = {("ensemble", "SPREAD_SKILL", np.nan, np.nan): 2.0}
+    # The raw members fail a gate on one radar: matching wins although its CRPS is higher.
+    radars = {
+        "a": radar("a1", over, {("ensemble", "CRPS", np.nan, np.nan): [0.25] * 6}, 1.0),
+        "b": radar("b1", {}, {}, 1.0),
+    }
+    assert ens.select_unseen_matching(radars) == "cdf"
+    # Equal gates: the lower CRPS relative to LK, averaged over radars, so a rainy radar's
+    # larger numbers do not decide alone.
+    lower = {("ensemble", "CRPS", np.nan, np.nan): [0.1] * 6}
+    higher = {("ensemble", "CRPS", np.nan, np.nan): [0.25] * 6}
+    radars = {
+        "rainy": radar("a2", higher, lower, 10.0),  # matched better by 0.015 x LK
+        "dry": radar("b2", lower, higher, 0.5),  # raw better by 0.3 x LK
+    }
+    assert ens.select_unseen_matching(radars) == "none"
+
+
+def test_package_records_the_unseen_radar_matching(tmp_path, monkeypatch):
+    import torch
+
+    source = tmp_path / "best.pt"
+    torch.save({"model_kwargs": {"noise_channels": 2}, "unseen_radar_matching": "mean"}, source)
+    written = []
+    monkeypatch.setattr(
+        "nowcast.training.checkpoint.save_checkpoint", lambda path, state: written.append(state)
+    )
+    ens.package(str(source), 0.7, "note", "cdf")
+    assert written[-1]["unseen_radar_matching"] == "cdf"
+    assert written[-1]["model_kwargs"] == {"noise_channels": 2, "noise_gain": 0.7}
+    ens.package(str(source), 0.7, "note", "none")
+    assert "unseen_radar_matching" not in written[-1]

@@ -17,12 +17,12 @@ from nowcast.evaluate.scoring import score_window
 from nowcast.evaluate.setup import ForecastSetup, Window
 from nowcast.nowcasts.inputs import cube_inputs
 from nowcast.nowcasts.interface import get_method
+from nowcast.nowcasts.matching import probability_match
 from nowcast.nowcasts.variants import (
     MethodSpec,
     apply_variant,
     blend_values,
     parse_variants,
-    probability_match,
 )
 from nowcast.sources.cube import cube_path, open_cube
 

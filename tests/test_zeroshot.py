@@ -325,6 +325,7 @@ def test_matched_ensemble_zero_shot_on_knmi(catalog, tmp_path):
         figures=False,
         methods=declared.evaluate["methods"],
         forecast_methods=declared.forecast_methods,
+        method_kwargs=declared.evaluate["method_kwargs"],
         members=4,
     )
     info = json.loads(Path(outputs["metrics_json"]).read_text())["sources"]["knmi"]

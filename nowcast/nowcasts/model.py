@@ -46,6 +46,7 @@ from nowcast.nowcasts.inputs import (
 )
 from nowcast.nowcasts.isotonic import apply_calibration
 from nowcast.nowcasts.masking import apply_incremental_mask, mask_radius
+from nowcast.nowcasts.matching import MATCHING_METHODS, probability_match
 from nowcast.nowcasts.seeds import window_seed
 from nowcast.training.checkpoint import TrainedOn, load_model
 from nowcast.training.device import resolve_device
@@ -98,6 +99,13 @@ class ModelNowcast:
         For a stochastic model: STEPS' incremental mask on each member
         (:mod:`nowcast.nowcasts.masking`), by default ``"incremental"`` as in pysteps' STEPS;
         None lets the members rain anywhere.
+    probability_matching : {"auto", "none", "cdf", "mean"}, optional
+        For a stochastic model: match each lead's members, pooled, to the last observed
+        frame's distribution (:func:`nowcast.nowcasts.matching.probability_match`, as STEPS'
+        ``probmatching_method``). ``"auto"`` (the default) matches with the checkpoint's
+        ``unseen_radar_matching`` (chosen by ``make skill`` on held-out radars) when the inputs'
+        ``radar_source`` is none of the checkpoint's training sources, and not on the training
+        radar, where the noise gain was chosen on validation windows; ``"none"`` never matches.
 
     Attributes
     ----------
@@ -124,8 +132,10 @@ class ModelNowcast:
         member_batch: int = MEMBER_BATCH,
         seed: int = SEED,
         mask_method: str | None = "incremental",
+        probability_matching: str = "auto",
     ) -> None:
         self.device = resolve_device(device)
+        self.probability_matching = _matching_setting(probability_matching)
         if mask_method not in ("incremental", None):
             raise ValueError(f"mask_method must be 'incremental' or None, got {mask_method!r}")
         self.mask_method = mask_method
@@ -146,7 +156,9 @@ class ModelNowcast:
                 )
             self.n_target_frames = trained_on.frames.n_target
             self.model_name = meta["model_name"]
+            self.unseen_radar_matching = meta.get("unseen_radar_matching")
         else:
+            self.unseen_radar_matching = None
             self.calibration = None
             if trained_on is None:
                 raise ValueError("an in-memory model needs trained_on")
@@ -161,6 +173,7 @@ class ModelNowcast:
         if compile:
             self.model = torch.compile(self.model)
         self.normalization = trained_on.normalization
+        self.training_sources = frozenset(trained_on.pixel_size_m)
         self.n_input_frames = trained_on.frames.n_input
         self.timestep_minutes = trained_on.frames.timestep
         self.name = name
@@ -348,6 +361,7 @@ class ModelNowcast:
         member_batch: int | None = None,
         seed: int | None = None,
         noise_gain: float | None = None,
+        probability_matching: str | None = None,
     ) -> xr.DataArray:
         """Forecast from the last ``n_input_frames`` frames of ``inputs``.
 
@@ -371,6 +385,8 @@ class ModelNowcast:
             time)``. A deterministic model takes none but ``n_members=1``.
         noise_gain : float, optional
             A stochastic model's factor on its noise, by default the checkpoint's.
+        probability_matching : {"auto", "none", "cdf", "mean"}, optional
+            A stochastic model's matching of its members, by default the method's.
 
         Returns
         -------
@@ -404,6 +420,12 @@ class ModelNowcast:
                 member_batch=member_batch,
                 seed=self.seed if seed is None else seed,
                 noise_gain=noise_gain,
+                matching=self.matching_for(
+                    str(inputs.attrs.get("radar_source", "")),
+                    self.probability_matching
+                    if probability_matching is None
+                    else _matching_setting(probability_matching),
+                ),
             )
         else:
             if n_members not in (None, 1):
@@ -430,6 +452,7 @@ class ModelNowcast:
         member_batch: int | None,
         seed: int,
         noise_gain: float | None,
+        matching: str | None = None,
     ) -> xr.DataArray:
         """A stochastic model's members in the ensemble Forecast layout."""
         source = str(inputs.attrs.get("radar_source", ""))
@@ -447,12 +470,25 @@ class ModelNowcast:
         )
         # In place (to_ensemble_forecast would copy the whole ensemble).
         values[:, :, no_data_mask(inputs)] = np.nan
+        if matching is not None:
+            # One lead at a time, its members pooled: a copy of one lead, not of the ensemble.
+            last = np.asarray(inputs.values[-1], dtype=np.float32)
+            for lead in range(values.shape[1]):
+                values[:, lead] = probability_match(values[None, :, lead], last, matching)[0]
         forecast = make_ensemble_forecast(values, reference, step, inputs, method=self.name)
         forecast.attrs["window_seed"] = seed
         forecast.attrs["noise_gain"] = float(
             self.network.noise_gain if noise_gain is None else noise_gain
         )
+        forecast.attrs["probability_matching"] = matching or "none"
         return forecast
+
+    def matching_for(self, source: str, setting: str) -> str | None:
+        """The members' matching on ``source`` under ``setting`` (see the class), or None."""
+        if setting == "auto":
+            unseen = bool(self.training_sources) and source not in self.training_sources
+            return self.unseen_radar_matching if unseen else None
+        return None if setting == "none" else setting
 
     def _at_model_step(self, inputs: xr.DataArray, step: float) -> xr.DataArray:
         """Inputs at the model's timestep by :func:`nowcast.windows.frames_per_model_step`'s rule.
@@ -495,6 +531,16 @@ class EnsembleNowcast(ModelNowcast):
                 "deterministic; the ensemble method needs a stochastic model's checkpoint "
                 "(stochastic_convlstm, trained with loss: crps)"
             )
+
+
+def _matching_setting(setting) -> str:
+    """``probability_matching`` checked: "auto", "none" (also None), "cdf" or "mean"."""
+    setting = "none" if setting is None else str(setting)
+    if setting not in ("auto", "none", *MATCHING_METHODS):
+        raise ValueError(
+            f"probability_matching must be 'auto', 'none', 'cdf' or 'mean', got {setting!r}"
+        )
+    return setting
 
 
 def _members(n_members, member_batch) -> tuple[int, int]:

@@ -42,18 +42,10 @@ import numpy as np
 import xarray as xr
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from nowcast import import_pysteps
 from nowcast.config import ConfigError, StrictModel, format_validation_error
 from nowcast.nowcasts.interface import registered_methods
 from nowcast.nowcasts.isotonic import apply_calibration, load_calibration
-
-nonparam_match_empirical_cdf = import_pysteps(
-    "pysteps.postprocessing.probmatching"
-).nonparam_match_empirical_cdf
-
-#: Rain rate (mm/h) above which a pixel is wet for the ``mean`` matching (the dB threshold of
-#: the pysteps baselines, see :data:`nowcast.nowcasts.extrapolation.DB_THRESHOLD`).
-WET_THRESHOLD = 0.1
+from nowcast.nowcasts.matching import probability_match
 
 
 class Blend(StrictModel):
@@ -162,48 +154,6 @@ def base_methods(names, variants: Mapping[str, MethodSpec]) -> list[str]:
     for name in names:
         needed += variants[name].bases() if name in variants else [name]
     return list(dict.fromkeys(needed))
-
-
-def probability_match(values: np.ndarray, target: np.ndarray, method: str = "cdf") -> np.ndarray:
-    """Match each lead's distribution to its target on the pixels where both have data.
-
-    Parameters
-    ----------
-    values : numpy.ndarray
-        Forecast rain rate (n_leadtimes, y, x) in mm/h, NaN for no data.
-    target : numpy.ndarray
-        Target rain rate, (y, x) for every lead or (n_leadtimes, y, x).
-    method : {"cdf", "mean"}
-        See the module docstring.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 forecast; pixels without target data keep their value.
-    """
-    values = np.array(values, dtype=np.float32)
-    targets = np.broadcast_to(target, values.shape)
-    for lead, (field, goal) in enumerate(zip(values, targets, strict=True)):
-        both = np.isfinite(field) & np.isfinite(goal)
-        if not both.any():
-            continue
-        matched = _match(np.clip(field[both], 0.0, None), np.clip(goal[both], 0.0, None), method)
-        values[lead][both] = matched
-    return values
-
-
-def _match(values: np.ndarray, target: np.ndarray, method: str) -> np.ndarray:
-    if method == "cdf":
-        return nonparam_match_empirical_cdf(values, target).astype(np.float32)
-    # "mean": pysteps implements it only inside S-PROG's loop (in dB), so it is written here
-    # in rain rate: keep the target's wet fraction, then scale the wet mean to the target's.
-    wet_target = target >= WET_THRESHOLD
-    if not wet_target.any() or not (values > 0).any():
-        return np.zeros_like(values, dtype=np.float32)
-    cut = np.quantile(values, 1.0 - wet_target.mean())
-    wet = (values >= cut) & (values > 0)
-    scale = target[wet_target].mean() / values[wet].mean()
-    return np.where(wet, values * scale, 0.0).astype(np.float32)
 
 
 def blend_values(values: np.ndarray, other: np.ndarray, weights) -> np.ndarray:

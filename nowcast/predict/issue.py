@@ -250,6 +250,7 @@ def predict(
     members: int | None = None,
     member_batch: int = MEMBER_BATCH,
     seed: int = SEED,
+    probability_matching: str | None = None,
 ) -> PredictResult:
     """Issue a nowcast with a trained model and write CF NetCDF plus a map PNG.
 
@@ -285,6 +286,9 @@ def predict(
         Members drawn per forecaster batch, by default 4 (memory grows with it).
     seed : int, optional
         The run's seed; with the source and reference time it seeds the members.
+    probability_matching : {"auto", "none", "cdf", "mean"}, optional
+        The ensemble's matching of its members to the last frame, by default the method's
+        ``"auto"`` (:class:`~nowcast.nowcasts.model.ModelNowcast`); only for an ensemble.
 
     Returns
     -------
@@ -305,6 +309,7 @@ def predict(
         members=members,
         member_batch=member_batch,
         seed=seed,
+        probability_matching=probability_matching,
     )
     step = predictor.step
     start = time.perf_counter()
@@ -357,6 +362,7 @@ class Predictor:
         members: int | None = None,
         member_batch: int = MEMBER_BATCH,
         seed: int = SEED,
+        probability_matching: str | None = None,
     ) -> Predictor:
         """Load the checkpoint and check the request (the arguments of :func:`predict`)."""
         variants = parse_variants(forecast_methods)
@@ -374,6 +380,13 @@ class Predictor:
         kwargs = {}
         if n_members is not None and model.stochastic:
             kwargs = {"n_members": n_members, "member_batch": member_batch, "seed": seed}
+            if probability_matching is not None:
+                kwargs["probability_matching"] = probability_matching
+        elif probability_matching is not None:
+            raise ConfigError(
+                f"predict --probability-matching {probability_matching}: only an ensemble's "
+                "members are matched (--members N > 1, or a stochastic --checkpoint)"
+            )
         run = ForecastRun(
             methods=(name,),
             # The members are the base model's: a variant only matches them.
@@ -443,7 +456,8 @@ class Predictor:
             probability = exceedance_probability(forecast, THRESHOLDS)
         config = {"checkpoint": self.checkpoint, "from_files": from_files}
         if self.n_members is not None:
-            config.update(members=self.n_members, seed=self.seed)
+            matching = forecast.attrs.get("probability_matching", "none")
+            config.update(members=self.n_members, seed=self.seed, probability_matching=matching)
         if self.spec:
             config["forecast_method"] = self.spec.model_dump(mode="json")
         provenance = {

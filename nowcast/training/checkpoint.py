@@ -76,9 +76,11 @@ CHECKPOINT_KEYS = (
     "torch_version",
 )
 #: Keys a checkpoint may carry besides :data:`CHECKPOINT_KEYS`: ``provenance`` (a note on how
-#: a checkpoint was made where its other keys cannot say it) and ``calibration`` (isotonic
-#: curves, deprecated: :mod:`nowcast.evaluate.calibration` writes them to a separate file).
-OPTIONAL_CHECKPOINT_KEYS = ("provenance", "calibration")
+#: a checkpoint was made where its other keys cannot say it), ``calibration`` (isotonic
+#: curves, deprecated: :mod:`nowcast.evaluate.calibration` writes them to a separate file) and
+#: ``unseen_radar_matching`` (a stochastic model's matching of its members on radars it was not
+#: trained on, :class:`nowcast.nowcasts.model.ModelNowcast`).
+OPTIONAL_CHECKPOINT_KEYS = ("provenance", "calibration", "unseen_radar_matching")
 #: The training-state keys that :func:`load_model` leaves out of the metadata it returns.
 STATE_KEYS = ("model_state", "optimizer_state", "scheduler_state", "scaler_state", "rng_state")
 
