@@ -501,3 +501,13 @@ def test_predict_refuses_a_matching_it_cannot_apply(setup, tmp_path, checkpoint,
     lines = result.output.strip().splitlines()
     assert result.exit_code in (1, 2) and len(lines) == 1 and words in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_memory_estimate_counts_the_matching_of_members(setup):
+    from nowcast.predict.issue import check_ensemble_memory
+
+    model = get_method("ensemble")(checkpoint=setup.stochastic)
+    plain = check_ensemble_memory(model, 20, 4, N_TARGET, (2200, 1900))
+    matched = check_ensemble_memory(model, 20, 4, N_TARGET, (2200, 1900), matched=True)
+    # At least one more copy of a lead's 20 members in float32 and their pooled sort.
+    assert matched - plain >= 20 * 2200 * 1900 * (4 + 8)

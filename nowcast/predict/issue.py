@@ -31,6 +31,7 @@ from nowcast import storage
 from nowcast.config import ConfigError
 from nowcast.nowcasts.forecast import members as as_members
 from nowcast.nowcasts.inputs import cube_inputs
+from nowcast.nowcasts.matching import MATCHING_METHODS
 from nowcast.nowcasts.model import MEMBER_BATCH, SEED
 from nowcast.nowcasts.probability import THRESHOLDS, exceedance_probability
 from nowcast.nowcasts.runner import ForecastRun, forecast_window, model_method
@@ -413,6 +414,11 @@ class Predictor:
         """Input frames the model reads, at its timestep."""
         return int(self.model.n_input_frames)
 
+    def _matching(self) -> str | None:
+        """The matching the ensemble's members will get on this source (None: none)."""
+        setting = self.run.method_kwargs.get("model", {}).get("probability_matching")
+        return self.model.matching_for(self.source, setting or self.model.probability_matching)
+
     def manifest_path(self, out_dir: str | Path, reference) -> Path:
         """The manifest of the set of ``reference`` in ``out_dir``."""
         return manifest_path(out_dir, self.source, reference)
@@ -442,7 +448,7 @@ class Predictor:
                 self.member_batch,
                 self.run.n_leadtimes,
                 shape,
-                matched=self.spec is not None,
+                matched=self.spec is not None or self._matching() is not None,
             )
         window = forecast_window(cube, reference, self.run, observe=False)
         seconds["read_inputs"] = seconds.get("read_inputs", 0.0) + window.seconds["read"]
@@ -515,15 +521,9 @@ def _ensemble_members(model, checkpoint, members: int | None, name: str, spec=No
 
 
 def _matches_members(spec) -> bool:
-    """Whether a variant only probability-matches: the one kind defined on members too
-    (each lead's members pooled, :func:`nowcast.nowcasts.variants.probability_match`)."""
+    """Whether a variant only probability-matches, the one kind defined on members too."""
     postprocess = getattr(spec, "postprocess", None)
-    return (
-        spec is not None
-        and spec.blend is None
-        and postprocess is not None
-        and postprocess.method in ("cdf", "mean")
-    )
+    return spec.blend is None and getattr(postprocess, "method", None) in MATCHING_METHODS
 
 
 def available_memory_bytes() -> int | None:
