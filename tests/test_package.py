@@ -88,8 +88,12 @@ def test_the_pretrained_checkpoint_has_the_whole_schema():
 
 def test_the_packaged_ensemble_is_a_stochastic_model_with_its_chosen_gain():
     checkpoint = load_checkpoint(PRETRAINED_ENSEMBLE_CHECKPOINT)  # refuses a missing key
-    assert set(checkpoint) - set(CHECKPOINT_KEYS) == {"provenance"}
+    assert set(checkpoint) - set(CHECKPOINT_KEYS) <= {"provenance", "unseen_radar_matching"}
     assert checkpoint["model_name"] == "stochastic_convlstm"
+    # make skill chose the matching on unseen radars on held-out radars and says so.
+    matching = checkpoint.get("unseen_radar_matching", "none")
+    assert matching in ("none", "cdf")
+    assert f"matching '{matching}' on radars it was not trained on" in checkpoint["provenance"]
     # make skill chose the gain on the validation windows and says so.
     gain = checkpoint["model_kwargs"]["noise_gain"]
     assert f"noise_gain {gain:g} chosen on the BoM validation windows" in checkpoint["provenance"]
