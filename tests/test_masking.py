@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import xarray as xr
+from scipy import ndimage as scipy_ndimage
 
 from nowcast import import_pysteps
 from nowcast.nowcasts.masking import (
@@ -16,7 +16,6 @@ from nowcast.nowcasts.masking import (
 )
 
 nowcast_utils = import_pysteps("pysteps.nowcasts.utils")
-scipy_ndimage = pytest.importorskip("scipy.ndimage")
 
 
 def pysteps_mask(wet: np.ndarray, radius: int, rim: int = RIM) -> np.ndarray:
