@@ -463,7 +463,7 @@ def test_auto_matching_applies_on_a_radar_the_checkpoint_was_not_trained_on(setu
     # An explicit setting overrides the checkpoint's, either way.
     kept = elsewhere(setup.inputs, N_TARGET, n_members=3, probability_matching="none")
     np.testing.assert_array_equal(kept.values, raw.values)
-    with pytest.raises(ValueError, match="probability_matching must be"):
+    with pytest.raises(ValueError, match="probability_matching must be one of auto, none"):
         elsewhere(setup.inputs, N_TARGET, n_members=3, probability_matching="quantile")
 
 
@@ -488,7 +488,7 @@ def test_predict_members_matched_to_the_last_frame_take_its_distribution(
 @pytest.mark.parametrize(
     ("checkpoint", "members", "words"),
     [
-        ("stochastic", "3", "--probability-matching quantile: give auto, none, cdf or mean"),
+        ("stochastic", "3", "--probability-matching quantile: give one of auto, none, cdf, mean"),
         ("deterministic", None, "only an ensemble's members are matched"),
     ],
 )
@@ -509,5 +509,5 @@ def test_the_memory_estimate_counts_the_matching_of_members(setup):
     model = get_method("ensemble")(checkpoint=setup.stochastic)
     plain = check_ensemble_memory(model, 20, 4, N_TARGET, (2200, 1900))
     matched = check_ensemble_memory(model, 20, 4, N_TARGET, (2200, 1900), matched=True)
-    # At least one more copy of a lead's 20 members in float32 and their pooled sort.
+    # One more copy of a lead's 20 members in float32 and their pooled sort.
     assert matched - plain >= 20 * 2200 * 1900 * (4 + 8)

@@ -17,7 +17,7 @@ import numpy as np
 
 from nowcast import import_pysteps
 
-__all__ = ["MATCHING_METHODS", "WET_THRESHOLD", "probability_match"]
+__all__ = ["MATCHING_METHODS", "MATCHING_SETTINGS", "WET_THRESHOLD", "probability_match"]
 
 nonparam_match_empirical_cdf = import_pysteps(
     "pysteps.postprocessing.probmatching"
@@ -28,6 +28,9 @@ nonparam_match_empirical_cdf = import_pysteps(
 WET_THRESHOLD = 0.1
 #: The matching methods.
 MATCHING_METHODS = ("cdf", "mean")
+#: The settings of the learned ensemble's ``probability_matching``: its checkpoint's choice
+#: off its training radars, no matching, or a matching method everywhere.
+MATCHING_SETTINGS = ("auto", "none", *MATCHING_METHODS)
 
 
 def probability_match(values: np.ndarray, target: np.ndarray, method: str = "cdf") -> np.ndarray:

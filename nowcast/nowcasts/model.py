@@ -46,7 +46,7 @@ from nowcast.nowcasts.inputs import (
 )
 from nowcast.nowcasts.isotonic import apply_calibration
 from nowcast.nowcasts.masking import apply_incremental_mask, mask_radius
-from nowcast.nowcasts.matching import MATCHING_METHODS, probability_match
+from nowcast.nowcasts.matching import MATCHING_SETTINGS, probability_match
 from nowcast.nowcasts.seeds import window_seed
 from nowcast.training.checkpoint import TrainedOn, load_model
 from nowcast.training.device import resolve_device
@@ -536,9 +536,9 @@ class EnsembleNowcast(ModelNowcast):
 def _matching_setting(setting) -> str:
     """``probability_matching`` checked: "auto", "none" (also None), "cdf" or "mean"."""
     setting = "none" if setting is None else str(setting)
-    if setting not in ("auto", "none", *MATCHING_METHODS):
+    if setting not in MATCHING_SETTINGS:
         raise ValueError(
-            f"probability_matching must be 'auto', 'none', 'cdf' or 'mean', got {setting!r}"
+            f"probability_matching must be one of {', '.join(MATCHING_SETTINGS)}, got {setting!r}"
         )
     return setting
 

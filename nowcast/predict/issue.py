@@ -31,7 +31,6 @@ from nowcast import storage
 from nowcast.config import ConfigError
 from nowcast.nowcasts.forecast import members as as_members
 from nowcast.nowcasts.inputs import cube_inputs
-from nowcast.nowcasts.matching import MATCHING_METHODS
 from nowcast.nowcasts.model import MEMBER_BATCH, SEED
 from nowcast.nowcasts.probability import THRESHOLDS, exceedance_probability
 from nowcast.nowcasts.runner import ForecastRun, forecast_window, model_method
@@ -377,7 +376,7 @@ class Predictor:
         start = time.perf_counter()
         model = model_method(str(checkpoint))
         load_seconds = time.perf_counter() - start
-        n_members = _ensemble_members(model, checkpoint, members, name, spec)
+        n_members = _ensemble_members(model, checkpoint, members, name)
         kwargs = {}
         if n_members is not None and model.stochastic:
             kwargs = {"n_members": n_members, "member_batch": member_batch, "seed": seed}
@@ -390,8 +389,7 @@ class Predictor:
             )
         run = ForecastRun(
             methods=(name,),
-            # The members are the base model's: a variant only matches them.
-            method_kwargs={"model": kwargs} if kwargs else {},
+            method_kwargs={name: kwargs} if kwargs else {},
             checkpoint=str(checkpoint),
             device=None,
             n_input_frames=model.n_input_frames,
@@ -416,7 +414,7 @@ class Predictor:
 
     def _matching(self) -> str | None:
         """The matching the ensemble's members will get on this source (None: none)."""
-        setting = self.run.method_kwargs.get("model", {}).get("probability_matching")
+        setting = self.run.method_kwargs.get(self.name, {}).get("probability_matching")
         return self.model.matching_for(self.source, setting or self.model.probability_matching)
 
     def manifest_path(self, out_dir: str | Path, reference) -> Path:
@@ -448,7 +446,7 @@ class Predictor:
                 self.member_batch,
                 self.run.n_leadtimes,
                 shape,
-                matched=self.spec is not None or self._matching() is not None,
+                matched=self._matching() is not None,
             )
         window = forecast_window(cube, reference, self.run, observe=False)
         seconds["read_inputs"] = seconds.get("read_inputs", 0.0) + window.seconds["read"]
@@ -498,7 +496,7 @@ def _sha256(path: str) -> str:
     return _cached_sha256(path, Path(path).stat().st_mtime_ns)
 
 
-def _ensemble_members(model, checkpoint, members: int | None, name: str, spec=None) -> int | None:
+def _ensemble_members(model, checkpoint, members: int | None, name: str) -> int | None:
     """Members the forecast will have: None for a deterministic forecast (as before).
 
     A stochastic checkpoint gives an ensemble (its default size without ``members``); a
@@ -512,18 +510,13 @@ def _ensemble_members(model, checkpoint, members: int | None, name: str, spec=No
             f"('{model.model_name}'); give --checkpoint of a stochastic model "
             "(stochastic_convlstm) or leave out --members"
         )
-    if name != "model" and not _matches_members(spec):
+    if name != "model":
         raise ConfigError(
-            f"predict --method {name}: an ensemble (--members, or a stochastic --checkpoint) "
-            "takes only a probability-matching variant (postprocess cdf or mean, no blend)"
+            f"predict --method {name}: variants are built on a deterministic forecast, not on "
+            "an ensemble (--members, or a stochastic --checkpoint); an ensemble's members are "
+            "matched with --probability-matching"
         )
     return int(members) if members is not None else int(model.n_members)
-
-
-def _matches_members(spec) -> bool:
-    """Whether a variant only probability-matches, the one kind defined on members too."""
-    postprocess = getattr(spec, "postprocess", None)
-    return spec.blend is None and getattr(postprocess, "method", None) in MATCHING_METHODS
 
 
 def available_memory_bytes() -> int | None:
@@ -553,8 +546,8 @@ def check_ensemble_memory(
     The estimate is the model's (:meth:`~nowcast.nowcasts.model.ModelNowcast.ensemble_bytes`:
     the members in float32 and one member batch of network state and transport) plus the
     exceedance probabilities and pysteps' ``excprob`` float64 copy of one lead time's members;
-    with ``matched`` (a probability-matching variant) also the matched copy of the members
-    and the sort of one lead's pooled members.
+    with ``matched`` (members matched to the last frame) also the matched copy of one lead's
+    members and their pooled sort.
 
     Raises
     ------
@@ -565,7 +558,7 @@ def check_ensemble_memory(
     needed = model.ensemble_bytes(n_members, n_leadtimes, shape, member_batch)
     needed += len(THRESHOLDS) * n_leadtimes * pixels * 4 + n_members * pixels * 10
     if matched:
-        needed += n_members * n_leadtimes * pixels * 4 + n_members * pixels * 24
+        needed += n_members * pixels * (4 + 24)
     available = available_memory_bytes()
     if available is not None and needed > available:
         raise ConfigError(
