@@ -364,7 +364,6 @@ def predict(
     With --watch, one for every new frame, the model loaded once."""
     with _gc_paused():
         from nowcast.config import load_experiment
-        from nowcast.nowcasts.matching import MATCHING_SETTINGS
         from nowcast.predict import predict as run_predict
         from nowcast.sources.catalog import load_catalog
         from nowcast.training.checkpoint import (
@@ -390,11 +389,6 @@ def predict(
         method = "model_isotonic"
         postprocess = {"method": "isotonic", "file": str(calibration)}
         variants = {method: {"method": "model", "postprocess": postprocess}}
-    if probability_matching not in (None, *MATCHING_SETTINGS):
-        raise UsageError(
-            f"--probability-matching {probability_matching}: give one of "
-            f"{', '.join(MATCHING_SETTINGS)}"
-        )
     catalog_config = load_catalog(catalog)
     if watch:
         if at is not None or timings_json is not None:

@@ -31,6 +31,7 @@ from nowcast import storage
 from nowcast.config import ConfigError
 from nowcast.nowcasts.forecast import members as as_members
 from nowcast.nowcasts.inputs import cube_inputs
+from nowcast.nowcasts.matching import MATCHING_SETTINGS
 from nowcast.nowcasts.model import MEMBER_BATCH, SEED
 from nowcast.nowcasts.probability import THRESHOLDS, exceedance_probability
 from nowcast.nowcasts.runner import ForecastRun, forecast_window, model_method
@@ -373,6 +374,11 @@ class Predictor:
             raise ConfigError(f"predict --method {method}: not the model or a variant built on it")
         if members is not None and int(members) < 1:
             raise ConfigError(f"predict --members {members}: give at least 1 member")
+        if probability_matching not in (None, *MATCHING_SETTINGS):
+            raise ConfigError(
+                f"predict --probability-matching {probability_matching}: give one of "
+                f"{', '.join(MATCHING_SETTINGS)}"
+            )
         start = time.perf_counter()
         model = model_method(str(checkpoint))
         load_seconds = time.perf_counter() - start
