@@ -213,6 +213,9 @@ def evaluate(
         help="members of the ensemble methods, e.g. steps (--source; default "
         "--methods-from's evaluate.members, else 20)",
     ),
+    window_stride: int = typer.Option(
+        None, help="score every k-th forecast start (--source; default 1: every start)"
+    ),
     scheduler: str = typer.Option(None, help="Dask scheduler address (default: local cluster)"),
 ) -> None:
     """Score the model against persistence and pysteps extrapolation on the test windows,
@@ -227,6 +230,7 @@ def evaluate(
         "--cube-dir": cube_dir,
         "--no-figures": None if figures else False,
         "--members": members,
+        "--window-stride": window_stride,
     }
     if (config is None) == (source is None):
         raise UsageError("give exactly one of CONFIG or --source NAME")
@@ -265,6 +269,7 @@ def evaluate(
             figures=figures,
             members=members,
             method_kwargs=method_kwargs,
+            window_stride=1 if window_stride is None else window_stride,
         )
     typer.echo(Path(outputs["report"]).read_text())
     typer.echo(f"outputs: {Path(outputs['report']).parent}")

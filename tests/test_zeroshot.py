@@ -302,6 +302,40 @@ def test_evaluate_source_thins_starts_with_window_stride(tmp_path):
     assert "one start every 10.0 min" in (out / "report.md").read_text()
 
 
+def test_cli_window_stride_thins_the_starts_and_refuses_zero(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from nowcast.cli import app
+
+    source = five_minute_catalog(n_frames=16).sources["synthetic"]
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        yaml.safe_dump({"sources": {"synthetic": source.model_dump(mode="json", exclude={"name"})}})
+    )
+    checkpoint = residual_checkpoint(tmp_path / "model.pt", n_input=N_INPUT, n_target=N_TARGET)
+    out = tmp_path / "zero"
+    args = [
+        "evaluate", "--source", "synthetic", "--catalog", str(catalog),
+        "--checkpoint", str(checkpoint), "--cube-dir", str(tmp_path / "cubes"),
+        "--out-dir", str(out), "--start", "2000-01-01T00:25", "--end", "2000-01-01T00:50",
+        "--no-figures", "--scheduler", "threads",
+    ]  # fmt: skip
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, "--window-stride", "0"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "--window-stride must be at least 1, got 0" in lines[0]
+    assert not out.exists()
+    result = runner.invoke(app, [*args, "--window-stride", "3"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "metrics.json").read_text())["sources"]["synthetic"]
+    # Every third of the six 5-minute starts 00:25 .. 00:50.
+    assert info["reference_times"] == ["2000-01-01T00:25:00", "2000-01-01T00:40:00"]
+    result = runner.invoke(app, ["evaluate", "x.yaml", "--window-stride", "2"])
+    assert result.exit_code == 2 and "--window-stride only apply with --source" in result.output
+
+
 def test_matched_ensemble_zero_shot_on_knmi(catalog, tmp_path):
     """pipelines/configs/ensemble_zero_shot.yaml on a radar the ensemble never saw: matching the
     members to the last frame (STEPS' cdf) removes the raw members' excess rain."""

@@ -205,7 +205,7 @@ def evaluate_source(
     ConfigError
         For an unknown source, a missing checkpoint, a source step that does not fit the model's
         (:func:`nowcast.windows.frames_per_model_step`), no valid forecast start in the range,
-        or ``members`` below 1.
+        or ``members`` or ``window_stride`` below 1.
     """
     if not isinstance(catalog, Catalog):
         catalog = load_catalog(catalog)
@@ -215,6 +215,10 @@ def evaluate_source(
         raise ConfigError(f"evaluate --source: checkpoint not found: {checkpoint}")
     if members is not None and int(members) < 1:
         raise ConfigError(f"evaluate --source: --members must be at least 1, got {members}")
+    if int(window_stride) < 1:
+        raise ConfigError(
+            f"evaluate --source: --window-stride must be at least 1, got {window_stride}"
+        )
     if start is not None and end is not None and pd.Timestamp(start) > pd.Timestamp(end):
         raise ConfigError(f"evaluate --source: --start {start} is after --end {end}")
     meta = check_checkpoint(checkpoint)
