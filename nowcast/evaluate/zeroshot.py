@@ -135,6 +135,25 @@ def zero_shot_notes(info: dict) -> list[str]:
     ]
 
 
+def _checked_request(source, catalog, checkpoint, start, end, members, window_stride):
+    """The catalog and checkpoint of an :func:`evaluate_source` request, its arguments checked."""
+    if not isinstance(catalog, Catalog):
+        catalog = load_catalog(catalog)
+    catalog[source]  # unknown source: one-line error naming the catalog's sources
+    checkpoint = Path(checkpoint) if checkpoint is not None else PRETRAINED_CHECKPOINT
+    if not checkpoint.is_file():
+        raise ConfigError(f"evaluate --source: checkpoint not found: {checkpoint}")
+    if members is not None and int(members) < 1:
+        raise ConfigError(f"evaluate --source: --members must be at least 1, got {members}")
+    if int(window_stride) < 1:
+        raise ConfigError(
+            f"evaluate --source: --window-stride must be at least 1, got {window_stride}"
+        )
+    if start is not None and end is not None and pd.Timestamp(start) > pd.Timestamp(end):
+        raise ConfigError(f"evaluate --source: --start {start} is after --end {end}")
+    return catalog, checkpoint
+
+
 def evaluate_source(
     source: str,
     *,
@@ -207,20 +226,9 @@ def evaluate_source(
         (:func:`nowcast.windows.frames_per_model_step`), no valid forecast start in the range,
         or ``members`` or ``window_stride`` below 1.
     """
-    if not isinstance(catalog, Catalog):
-        catalog = load_catalog(catalog)
-    catalog[source]  # unknown source: one-line error naming the catalog's sources
-    checkpoint = Path(checkpoint) if checkpoint is not None else PRETRAINED_CHECKPOINT
-    if not checkpoint.is_file():
-        raise ConfigError(f"evaluate --source: checkpoint not found: {checkpoint}")
-    if members is not None and int(members) < 1:
-        raise ConfigError(f"evaluate --source: --members must be at least 1, got {members}")
-    if int(window_stride) < 1:
-        raise ConfigError(
-            f"evaluate --source: --window-stride must be at least 1, got {window_stride}"
-        )
-    if start is not None and end is not None and pd.Timestamp(start) > pd.Timestamp(end):
-        raise ConfigError(f"evaluate --source: --start {start} is after --end {end}")
+    catalog, checkpoint = _checked_request(
+        source, catalog, checkpoint, start, end, members, window_stride
+    )
     meta = check_checkpoint(checkpoint)
     n_input, n_target = int(meta["n_input_frames"]), int(meta["n_target_frames"])
     model_step = int(meta["timestep_minutes"])
