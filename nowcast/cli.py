@@ -328,9 +328,9 @@ def predict(
     ),
     probability_matching: str = typer.Option(
         None,
-        help="with --members: auto (default: the checkpoint's choice on radars it was not "
-        "trained on, none on its own), none, cdf or mean: each lead's members, pooled, take the "
-        "last observed frame's distribution, as pysteps' STEPS matches its members",
+        help="auto (default: the checkpoint's choice on radars it was not trained on, none on "
+        "its own), none, cdf or mean: each lead (an ensemble's members pooled) takes the last "
+        "observed frame's distribution, as pysteps' STEPS matches its members",
     ),
     timings_json: Path = typer.Option(
         None, help="also write the stage timings, work, start-up and wall seconds as JSON here"

@@ -84,6 +84,9 @@ def completed(checkpoint: dict, pixel_size_m: float) -> dict:
         "motion_stride": DEFAULT_MOTION_STRIDE,
         "provenance": PROVENANCE,
     }
+    # A later stage (make skill ARGS=--unseen) may extend the provenance after this sentence.
+    if str(checkpoint.get("provenance", "")).startswith(PROVENANCE):
+        added["provenance"] = checkpoint["provenance"]
     for key, value in added.items():
         if key in checkpoint and checkpoint[key] != value:
             raise ValueError(f"the checkpoint already has {key}={checkpoint[key]!r}, not {value!r}")

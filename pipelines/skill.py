@@ -8,6 +8,7 @@ under ``pipelines/configs/``; training starts fresh. ``--compare`` trains every 
     python -m pipelines.skill                      # the skill experiments
     python -m pipelines.skill --compare            # the model comparison
     python -m pipelines.skill --ensemble           # the learned ensemble against STEPS
+    python -m pipelines.skill --unseen             # the model's matching on unseen radars
     python -m pipelines.skill --report-only        # rewrite docs/skill.md from existing runs
 """
 
@@ -32,6 +33,7 @@ from pipelines.skill_ensemble import run_ensemble
 from pipelines.skill_ensemble_report import ensemble_section
 from pipelines.skill_routes import routes_section, run_routes
 from pipelines.skill_runs import hardware, train_from_scratch
+from pipelines.skill_unseen import run_unseen, unseen_section
 
 REPO = Path(__file__).resolve().parent.parent
 # The plain ConvLSTM reference (pipelines/configs/bom.yaml) is trained by `make compare`.
@@ -314,6 +316,8 @@ def write_doc(results: dict) -> None:
         " runs above wrote.",
         "",
     ]
+    if results.get("unseen"):
+        lines += unseen_section(results["unseen"])
     if results.get("ensemble"):
         lines += ensemble_section(results["ensemble"])
     if results.get("routes"):
@@ -377,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the learned ensemble: train, choose its noise gain and route on validation, "
         "ship it, and score it against STEPS (with --evaluate-only: keep its checkpoint)",
     )
+    parser.add_argument(
+        "--unseen",
+        action="store_true",
+        help="the pretrained model's matching on radars it was not trained on: choose it on "
+        "held-out radars and record it in the packaged checkpoint",
+    )
     parser.add_argument("configs", nargs="*", help="experiment configs (default: the skill set)")
     args = parser.parse_args(argv)
     FIGURES.mkdir(parents=True, exist_ok=True)
@@ -386,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             results["ensemble"] = run_ensemble(
                 previous=results.get("ensemble"), keep=args.evaluate_only
             )
+        elif args.unseen:
+            results["unseen"] = run_unseen()
         elif args.routes:
             results["routes"] = run_routes()
         elif args.compare:

@@ -102,6 +102,8 @@ def run_model_routes(experiment: ExperimentConfig, model: str, checkpoint: str) 
         out_dir=f"{run_root}/{ZERO_SHOT_SOURCE}",
         methods=experiment.evaluate["methods"],
         forecast_methods=experiment.forecast_methods,
+        # The routes post-process the model as it is, not its default matching off BoM.
+        method_kwargs={"model": {"probability_matching": "none"}},
         compare=best,
         progress=False,
         figures=False,

@@ -467,6 +467,35 @@ def test_auto_matching_applies_on_a_radar_the_checkpoint_was_not_trained_on(setu
         elsewhere(setup.inputs, N_TARGET, n_members=3, probability_matching="quantile")
 
 
+@pytest.fixture(scope="module")
+def grown(setup):
+    """The deterministic checkpoint with every weight perturbed: an untrained residual model is
+    persistence, whose values already are the last frame's."""
+    state = torch.load(setup.deterministic, map_location="cpu", weights_only=True)
+    generator = torch.Generator().manual_seed(1)
+    for name, tensor in state["model_state"].items():
+        if tensor.is_floating_point():
+            noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+            state["model_state"][name] = tensor + 0.1 * noise
+    path = setup.root / "grown.pt"
+    save_checkpoint(path, state)
+    return str(path)
+
+
+def test_auto_matching_of_a_deterministic_model_off_its_training_radar(setup, grown):
+    """The deterministic model follows the same rule: one lead at a time, to the last frame."""
+    raw = get_method("model")(checkpoint=grown)(setup.inputs, N_TARGET)
+    assert raw.attrs["probability_matching"] == "none"
+    elsewhere = get_method("model")(checkpoint=_with_training(grown, "bom", "cdf"))
+    matched = elsewhere(setup.inputs, N_TARGET)
+    assert matched.attrs["probability_matching"] == "cdf" and matched.dims == raw.dims
+    _assert_matched_to(matched.values[None], raw.values[None], setup.inputs.values[-1])
+    own = get_method("model")(checkpoint=_with_training(grown, "synthetic", "cdf"))
+    np.testing.assert_array_equal(own(setup.inputs, N_TARGET).values, raw.values)
+    kept = elsewhere(setup.inputs, N_TARGET, probability_matching="none")
+    np.testing.assert_array_equal(kept.values, raw.values)
+
+
 def test_predict_members_matched_to_the_last_frame_take_its_distribution(
     setup, tmp_path, monkeypatch
 ):
@@ -485,19 +514,34 @@ def test_predict_members_matched_to_the_last_frame_take_its_distribution(
     _assert_matched_to(members.values, raw.values, setup.inputs.values[-1])
 
 
+def test_predict_matches_a_deterministic_forecast_on_request(setup, grown, tmp_path, monkeypatch):
+    from nowcast.sources import catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "load_catalog", lambda *args, **kwargs: setup.catalog)
+    args = predict_args(setup, tmp_path / "out", grown, 3)
+    args = args[: args.index("--members")]
+    result = run_cli([*args, "--probability-matching", "cdf"])
+    assert result.exit_code == 0, result.output
+    with xr.open_dataset(tmp_path / "out" / "synthetic_20000101T0100Z.nc") as ds:
+        forecast = ds["precip_intensity"].load()
+        config = json.loads(ds.attrs["config"])
+    assert forecast.dims == ("lead_time", "y", "x") and config["probability_matching"] == "cdf"
+    raw = get_method("model")(checkpoint=grown)(setup.inputs, N_TARGET)
+    _assert_matched_to(forecast.values[None], raw.values[None], setup.inputs.values[-1])
+
+
 @pytest.mark.parametrize(
     ("checkpoint", "members", "words"),
     [
         ("stochastic", "3", "--probability-matching quantile: give one of auto, none, cdf, mean"),
-        ("deterministic", None, "only an ensemble's members are matched"),
+        ("deterministic", None, "--probability-matching quantile: give one of auto, none"),
     ],
 )
 def test_predict_refuses_a_matching_it_cannot_apply(setup, tmp_path, checkpoint, members, words):
     args = predict_args(setup, tmp_path / "out", getattr(setup, checkpoint), 3)
     if members is None:
         args = args[: args.index("--members")]
-    matching = "quantile" if checkpoint == "stochastic" else "cdf"
-    result = run_cli([*args, "--probability-matching", matching])
+    result = run_cli([*args, "--probability-matching", "quantile"])
     lines = result.output.strip().splitlines()
     assert result.exit_code in (1, 2) and len(lines) == 1 and words in lines[0], result.output
     assert not (tmp_path / "out").exists()

@@ -79,7 +79,12 @@ def test_make_checkpoint_writes_exactly_the_checkpoint_keys(tmp_path):
 
 def test_the_pretrained_checkpoint_has_the_whole_schema():
     checkpoint = load_checkpoint(PRETRAINED_CHECKPOINT)  # refuses a missing key
-    assert set(checkpoint) - set(CHECKPOINT_KEYS) == {"provenance"}
+    assert "provenance" in checkpoint
+    assert set(checkpoint) - set(CHECKPOINT_KEYS) <= {"provenance", "unseen_radar_matching"}
+    # make skill ARGS=--unseen chose its matching on held-out radars and says so.
+    matching = checkpoint.get("unseen_radar_matching", "none")
+    assert matching in ("none", "cdf", "mean")
+    assert f"Off its training radar it is matched with '{matching}'" in checkpoint["provenance"]
     # The coarse motion grid its scores use; it was trained on full-resolution motion.
     assert checkpoint["frame"] == "lagrangian" and checkpoint["motion_stride"] == 8
     assert "full resolution" in checkpoint["provenance"]

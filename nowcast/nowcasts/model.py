@@ -100,12 +100,13 @@ class ModelNowcast:
         (:mod:`nowcast.nowcasts.masking`), by default ``"incremental"`` as in pysteps' STEPS;
         None lets the members rain anywhere.
     probability_matching : {"auto", "none", "cdf", "mean"}, optional
-        For a stochastic model: match each lead's members, pooled, to the last observed
-        frame's distribution (:func:`nowcast.nowcasts.matching.probability_match`, as STEPS'
+        Match each lead (a stochastic model's members pooled) to the last observed frame's
+        distribution (:func:`nowcast.nowcasts.matching.probability_match`, as STEPS'
         ``probmatching_method``). ``"auto"`` (the default) matches with the checkpoint's
         ``unseen_radar_matching`` (chosen by ``make skill`` on held-out radars) when the inputs'
         ``radar_source`` is none of the checkpoint's training sources, and not on the training
-        radar, where the noise gain was chosen on validation windows; ``"none"`` never matches.
+        radar, where the model (and a noise gain) was chosen on validation windows; ``"none"``
+        never matches.
 
     Attributes
     ----------
@@ -386,7 +387,8 @@ class ModelNowcast:
         noise_gain : float, optional
             A stochastic model's factor on its noise, by default the checkpoint's.
         probability_matching : {"auto", "none", "cdf", "mean"}, optional
-            A stochastic model's matching of its members, by default the method's.
+            The matching of the forecast (of a stochastic model's members), by default the
+            method's; the forecast records the one applied in ``attrs["probability_matching"]``.
 
         Returns
         -------
@@ -409,6 +411,12 @@ class ModelNowcast:
                 f"the model predicts {self.n_target_frames} lead times, {n_leadtimes} asked for"
             )
         rain_rate = inputs.values[-self.n_input_frames :]
+        matching = self.matching_for(
+            str(inputs.attrs.get("radar_source", "")),
+            self.probability_matching
+            if probability_matching is None
+            else _matching_setting(probability_matching),
+        )
         if self.stochastic:
             forecast = self._ensemble(
                 inputs,
@@ -420,12 +428,7 @@ class ModelNowcast:
                 member_batch=member_batch,
                 seed=self.seed if seed is None else seed,
                 noise_gain=noise_gain,
-                matching=self.matching_for(
-                    str(inputs.attrs.get("radar_source", "")),
-                    self.probability_matching
-                    if probability_matching is None
-                    else _matching_setting(probability_matching),
-                ),
+                matching=matching,
             )
         else:
             if n_members not in (None, 1):
@@ -435,6 +438,10 @@ class ModelNowcast:
                 )
             values = self.predict_values(rain_rate, velocity)[: int(n_leadtimes)]
             forecast = to_forecast(values, inputs, step, self.name)
+            if matching is not None:
+                last = np.asarray(inputs.values[-1], dtype=np.float32)
+                forecast.values[:] = probability_match(forecast.values, last, matching)
+            forecast.attrs["probability_matching"] = matching or "none"
         if self.checkpoint is not None:
             # Which weights made it: a calibration file is checked against this checkpoint.
             forecast.attrs["model_checkpoint"] = self.checkpoint
@@ -484,7 +491,7 @@ class ModelNowcast:
         return forecast
 
     def matching_for(self, source: str, setting: str) -> str | None:
-        """The members' matching on ``source`` under ``setting`` (see the class), or None."""
+        """The forecast's matching on ``source`` under ``setting`` (see the class), or None."""
         if setting == "auto":
             unseen = bool(self.training_sources) and source not in self.training_sources
             return self.unseen_radar_matching if unseen else None

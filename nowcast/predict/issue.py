@@ -288,8 +288,10 @@ def predict(
     seed : int, optional
         The run's seed; with the source and reference time it seeds the members.
     probability_matching : {"auto", "none", "cdf", "mean"}, optional
-        The ensemble's matching of its members to the last frame, by default the method's
-        ``"auto"`` (:class:`~nowcast.nowcasts.model.ModelNowcast`); only for an ensemble.
+        The matching of the model's forecast (an ensemble's members pooled) to the last
+        frame, by default the method's ``"auto"``
+        (:class:`~nowcast.nowcasts.model.ModelNowcast`); not with a variant ``method``, which
+        declares its own ``postprocess``.
 
     Returns
     -------
@@ -374,10 +376,13 @@ class Predictor:
             raise ConfigError(f"predict --method {method}: not the model or a variant built on it")
         if members is not None and int(members) < 1:
             raise ConfigError(f"predict --members {members}: give at least 1 member")
-        if probability_matching not in (None, *MATCHING_SETTINGS):
+        if probability_matching not in (None, *MATCHING_SETTINGS) or (
+            probability_matching and spec
+        ):
             raise ConfigError(
                 f"predict --probability-matching {probability_matching}: give one of "
-                f"{', '.join(MATCHING_SETTINGS)}"
+                f"{', '.join(MATCHING_SETTINGS)}, with --method model (a variant declares its "
+                "matching as its postprocess)"
             )
         start = time.perf_counter()
         model = model_method(str(checkpoint))
@@ -386,13 +391,8 @@ class Predictor:
         kwargs = {}
         if n_members is not None and model.stochastic:
             kwargs = {"n_members": n_members, "member_batch": member_batch, "seed": seed}
-            if probability_matching is not None:
-                kwargs["probability_matching"] = probability_matching
-        elif probability_matching is not None:
-            raise ConfigError(
-                f"predict --probability-matching {probability_matching}: only an ensemble's "
-                "members are matched (--members N > 1, or a stochastic --checkpoint)"
-            )
+        if probability_matching is not None:
+            kwargs["probability_matching"] = probability_matching
         run = ForecastRun(
             methods=(name,),
             method_kwargs={name: kwargs} if kwargs else {},
@@ -464,10 +464,13 @@ class Predictor:
             forecast = as_members(forecast)
             forecast.attrs["method"] = name
             probability = exceedance_probability(forecast, THRESHOLDS)
-        config = {"checkpoint": self.checkpoint, "from_files": from_files}
+        config = {
+            "checkpoint": self.checkpoint,
+            "from_files": from_files,
+            "probability_matching": forecast.attrs.get("probability_matching", "none"),
+        }
         if self.n_members is not None:
-            matching = forecast.attrs.get("probability_matching", "none")
-            config.update(members=self.n_members, seed=self.seed, probability_matching=matching)
+            config.update(members=self.n_members, seed=self.seed)
         if self.spec:
             config["forecast_method"] = self.spec.model_dump(mode="json")
         provenance = {
