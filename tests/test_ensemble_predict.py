@@ -522,6 +522,10 @@ def test_predict_matches_a_deterministic_forecast_on_request(setup, grown, tmp_p
     args = args[: args.index("--members")]
     result = run_cli([*args, "--probability-matching", "cdf"])
     assert result.exit_code == 0, result.output
+    assert "forecast matched to the last frame (cdf)" in result.output
+    # On its own radar, by default, the model is left as it is, and no line says otherwise.
+    plain = run_cli([*args[: args.index("--out-dir") + 1], str(tmp_path / "plain"), *args[-2:]])
+    assert plain.exit_code == 0 and "matched" not in plain.output, plain.output
     with xr.open_dataset(tmp_path / "out" / "synthetic_20000101T0100Z.nc") as ds:
         forecast = ds["precip_intensity"].load()
         config = json.loads(ds.attrs["config"])

@@ -482,6 +482,9 @@ class Predictor:
         if "window_seed" in forecast.attrs:
             provenance["window_seed"] = forecast.attrs["window_seed"]
         written = write_set(forecast, probability, self.step, Path(out_dir), provenance, seconds)
+        if config["probability_matching"] != "none":
+            matched = f"forecast matched to the last frame ({config['probability_matching']})"
+            note = f"{note}; {matched}" if note else matched
         return PredictResult(
             reference_time=written["reference"].isoformat(),
             seconds=seconds,
@@ -581,9 +584,7 @@ def check_ensemble_memory(
 
 
 def _timestep_note(source: str, source_step: int, model_step: int) -> str | None:
-    # The rule of nowcast.windows.frames_per_model_step: inputs are read every k-th source frame
-    # counted
-    # back from the reference time (input_times at the model's step), or a ConfigError.
+    # nowcast.windows.frames_per_model_step's rule: every k-th source frame counted back.
     return frame_step_note(source, source_step, model_step)
 
 
