@@ -534,6 +534,25 @@ def test_predict_matches_a_deterministic_forecast_on_request(setup, grown, tmp_p
     _assert_matched_to(forecast.values[None], raw.values[None], setup.inputs.values[-1])
 
 
+def test_predict_refuses_matching_a_variant_that_declares_its_own(setup, tmp_path):
+    from nowcast.predict import predict
+
+    variant = {"model_mean": {"method": "model", "postprocess": {"method": "mean"}}}
+    with pytest.raises(ConfigError, match="a variant declares its matching as its postprocess"):
+        predict(
+            "synthetic",
+            setup.deterministic,
+            at=AT.to_pydatetime(),
+            cube_dir=str(setup.root / "cubes"),
+            catalog=setup.catalog,
+            out_dir=tmp_path / "out",
+            method="model_mean",
+            forecast_methods=variant,
+            probability_matching="cdf",
+        )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("checkpoint", "members", "words"),
     [
