@@ -28,7 +28,8 @@ def _read(path: str) -> pd.DataFrame:
     return pd.read_csv(REPO / path)
 
 
-def _values(values) -> str:
+def slashed(values) -> str:
+    """Per-lead values as "a / b / c" (3 significant digits, – where missing)."""
     return " / ".join("–" if not np.isfinite(v) else f"{v:.3g}" for v in np.asarray(values))
 
 
@@ -135,10 +136,10 @@ def moonshots(tables: dict, method: str = "ensemble", reference: str = "steps") 
 def target_lines(found: list) -> list[str]:
     lines = []
     for target in found:
-        beside = "" if target["beside"] is None else f"; STEPS/LK: {_values(target['beside'])}"
+        beside = "" if target["beside"] is None else f"; STEPS/LK: {slashed(target['beside'])}"
         verdict = "met" if target["met"] else "**not met**"
         lines.append(
-            f"- {target['name']}: {verdict} ({target['unit']}: {_values(target['values'])}{beside})"
+            f"- {target['name']}: {verdict} ({target['unit']}: {slashed(target['values'])}{beside})"
         )
     return lines + [""]
 
@@ -146,9 +147,9 @@ def target_lines(found: list) -> list[str]:
 def gate_lines(table: pd.DataFrame, rapsd, method: str = "ensemble") -> list[str]:
     lines = []
     for gate in gates(table, rapsd, method):
-        beside = f"; beside: {_values(gate['beside'])}" if "beside" in gate else ""
+        beside = f"; beside: {slashed(gate['beside'])}" if "beside" in gate else ""
         verdict = "met" if gate["met"] else "**not met**"
-        lines.append(f"- {gate['name']}: {verdict} ({_values(gate['values'])}{beside})")
+        lines.append(f"- {gate['name']}: {verdict} ({slashed(gate['values'])}{beside})")
     return lines + [""]
 
 
@@ -184,7 +185,7 @@ def route_lines(result: dict) -> list[str]:
             [
                 f"`{route}`{chosen}",
                 f"{met} of 4",
-                _values(series(table, route, "CRPS")),
+                slashed(series(table, route, "CRPS")),
                 _range(series(table, route, "SPREAD_SKILL")),
                 _range(band),
             ]
@@ -223,7 +224,7 @@ def unseen_lines(result: dict) -> list[str]:
                     f"`{matching}`{chosen}",
                     source,
                     f"{met} of 4",
-                    _values(crps),
+                    slashed(crps),
                     f"{np.nanmean(crps) / np.nanmean(lk):.2f}",
                     _range(series(table, method, "SPREAD_SKILL")),
                     _range(band),
@@ -288,11 +289,11 @@ def block_lines(result: dict, block: str, title: str) -> list[str]:
         rows.append(
             [
                 f"`{method}`",
-                _values(series(table, method, "SPREAD_SKILL")),
-                _values(series(table, method, "RANK_KL")),
-                _values(series(table, method, "ROC_AREA", 10.0)),
-                _values(series(table, method, "BSS", 10.0)),
-                _values(series(table, method, "MEMBER_CSI", HEAVY)),
+                slashed(series(table, method, "SPREAD_SKILL")),
+                slashed(series(table, method, "RANK_KL")),
+                slashed(series(table, method, "ROC_AREA", 10.0)),
+                slashed(series(table, method, "BSS", 10.0)),
+                slashed(series(table, method, "MEMBER_CSI", HEAVY)),
                 _range(band),
             ]
         )
@@ -303,7 +304,7 @@ def block_lines(result: dict, block: str, title: str) -> list[str]:
             "",
             "",
             "",
-            _values(series(table, "extrapolation", "MEMBER_CSI", HEAVY)),
+            slashed(series(table, "extrapolation", "MEMBER_CSI", HEAVY)),
             "",
         ]
     )
@@ -362,7 +363,7 @@ def ensemble_section(result: dict) -> list[str]:
         "",
         *gate_lines(test, result["test"]["rapsd_ratio_range"].get("ensemble")),
         "Sanity check: STEPS' CRPS is below LK's MAE at every lead of the BoM test block: "
-        f"{'yes' if np.all(steps < lk) else '**no**'} ({_values(steps)} against {_values(lk)}).",
+        f"{'yes' if np.all(steps < lk) else '**no**'} ({slashed(steps)} against {slashed(lk)}).",
         "",
         "### Targets",
         "",

@@ -28,7 +28,8 @@ import torch
 
 from nowcast.evaluate.zeroshot import evaluate_source
 from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT, save_checkpoint
-from pipelines.skill_ensemble import UNSEEN_RADARS
+from pipelines.skill_ensemble import UNSEEN_RADARS, series
+from pipelines.skill_ensemble_report import slashed
 
 REPO = Path(__file__).resolve().parents[1]
 UNSEEN_DIR = REPO / "docs" / "skill" / "unseen"
@@ -45,24 +46,15 @@ VARIANTS = {
 CSI_THRESHOLD = 1.0
 
 
-def _per_lead(metrics: pd.DataFrame, method: str, score: str, threshold=None) -> pd.Series:
-    rows = metrics[(metrics["method"] == method) & (metrics["score"] == score)]
-    if threshold is None:
-        rows = rows[rows["threshold"].isna()]
-    else:
-        rows = rows[(rows["threshold"] - threshold).abs() < 1e-9]
-    return rows.set_index("lead_time")["value"].sort_index()
-
-
 def summarise_radar(metrics: pd.DataFrame) -> dict:
     """Per candidate: CSI and MAE per lead, their means ÷ LK's, and the frequency bias."""
-    csi_lk = _per_lead(metrics, "extrapolation", "CSI", CSI_THRESHOLD)
-    mae_lk = _per_lead(metrics, "extrapolation", "MAE")
+    csi_lk = series(metrics, "extrapolation", "CSI", CSI_THRESHOLD)
+    mae_lk = series(metrics, "extrapolation", "MAE")
     summary = {}
     for matching, method in CANDIDATES.items():
-        csi = _per_lead(metrics, method, "CSI", CSI_THRESHOLD)
-        mae = _per_lead(metrics, method, "MAE")
-        bias = _per_lead(metrics, method, "BIAS", CSI_THRESHOLD)
+        csi = series(metrics, method, "CSI", CSI_THRESHOLD)
+        mae = series(metrics, method, "MAE")
+        bias = series(metrics, method, "BIAS", CSI_THRESHOLD)
         summary[matching] = {
             "csi": csi.round(4).tolist(),
             "mae": mae.round(4).tolist(),
@@ -133,9 +125,6 @@ def run_unseen(checkpoint: Path = PRETRAINED_CHECKPOINT) -> dict:
 def unseen_section(result: dict) -> list[str]:
     """The generated docs/skill.md section of :func:`run_unseen`'s record."""
 
-    def values(numbers) -> str:
-        return " / ".join(f"{value:.3g}" for value in numbers)
-
     lines = [
         "## The deterministic model on radars it was not trained on",
         "",
@@ -156,8 +145,8 @@ def unseen_section(result: dict) -> list[str]:
         for radar, scores in result["radars"].items():
             row = scores[matching]
             lines.append(
-                f"| `{matching}`{chosen} | {radar} | {values(row['csi'])} "
-                f"({values(scores['lk']['csi'])}) | {row['csi_over_lk']:.2f} | "
-                f"{values(row['mae'])} | {row['mae_over_lk']:.2f} | {values(row['bias'])} |"
+                f"| `{matching}`{chosen} | {radar} | {slashed(row['csi'])} "
+                f"({slashed(scores['lk']['csi'])}) | {row['csi_over_lk']:.2f} | "
+                f"{slashed(row['mae'])} | {row['mae_over_lk']:.2f} | {slashed(row['bias'])} |"
             )
     return [*lines, ""]
