@@ -5,15 +5,13 @@
 for every new frame. Both write the same set of files (:mod:`nowcast.predict.outputs`).
 """
 
-from nowcast.predict.issue import (
+from nowcast.predict.frames import (
     InputFramesError,
-    Predictor,
-    PredictResult,
     cube_from_files,
     cube_reference_time,
     inputs_from_files,
-    predict,
 )
+from nowcast.predict.issue import Predictor, PredictResult, predict
 
 __all__ = [
     "InputFramesError",
