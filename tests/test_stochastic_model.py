@@ -182,6 +182,44 @@ def test_noise_is_stationary_with_unit_variance_and_the_set_correlation():
     )
 
 
+def step_noise(model: StochasticEncoderForecaster, n_members: int, seed: int) -> torch.Tensor:
+    """The noise every forecaster step reads, (steps, batch * n_members, channels, y, x)."""
+    with torch.no_grad():
+        encoded = model.encode(frames(batch=2))
+        return torch.stack(model._member_noise(encoded, n_members, seeded(seed), 1.0))
+
+
+@pytest.mark.parametrize("memory", [0.0, 0.5])
+def test_noise_memory_sets_the_correlation_between_steps(memory):
+    model = tiny_model(noise_memory=memory, noise_scale_pixels=0)
+    noise = step_noise(model, 64, seed=4)
+    assert noise.shape == (N_TARGET, 2 * 64, 2, SIZE // 4, SIZE // 4)
+    for step in noise:
+        assert step.var().item() == pytest.approx(1.0, abs=0.1)
+    correlation = (noise[1] * noise[0]).mean() / noise[0].var()
+    assert correlation.item() == pytest.approx(memory, abs=0.06)
+    # One field for the whole hour by default.
+    held = step_noise(tiny_model(noise_scale_pixels=0), 3, seed=4)
+    assert torch.equal(held[0], held[-1])
+    with pytest.raises(ValueError, match="noise_memory"):
+        tiny_model(noise_memory=1.5)
+
+
+def test_evolving_noise_gives_the_same_members_in_any_member_batches():
+    model = tiny_model(noise_memory=0.5)
+    perturb_head(model)
+    inputs = frames(batch=2)
+    with torch.no_grad():
+        whole = model(inputs, n_members=5, generator=seeded(3))
+        batched = model.forecast_members(inputs, 5, member_batch=2, generator=seeded(3))
+        held = tiny_model()
+        held.load_state_dict(model.state_dict())
+        steady = held(inputs, n_members=5, generator=seeded(3))
+    torch.testing.assert_close(batched, whole, rtol=0, atol=1e-6)
+    # The same weights with one field for the hour give other members.
+    assert not torch.allclose(whole, steady, atol=1e-4)
+
+
 # ---- the fair CRPS ----------------------------------------------------------------------
 
 

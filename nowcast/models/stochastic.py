@@ -9,9 +9,12 @@ Lagrangian frame, extrapolation) and the noise has no effect; training on an ens
 such as the fair CRPS (:func:`nowcast.training.losses.fair_crps`) teaches the network to turn
 the noise into spread.
 
-The noise of one member is one field per noise channel, the same at every lead time, so a
-member is a consistent scenario: white noise at the patch resolution smoothed by a Gaussian of
-standard deviation ``noise_scale_pixels`` (input pixels), scaled back to unit variance.
+The noise of one member is one field per noise channel: white noise at the patch resolution
+smoothed by a Gaussian of standard deviation ``noise_scale_pixels`` (input pixels), scaled back
+to unit variance. With ``noise_memory=1`` (the default) it is the same field at every lead time,
+so a member is one consistent scenario; below 1 it evolves as a first-order autoregression with
+that correlation between consecutive steps, as STEPS evolves its cascade noise, so a
+perturbation does not push the same place the same way for the whole hour.
 """
 
 from __future__ import annotations
@@ -143,6 +146,10 @@ class StochasticEncoderForecaster(EncoderForecaster):
         Standard deviation of the noise's Gaussian smoothing in input pixels, by default 32 (the
         correlation at a lag of ``d`` pixels is ``exp(-d**2 / (4 s**2))``); the noise lives at
         the patch resolution, and 0 gives white noise there.
+    noise_memory : float, optional
+        Correlation of a member's noise between consecutive forecaster steps, in [0, 1], by
+        default 1 (one field for every step): ``z_t = rho z_{t-1} + sqrt(1 - rho**2) e_t``
+        with independent fields ``e_t``, so every step's field keeps unit variance.
     noise_gain : float, optional
         Factor on the noise in eval mode, by default 1 (in training mode the noise keeps unit
         variance whatever this is): the spread-calibration knob, chosen on validation
@@ -172,6 +179,7 @@ class StochasticEncoderForecaster(EncoderForecaster):
         noise_channels: int = 4,
         noise_scale_pixels: float = 32.0,
         noise_gain: float = 1.0,
+        noise_memory: float = 1.0,
         residual: bool = True,
         patch_factor: int = 4,
         hidden_channels: Sequence[int] = (64, 64),
@@ -187,6 +195,8 @@ class StochasticEncoderForecaster(EncoderForecaster):
             raise ValueError(f"noise_scale_pixels must be >= 0, got {noise_scale_pixels}")
         if not noise_gain >= 0:
             raise ValueError(f"noise_gain must be >= 0, got {noise_gain}")
+        if not 0 <= noise_memory <= 1:
+            raise ValueError(f"noise_memory must be in [0, 1], got {noise_memory}")
         super().__init__(
             n_input_frames,
             n_target_frames,
@@ -203,6 +213,7 @@ class StochasticEncoderForecaster(EncoderForecaster):
         self.noise_channels = noise_channels
         self.noise_scale_pixels = float(noise_scale_pixels)
         self.noise_gain = float(noise_gain)
+        self.noise_memory = float(noise_memory)
         first = self.forecaster[0]
         self.forecaster[0] = ConvLSTMCell(
             first.in_channels + noise_channels,
@@ -228,6 +239,40 @@ class StochasticEncoderForecaster(EncoderForecaster):
         """
         patches, states = self._encode(frames)
         return Encoded(list(states), patches[:, -1], frames[:, -1])
+
+    def _member_noise(
+        self,
+        encoded: Encoded,
+        n_members: int,
+        generator: torch.Generator | None,
+        gain: float,
+    ) -> list[torch.Tensor]:
+        """The noise of every forecaster step, each (batch * n_members, noise_channels, y, x).
+
+        All steps' fields of a member are drawn in one call of :func:`correlated_noise`, member
+        by member, so the members do not depend on how they are split into member batches.
+        """
+        patch_height, patch_width = encoded.last_patches.shape[-2:]
+        steps = 1 if self.noise_memory == 1 else self.n_target_frames
+        fields = correlated_noise(
+            n_members,
+            encoded.batch,
+            self.noise_channels * steps,
+            patch_height,
+            patch_width,
+            self.noise_scale_pixels / self.patch_factor,
+            generator,
+            encoded.last_patches.device,
+        ).to(encoded.last_patches.dtype)
+        fields = fields.reshape(fields.shape[0], steps, self.noise_channels, *fields.shape[-2:])
+        if steps == 1:
+            return [fields[:, 0] * gain] * self.n_target_frames
+        rho = self.noise_memory
+        innovation = math.sqrt(1.0 - rho * rho)
+        noise = [fields[:, 0]]
+        for step in range(1, steps):
+            noise.append(rho * noise[-1] + innovation * fields[:, step])
+        return [field * gain for field in noise]
 
     def decode(
         self,
@@ -262,26 +307,15 @@ class StochasticEncoderForecaster(EncoderForecaster):
         batch = encoded.batch
         _, channels, height, width = encoded.last_frame.shape
         states = [state.repeat_interleave(n_members, dim=0) for state in encoded.states]
-        patch_height, patch_width = encoded.last_patches.shape[-2:]
-        noise = (
-            correlated_noise(
-                n_members,
-                batch,
-                self.noise_channels,
-                patch_height,
-                patch_width,
-                self.noise_scale_pixels / self.patch_factor,
-                generator,
-                encoded.last_patches.device,
-            ).to(encoded.last_patches.dtype)
-            * gain
-        )
+        noise = self._member_noise(encoded, n_members, generator, gain)
         previous = None
         if self.forecaster_input == "prediction":
             previous = encoded.last_patches.repeat_interleave(n_members, dim=0)
         predictions = []
-        for _ in range(self.n_target_frames):
-            step_input = noise if previous is None else torch.cat([previous, noise], dim=1)
+        for step_noise in noise:
+            step_input = (
+                step_noise if previous is None else torch.cat([previous, step_noise], dim=1)
+            )
             prediction, *states = self._run_step(self._forecaster_step, step_input, *states)
             predictions.append(prediction)
             if previous is not None:
