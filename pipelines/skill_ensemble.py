@@ -209,13 +209,11 @@ def _ensemble_kwargs(checkpoint: str, gain: float | None) -> dict:
 def package(checkpoint: str, gain: float, note: str, unseen_matching: str = "none") -> Path:
     """Write the chosen checkpoint, with its noise gain and its matching on unseen radars
     (``unseen_radar_matching``, left out for ``"none"``), to the package (atomically)."""
-    from nowcast.training.checkpoint import save_checkpoint
+    from nowcast.training.checkpoint import save_checkpoint, with_unseen_matching
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = with_unseen_matching(state, unseen_matching)
     state["model_kwargs"] = {**state["model_kwargs"], "noise_gain": float(gain)}
-    state.pop("unseen_radar_matching", None)
-    if unseen_matching != "none":
-        state["unseen_radar_matching"] = unseen_matching
     state["provenance"] = note
     save_checkpoint(PACKAGED, state)
     return PACKAGED

@@ -27,7 +27,11 @@ import pandas as pd
 import torch
 
 from nowcast.evaluate.zeroshot import evaluate_source
-from nowcast.training.checkpoint import PRETRAINED_CHECKPOINT, save_checkpoint
+from nowcast.training.checkpoint import (
+    PRETRAINED_CHECKPOINT,
+    save_checkpoint,
+    with_unseen_matching,
+)
 from pipelines.skill_ensemble import UNSEEN_RADARS, series
 from pipelines.skill_ensemble_report import slashed
 
@@ -81,9 +85,7 @@ def package(checkpoint: Path, matching: str) -> None:
     """Record ``matching`` as the checkpoint's ``unseen_radar_matching`` (atomically; weights,
     other keys and the provenance's first sentence unchanged)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state.pop("unseen_radar_matching", None)
-    if matching != "none":
-        state["unseen_radar_matching"] = matching
+    state = with_unseen_matching(state, matching)
     provenance = state.get("provenance", "").split(" Off its training radar")[0]
     chosen = " and ".join(UNSEEN_RADARS)
     state["provenance"] = (

@@ -254,25 +254,28 @@ class StochasticEncoderForecaster(EncoderForecaster):
         """
         patch_height, patch_width = encoded.last_patches.shape[-2:]
         steps = 1 if self.noise_memory == 1 else self.n_target_frames
-        fields = correlated_noise(
-            n_members,
-            encoded.batch,
-            self.noise_channels * steps,
-            patch_height,
-            patch_width,
-            self.noise_scale_pixels / self.patch_factor,
-            generator,
-            encoded.last_patches.device,
-        ).to(encoded.last_patches.dtype)
+        fields = (
+            correlated_noise(
+                n_members,
+                encoded.batch,
+                self.noise_channels * steps,
+                patch_height,
+                patch_width,
+                self.noise_scale_pixels / self.patch_factor,
+                generator,
+                encoded.last_patches.device,
+            ).to(encoded.last_patches.dtype)
+            * gain
+        )
         fields = fields.reshape(fields.shape[0], steps, self.noise_channels, *fields.shape[-2:])
         if steps == 1:
-            return [fields[:, 0] * gain] * self.n_target_frames
+            return [fields[:, 0]] * self.n_target_frames
         rho = self.noise_memory
         innovation = math.sqrt(1.0 - rho * rho)
         noise = [fields[:, 0]]
         for step in range(1, steps):
             noise.append(rho * noise[-1] + innovation * fields[:, step])
-        return [field * gain for field in noise]
+        return noise
 
     def decode(
         self,

@@ -78,8 +78,8 @@ CHECKPOINT_KEYS = (
 #: Keys a checkpoint may carry besides :data:`CHECKPOINT_KEYS`: ``provenance`` (a note on how
 #: a checkpoint was made where its other keys cannot say it), ``calibration`` (isotonic
 #: curves, deprecated: :mod:`nowcast.evaluate.calibration` writes them to a separate file) and
-#: ``unseen_radar_matching`` (a stochastic model's matching of its members on radars it was not
-#: trained on, :class:`nowcast.nowcasts.model.ModelNowcast`).
+#: ``unseen_radar_matching`` (a model's matching of its forecast on radars it was not trained
+#: on, :class:`nowcast.nowcasts.model.ModelNowcast`; see :func:`with_unseen_matching`).
 OPTIONAL_CHECKPOINT_KEYS = ("provenance", "calibration", "unseen_radar_matching")
 #: The training-state keys that :func:`load_model` leaves out of the metadata it returns.
 STATE_KEYS = ("model_state", "optimizer_state", "scheduler_state", "scaler_state", "rng_state")
@@ -375,6 +375,28 @@ def checkpoint_bytes(checkpoint: Mapping) -> int:
     states, generator states) times :data:`CHECKPOINT_SPACE_MARGIN`, plus
     :data:`CHECKPOINT_OVERHEAD_BYTES`."""
     return int(tensor_bytes(checkpoint) * CHECKPOINT_SPACE_MARGIN) + CHECKPOINT_OVERHEAD_BYTES
+
+
+def with_unseen_matching(checkpoint: Mapping, matching: str) -> dict:
+    """A copy of ``checkpoint`` that records its matching on radars it was not trained on.
+
+    Parameters
+    ----------
+    checkpoint : mapping
+        A loaded checkpoint.
+    matching : str
+        ``"none"`` (the key is left out: the model is never matched) or a matching that
+        :class:`nowcast.nowcasts.model.ModelNowcast` applies with ``probability_matching="auto"``.
+
+    Returns
+    -------
+    dict
+        The checkpoint with ``unseen_radar_matching`` set or removed.
+    """
+    state = {key: value for key, value in checkpoint.items() if key != "unseen_radar_matching"}
+    if matching != "none":
+        state["unseen_radar_matching"] = matching
+    return state
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: Mapping) -> None:
