@@ -538,7 +538,10 @@ def test_predict_refuses_matching_a_variant_that_declares_its_own(setup, tmp_pat
     from nowcast.predict import predict
 
     variant = {"model_mean": {"method": "model", "postprocess": {"method": "mean"}}}
-    with pytest.raises(ConfigError, match="a variant declares its matching as its postprocess"):
+    with pytest.raises(
+        ConfigError,
+        match="--probability-matching cdf with --method model_mean: a variant declares",
+    ):
         predict(
             "synthetic",
             setup.deterministic,

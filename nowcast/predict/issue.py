@@ -268,13 +268,15 @@ class Predictor:
             raise ConfigError(f"predict --method {method}: not the model or a variant built on it")
         if members is not None and int(members) < 1:
             raise ConfigError(f"predict --members {members}: give at least 1 member")
-        if probability_matching not in (None, *MATCHING_SETTINGS) or (
-            probability_matching and spec
-        ):
+        if probability_matching not in (None, *MATCHING_SETTINGS):
             raise ConfigError(
                 f"predict --probability-matching {probability_matching}: give one of "
-                f"{', '.join(MATCHING_SETTINGS)}, with --method model (a variant declares its "
-                "matching as its postprocess)"
+                f"{', '.join(MATCHING_SETTINGS)}"
+            )
+        if probability_matching and spec:
+            raise ConfigError(
+                f"predict --probability-matching {probability_matching} with --method {method}: "
+                "a variant declares its matching as its postprocess; use --method model"
             )
         start = time.perf_counter()
         model = model_method(str(checkpoint))
