@@ -27,13 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from nowcast.config import ExperimentConfig, load_experiment
 from nowcast.evaluate.stage import evaluate
 from nowcast.evaluate.zeroshot import evaluate_source
 from nowcast.sources.ingest import ingest
-from nowcast.training.checkpoint import PRETRAINED_ENSEMBLE_CHECKPOINT
+from nowcast.training.checkpoint import (
+    PRETRAINED_ENSEMBLE_CHECKPOINT,
+    load_checkpoint,
+    save_checkpoint,
+    with_unseen_matching,
+)
 from pipelines.skill_runs import hardware, train_from_scratch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,10 +213,7 @@ def _ensemble_kwargs(checkpoint: str, gain: float | None) -> dict:
 def package(checkpoint: str, gain: float, note: str, unseen_matching: str = "none") -> Path:
     """Write the chosen checkpoint, with its noise gain and its matching on unseen radars
     (``unseen_radar_matching``, left out for ``"none"``), to the package (atomically)."""
-    from nowcast.training.checkpoint import save_checkpoint, with_unseen_matching
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = with_unseen_matching(state, unseen_matching)
+    state = with_unseen_matching(load_checkpoint(checkpoint), unseen_matching)
     state["model_kwargs"] = {**state["model_kwargs"], "noise_gain": float(gain)}
     state["provenance"] = note
     save_checkpoint(PACKAGED, state)
@@ -239,7 +240,7 @@ def earlier_training(experiment: ExperimentConfig) -> dict:
     checkpoint = Path(experiment.run_path) / "checkpoints" / "best.pt"
     if not checkpoint.is_file():
         raise FileNotFoundError(f"--evaluate-only: no checkpoint {checkpoint}; train it first")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint(checkpoint)
     return {
         "steps": int(state["step"]),
         "stop_reason": "an earlier run, kept by --evaluate-only",

@@ -24,11 +24,11 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from nowcast.evaluate.zeroshot import evaluate_source
 from nowcast.training.checkpoint import (
     PRETRAINED_CHECKPOINT,
+    load_checkpoint,
     save_checkpoint,
     with_unseen_matching,
 )
@@ -84,8 +84,7 @@ def select_matching(radars: dict) -> str:
 def package(checkpoint: Path, matching: str) -> None:
     """Record ``matching`` as the checkpoint's ``unseen_radar_matching`` (atomically; weights,
     other keys and the provenance's first sentence unchanged)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = with_unseen_matching(state, matching)
+    state = with_unseen_matching(load_checkpoint(checkpoint), matching)
     provenance = state.get("provenance", "").split(" Off its training radar")[0]
     chosen = " and ".join(UNSEEN_RADARS)
     state["provenance"] = (

@@ -148,14 +148,22 @@ def test_unseen_radar_matching_most_gates_over_radars_then_crps_relative_to_lk(t
 def test_package_records_the_unseen_radar_matching(tmp_path, monkeypatch):
     import torch
 
+    from nowcast.training.checkpoint import CHECKPOINT_KEYS, CheckpointError
+
     source = tmp_path / "best.pt"
-    torch.save({"model_kwargs": {"noise_channels": 2}, "unseen_radar_matching": "mean"}, source)
+    state = {key: None for key in CHECKPOINT_KEYS}
+    state.update(model_kwargs={"noise_channels": 2}, unseen_radar_matching="mean")
+    torch.save(state, source)
     written = []
-    monkeypatch.setattr(
-        "nowcast.training.checkpoint.save_checkpoint", lambda path, state: written.append(state)
-    )
+    monkeypatch.setattr(ens, "save_checkpoint", lambda path, state: written.append(state))
     ens.package(str(source), 0.7, "note", "cdf")
     assert written[-1]["unseen_radar_matching"] == "cdf"
     assert written[-1]["model_kwargs"] == {"noise_channels": 2, "noise_gain": 0.7}
     ens.package(str(source), 0.7, "note", "none")
     assert "unseen_radar_matching" not in written[-1]
+    # A checkpoint cut short by a crash is named, not packaged.
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    with pytest.raises(CheckpointError, match="empty.pt is empty"):
+        ens.package(str(empty), 0.7, "note", "none")
+    assert len(written) == 2

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nowcast.training.checkpoint import CHECKPOINT_KEYS
 from pipelines import skill_unseen as unseen
 
 LEADS = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
@@ -62,7 +63,10 @@ def test_the_highest_csi_ratio_over_radars_wins_then_the_lower_mae():
 def test_package_records_the_choice_and_keeps_the_weights(tmp_path):
     checkpoint = tmp_path / "model.pt"
     weights = {"w": torch.arange(4.0)}
-    torch.save({"model_state": weights, "provenance": "Trained by make skill."}, checkpoint)
+    # Every key a checkpoint must have: package reads it as the project loads checkpoints.
+    state = {key: None for key in CHECKPOINT_KEYS}
+    state.update(model_state=weights, provenance="Trained by make skill.")
+    torch.save(state, checkpoint)
     unseen.package(checkpoint, "cdf")
     state = torch.load(checkpoint, weights_only=True)
     assert state["unseen_radar_matching"] == "cdf"
