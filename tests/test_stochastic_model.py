@@ -220,6 +220,73 @@ def test_evolving_noise_gives_the_same_members_in_any_member_batches():
     assert not torch.allclose(whole, steady, atol=1e-4)
 
 
+def mean_power(noise: torch.Tensor) -> np.ndarray:
+    """Power spectrum (y, x // 2 + 1) of the centred fields of ``noise`` (..., y, x), averaged."""
+    fields = noise.reshape(-1, *noise.shape[-2:]).double()
+    fields = fields - fields.mean(dim=(-2, -1), keepdim=True)
+    return torch.fft.rfft2(fields).abs().square().mean(dim=0).numpy()
+
+
+def high_share(power: np.ndarray) -> float:
+    """Share of the power at wavenumbers above a quarter of the grid's Nyquist."""
+    height, width = power.shape[0], (power.shape[1] - 1) * 2
+    k = np.hypot(*np.meshgrid(np.fft.fftfreq(height), np.fft.rfftfreq(width), indexing="ij"))
+    return float(power[k > 0.125].sum() / power.sum())
+
+
+def test_frame_spectrum_noise_copies_each_frames_spectrum():
+    from pysteps.noise.fftgenerators import initialize_nonparam_2d_fft_filter
+
+    from nowcast.models.stochastic import frame_spectrum_noise
+
+    y, x = np.mgrid[0:32, 0:32]
+    smooth = np.exp(-((y - 14.0) ** 2 + (x - 18.0) ** 2) / 60.0)
+    cellular = smooth * (0.2 + (y // 2 + x // 2) % 2)
+    frames_ = torch.tensor(np.stack([smooth, cellular, np.zeros((32, 32))]), dtype=torch.float32)
+    members = 200
+    white = correlated_noise(members, 3, 1, 32, 32, 0.0, seeded(5))
+    noise = frame_spectrum_noise(white, frames_, members, sigma=2.0).reshape(3, members, 32, 32)
+    assert torch.isfinite(noise).all()
+    torch.testing.assert_close(noise.std(dim=(-2, -1)), torch.ones(3, members), rtol=1e-4, atol=0)
+    powers = [mean_power(noise[sample]) for sample in range(3)]
+    # The expected power is the square of pysteps' nonparametric filter of the frame.
+    for sample in range(2):
+        expected = initialize_nonparam_2d_fft_filter(frames_[sample].double().numpy())["field"] ** 2
+        expected[0, 0] = 0.0
+        keep = expected > 1e-6 * expected.max()
+        correlation = np.corrcoef(np.log(powers[sample][keep]), np.log(expected[keep]))[0, 1]
+        assert correlation > 0.9
+    # A smooth frame gives smooth noise, a cellular one small-scale noise; a dry frame, which has
+    # no spectrum, gets the Gaussian smoothing of the default noise (the same correlation at
+    # every lag, both fields standardized as the frame noise is).
+    assert high_share(powers[1]) > 2 * high_share(powers[0])
+    gaussian = correlated_noise(members, 1, 1, 32, 32, 2.0, seeded(6))[:, 0]
+    gaussian = gaussian - gaussian.mean(dim=(-2, -1), keepdim=True)
+    gaussian = gaussian / gaussian.std(dim=(-2, -1), keepdim=True)
+    for lag in (1, 2, 4, 8):
+        dry, smooth_gaussian = (
+            (field[..., :-lag] * field[..., lag:]).mean().item() for field in (noise[2], gaussian)
+        )
+        assert dry == pytest.approx(smooth_gaussian, abs=0.03)
+
+
+def test_frame_spectrum_noise_gives_the_same_members_in_any_member_batches():
+    model = tiny_model(noise_spectrum="frame")
+    perturb_head(model)
+    inputs = frames(batch=2)
+    inputs[1] = 0.0  # a dry sample beside a wet one
+    with torch.no_grad():
+        whole = model(inputs, n_members=5, generator=seeded(3))
+        batched = model.forecast_members(inputs, 5, member_batch=2, generator=seeded(3))
+        held = tiny_model()
+        held.load_state_dict(model.state_dict())
+        gaussian = held(inputs, n_members=5, generator=seeded(3))
+    torch.testing.assert_close(batched, whole, rtol=0, atol=1e-6)
+    assert not torch.allclose(whole, gaussian, atol=1e-4)
+    with pytest.raises(ValueError, match="noise_spectrum"):
+        tiny_model(noise_spectrum="pink")
+
+
 # ---- the fair CRPS ----------------------------------------------------------------------
 
 

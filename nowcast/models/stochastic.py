@@ -14,7 +14,11 @@ smoothed by a Gaussian of standard deviation ``noise_scale_pixels`` (input pixel
 to unit variance. With ``noise_memory=1`` (the default) it is the same field at every lead time,
 so a member is one consistent scenario; below 1 it evolves as a first-order autoregression with
 that correlation between consecutive steps, as STEPS evolves its cascade noise, so a
-perturbation does not push the same place the same way for the whole hour.
+perturbation does not push the same place the same way for the whole hour. With
+``noise_spectrum="frame"`` the white noise is filtered instead with the amplitude spectrum of the
+sample's last input frame, as STEPS' nonparametric noise is (pysteps'
+``initialize_nonparam_2d_fft_filter``): a smooth field gets smooth noise, a cellular one
+small-scale noise.
 """
 
 from __future__ import annotations
@@ -23,13 +27,17 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pysteps.noise.fftgenerators import initialize_nonparam_2d_fft_filter
 
 from nowcast.models.convlstm import ConvLSTMCell, EncoderForecaster
 from nowcast.models.registry import register
 
-__all__ = ["Encoded", "StochasticEncoderForecaster", "correlated_noise"]
+__all__ = ["Encoded", "StochasticEncoderForecaster", "correlated_noise", "frame_spectrum_noise"]
+
+NOISE_SPECTRA = ("gaussian", "frame")
 
 
 def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -95,6 +103,79 @@ def correlated_noise(
     return F.conv2d(smooth, columns, groups=channels)
 
 
+def _gaussian_amplitude(sigma: float, height: int, width: int) -> np.ndarray:
+    """Amplitude spectrum (height, width // 2 + 1) of :func:`correlated_noise`'s smoothing."""
+    if sigma <= 0:
+        return np.ones((height, width // 2 + 1))
+    kernel = _gaussian_kernel(sigma, torch.float64, torch.device("cpu")).numpy()
+    offsets = np.arange(kernel.size) - kernel.size // 2
+    rows, columns = np.zeros(height), np.zeros(width)
+    np.add.at(rows, offsets % height, kernel)
+    np.add.at(columns, offsets % width, kernel)
+    return np.abs(np.fft.fft(rows))[:, None] * np.abs(np.fft.rfft(columns))[None, :]
+
+
+def _frame_filters(frames: np.ndarray, sigma: float) -> np.ndarray:
+    """Amplitude filters (batch, y, x // 2 + 1) of unit mean square, one per 2-D frame.
+
+    A frame with rain gets pysteps' nonparametric filter (its own tapered amplitude spectrum);
+    a frame without contrast (all dry) has no spectrum to copy and gets the amplitude of the
+    Gaussian smoothing of :func:`correlated_noise` instead.
+    """
+    height, width = frames.shape[-2:]
+    gaussian = _gaussian_amplitude(sigma, height, width)
+    filters = []
+    for frame in frames:
+        has_contrast = np.ptp(frame) > 1e-6
+        amplitude = (
+            initialize_nonparam_2d_fft_filter(frame.astype(np.float64))["field"]
+            if has_contrast
+            else gaussian
+        )
+        amplitude = amplitude.copy()
+        amplitude[0, 0] = 0.0  # no mean: the noise field is centred
+        if not np.any(amplitude > 0):
+            amplitude = gaussian.copy()
+            amplitude[0, 0] = 0.0
+        filters.append(amplitude / np.sqrt(np.mean(amplitude**2)))
+    return np.stack(filters)
+
+
+def frame_spectrum_noise(
+    white: torch.Tensor, frames: torch.Tensor, n_members: int, sigma: float
+) -> torch.Tensor:
+    """Filter white noise with the amplitude spectrum of each sample's frame.
+
+    pysteps' ``generate_noise_2d_fft_filter`` does this filtering with numpy's random state; it
+    is written out here so that the noise comes from the caller's torch generator (the members
+    must not depend on the member batches, and training checkpoints record that generator) and
+    stays on the model's device.
+
+    Parameters
+    ----------
+    white : torch.Tensor
+        Unit white noise (batch * n_members, channels, y, x), sample-major.
+    frames : torch.Tensor
+        One 2-D frame per sample (batch, y, x) on the noise's grid.
+    n_members : int
+        Members per sample.
+    sigma : float
+        Gaussian smoothing (grid cells) for samples whose frame has no contrast.
+
+    Returns
+    -------
+    torch.Tensor
+        Noise of the shape of ``white``, each field of zero mean and unit variance.
+    """
+    filters = _frame_filters(frames.detach().double().cpu().numpy(), sigma)
+    filters = torch.from_numpy(filters).to(white.device, torch.float32)
+    filters = filters.repeat_interleave(n_members, dim=0)[:, None]
+    spectrum = torch.fft.rfft2(white.float()) * filters
+    noise = torch.fft.irfft2(spectrum, s=white.shape[-2:])
+    noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
+    return (noise / noise.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)).to(white.dtype)
+
+
 @dataclasses.dataclass
 class Encoded:
     """The encoder's summary of a batch of input windows, shared by all members.
@@ -150,6 +231,11 @@ class StochasticEncoderForecaster(EncoderForecaster):
         Correlation of a member's noise between consecutive forecaster steps, in [0, 1], by
         default 1 (one field for every step): ``z_t = rho z_{t-1} + sqrt(1 - rho**2) e_t``
         with independent fields ``e_t``, so every step's field keeps unit variance.
+    noise_spectrum : {"gaussian", "frame"}, optional
+        Spectrum of the noise, by default "gaussian" (white noise smoothed over
+        ``noise_scale_pixels``); "frame" gives each sample's members the amplitude spectrum of
+        its last input frame on the noise's grid (pysteps' nonparametric filter), and the
+        Gaussian one where that frame has no contrast.
     noise_gain : float, optional
         Factor on the noise in eval mode, by default 1 (in training mode the noise keeps unit
         variance whatever this is): the spread-calibration knob, chosen on validation
@@ -180,6 +266,7 @@ class StochasticEncoderForecaster(EncoderForecaster):
         noise_scale_pixels: float = 32.0,
         noise_gain: float = 1.0,
         noise_memory: float = 1.0,
+        noise_spectrum: str = "gaussian",
         residual: bool = True,
         patch_factor: int = 4,
         hidden_channels: Sequence[int] = (64, 64),
@@ -197,6 +284,10 @@ class StochasticEncoderForecaster(EncoderForecaster):
             raise ValueError(f"noise_gain must be >= 0, got {noise_gain}")
         if not 0 <= noise_memory <= 1:
             raise ValueError(f"noise_memory must be in [0, 1], got {noise_memory}")
+        if noise_spectrum not in NOISE_SPECTRA:
+            raise ValueError(
+                f"noise_spectrum must be one of {NOISE_SPECTRA}, got {noise_spectrum!r}"
+            )
         super().__init__(
             n_input_frames,
             n_target_frames,
@@ -214,6 +305,7 @@ class StochasticEncoderForecaster(EncoderForecaster):
         self.noise_scale_pixels = float(noise_scale_pixels)
         self.noise_gain = float(noise_gain)
         self.noise_memory = float(noise_memory)
+        self.noise_spectrum = noise_spectrum
         first = self.forecaster[0]
         self.forecaster[0] = ConvLSTMCell(
             first.in_channels + noise_channels,
@@ -254,19 +346,23 @@ class StochasticEncoderForecaster(EncoderForecaster):
         """
         patch_height, patch_width = encoded.last_patches.shape[-2:]
         steps = 1 if self.noise_memory == 1 else self.n_target_frames
-        fields = (
-            correlated_noise(
-                n_members,
-                encoded.batch,
-                self.noise_channels * steps,
-                patch_height,
-                patch_width,
-                self.noise_scale_pixels / self.patch_factor,
-                generator,
-                encoded.last_patches.device,
-            ).to(encoded.last_patches.dtype)
-            * gain
+        sigma = self.noise_scale_pixels / self.patch_factor
+        by_frame = self.noise_spectrum == "frame"
+        fields = correlated_noise(
+            n_members,
+            encoded.batch,
+            self.noise_channels * steps,
+            patch_height,
+            patch_width,
+            0.0 if by_frame else sigma,
+            generator,
+            encoded.last_patches.device,
         )
+        if by_frame:
+            # The last frame's mean over each patch: the frame on the noise's grid.
+            patch_means = encoded.last_patches.mean(dim=1)
+            fields = frame_spectrum_noise(fields, patch_means, n_members, sigma)
+        fields = fields.to(encoded.last_patches.dtype) * gain
         fields = fields.reshape(fields.shape[0], steps, self.noise_channels, *fields.shape[-2:])
         if steps == 1:
             return [fields[:, 0]] * self.n_target_frames
