@@ -205,19 +205,23 @@ def test_noise_memory_sets_the_correlation_between_steps(memory):
         tiny_model(noise_memory=1.5)
 
 
-def test_evolving_noise_gives_the_same_members_in_any_member_batches():
-    model = tiny_model(noise_memory=0.5)
+@pytest.mark.parametrize(
+    "noise", [{"noise_memory": 0.5}, {"noise_spectrum": "frame"}], ids=["evolving", "frame"]
+)
+def test_other_noises_give_the_same_members_in_any_member_batches(noise):
+    model = tiny_model(**noise)
     perturb_head(model)
     inputs = frames(batch=2)
+    inputs[1] = 0.0  # a dry sample beside a wet one
     with torch.no_grad():
         whole = model(inputs, n_members=5, generator=seeded(3))
         batched = model.forecast_members(inputs, 5, member_batch=2, generator=seeded(3))
         held = tiny_model()
         held.load_state_dict(model.state_dict())
-        steady = held(inputs, n_members=5, generator=seeded(3))
+        default = held(inputs, n_members=5, generator=seeded(3))
     torch.testing.assert_close(batched, whole, rtol=0, atol=1e-6)
-    # The same weights with one field for the hour give other members.
-    assert not torch.allclose(whole, steady, atol=1e-4)
+    # The same weights with the default noise (one Gaussian field for the hour) give other members.
+    assert not torch.allclose(whole, default, atol=1e-4)
 
 
 def mean_power(noise: torch.Tensor) -> np.ndarray:
@@ -270,19 +274,7 @@ def test_frame_spectrum_noise_copies_each_frames_spectrum():
         assert dry == pytest.approx(smooth_gaussian, abs=0.03)
 
 
-def test_frame_spectrum_noise_gives_the_same_members_in_any_member_batches():
-    model = tiny_model(noise_spectrum="frame")
-    perturb_head(model)
-    inputs = frames(batch=2)
-    inputs[1] = 0.0  # a dry sample beside a wet one
-    with torch.no_grad():
-        whole = model(inputs, n_members=5, generator=seeded(3))
-        batched = model.forecast_members(inputs, 5, member_batch=2, generator=seeded(3))
-        held = tiny_model()
-        held.load_state_dict(model.state_dict())
-        gaussian = held(inputs, n_members=5, generator=seeded(3))
-    torch.testing.assert_close(batched, whole, rtol=0, atol=1e-6)
-    assert not torch.allclose(whole, gaussian, atol=1e-4)
+def test_an_unknown_noise_spectrum_is_refused():
     with pytest.raises(ValueError, match="noise_spectrum"):
         tiny_model(noise_spectrum="pink")
 
