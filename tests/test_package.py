@@ -106,6 +106,21 @@ def test_the_packaged_ensemble_is_a_stochastic_model_with_its_chosen_gain():
     assert model.stochastic and model.noise_gain == gain and not model.training
 
 
+def test_the_packaged_ensemble_kept_the_training_budget():
+    """Issue 22's budget: bom_lagrangian_tr's 600 steps and 12 minutes, and at most 8 forecaster
+    sequences (samples x members) per step, in the config and in the shipped checkpoint."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "pipelines/configs/bom_lagrangian_crps.yaml").read_text())
+    recorded = load_checkpoint(PRETRAINED_ENSEMBLE_CHECKPOINT)["config"]
+    for train in (config["train"], recorded):
+        assert train["batch_size"] * train["members"] <= 8
+        assert train["members"] >= 2 and train["max_steps"] <= 600 and train["max_minutes"] <= 12
+    # The checkpoint is the config's training.
+    for key in ("batch_size", "members", "max_steps", "loss", "model"):
+        assert recorded[key] == config["train"][key], key
+
+
 @pytest.mark.realdata
 def test_the_resave_script_finds_the_pretrained_checkpoint_up_to_date(data_root, capsys):
     from pipelines.resave_pretrained import main
