@@ -30,8 +30,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pysteps.noise.fftgenerators import initialize_nonparam_2d_fft_filter
 
+from nowcast import import_pysteps
 from nowcast.models.convlstm import ConvLSTMCell, EncoderForecaster
 from nowcast.models.registry import register
 
@@ -122,13 +122,15 @@ def _frame_filters(frames: np.ndarray, sigma: float) -> np.ndarray:
     a frame without contrast (all dry) has no spectrum to copy and gets the amplitude of the
     Gaussian smoothing of :func:`correlated_noise` instead.
     """
+    # Imported here: the model module (and a training process) needs pysteps only for this noise.
+    fftgenerators = import_pysteps("pysteps.noise.fftgenerators")
     height, width = frames.shape[-2:]
     gaussian = _gaussian_amplitude(sigma, height, width)
     filters = []
     for frame in frames:
         has_contrast = np.ptp(frame) > 1e-6
         amplitude = (
-            initialize_nonparam_2d_fft_filter(frame.astype(np.float64))["field"]
+            fftgenerators.initialize_nonparam_2d_fft_filter(frame.astype(np.float64))["field"]
             if has_contrast
             else gaussian
         )
