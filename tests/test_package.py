@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import xarray as xr
+import yaml
 from conftest import REPO
 from test_predict import residual_checkpoint
 
@@ -109,8 +110,6 @@ def test_the_packaged_ensemble_is_a_stochastic_model_with_its_chosen_gain():
 def test_the_packaged_ensemble_kept_the_training_budget():
     """Issue 22's budget: bom_lagrangian_tr's 600 steps and 12 minutes, and at most 8 forecaster
     sequences (samples x members) per step, in the config and in the shipped checkpoint."""
-    import yaml
-
     config = yaml.safe_load((REPO / "pipelines/configs/bom_lagrangian_crps.yaml").read_text())
     recorded = load_checkpoint(PRETRAINED_ENSEMBLE_CHECKPOINT)["config"]
     for train in (config["train"], recorded):

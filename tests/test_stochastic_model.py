@@ -23,7 +23,7 @@ from nowcast.models import (
     get_method,
     registered_models,
 )
-from nowcast.models.stochastic import correlated_noise
+from nowcast.models.stochastic import correlated_noise, frame_spectrum_noise
 from nowcast.training import losses
 from nowcast.training.checkpoint import checkpoint_path, load_checkpoint, load_model
 from nowcast.training.config import TrainConfig
@@ -240,8 +240,6 @@ def high_share(power: np.ndarray) -> float:
 
 def test_frame_spectrum_noise_copies_each_frames_spectrum():
     from pysteps.noise.fftgenerators import initialize_nonparam_2d_fft_filter
-
-    from nowcast.models.stochastic import frame_spectrum_noise
 
     y, x = np.mgrid[0:32, 0:32]
     smooth = np.exp(-((y - 14.0) ** 2 + (x - 18.0) ** 2) / 60.0)

@@ -103,42 +103,27 @@ def correlated_noise(
     return F.conv2d(smooth, columns, groups=channels)
 
 
-def _gaussian_amplitude(sigma: float, height: int, width: int) -> np.ndarray:
-    """Amplitude spectrum (height, width // 2 + 1) of :func:`correlated_noise`'s smoothing."""
-    if sigma <= 0:
-        return np.ones((height, width // 2 + 1))
-    kernel = _gaussian_kernel(sigma, torch.float64, torch.device("cpu")).numpy()
-    offsets = np.arange(kernel.size) - kernel.size // 2
-    rows, columns = np.zeros(height), np.zeros(width)
-    np.add.at(rows, offsets % height, kernel)
-    np.add.at(columns, offsets % width, kernel)
-    return np.abs(np.fft.fft(rows))[:, None] * np.abs(np.fft.rfft(columns))[None, :]
-
-
 def _frame_filters(frames: np.ndarray, sigma: float) -> np.ndarray:
-    """Amplitude filters (batch, y, x // 2 + 1) of unit mean square, one per 2-D frame.
+    """Amplitude filters (batch, y, x // 2 + 1) of unit mean square and no mean, one per frame.
 
     A frame with rain gets pysteps' nonparametric filter (its own tapered amplitude spectrum);
-    a frame without contrast (all dry) has no spectrum to copy and gets the amplitude of the
-    Gaussian smoothing of :func:`correlated_noise` instead.
+    a frame with nothing to copy (all dry, or no contrast left once pysteps removes the
+    rain/no-rain step) gets the amplitude of :func:`correlated_noise`'s Gaussian smoothing,
+    ``exp(-2 pi**2 sigma**2 k**2)``.
     """
     # Imported here: the model module (and a training process) needs pysteps only for this noise.
     fftgenerators = import_pysteps("pysteps.noise.fftgenerators")
     height, width = frames.shape[-2:]
-    gaussian = _gaussian_amplitude(sigma, height, width)
+    wavenumbers = np.hypot.outer(np.fft.fftfreq(height), np.fft.rfftfreq(width))
+    gaussian = np.exp(-2.0 * (np.pi * sigma * wavenumbers) ** 2)
+    gaussian[0, 0] = 0.0
     filters = []
     for frame in frames:
-        has_contrast = np.ptp(frame) > 1e-6
-        amplitude = (
-            fftgenerators.initialize_nonparam_2d_fft_filter(frame.astype(np.float64))["field"]
-            if has_contrast
-            else gaussian
-        )
-        amplitude = amplitude.copy()
-        amplitude[0, 0] = 0.0  # no mean: the noise field is centred
-        if not np.any(amplitude > 0):
-            amplitude = gaussian.copy()
-            amplitude[0, 0] = 0.0
+        amplitude = gaussian
+        if np.ptp(frame) > 0:
+            spectrum = fftgenerators.initialize_nonparam_2d_fft_filter(frame)["field"]
+            spectrum[0, 0] = 0.0  # centred noise
+            amplitude = spectrum if spectrum.any() else gaussian
         filters.append(amplitude / np.sqrt(np.mean(amplitude**2)))
     return np.stack(filters)
 
@@ -173,8 +158,7 @@ def frame_spectrum_noise(
     filters = torch.from_numpy(filters).to(white.device, torch.float32)
     filters = filters.repeat_interleave(n_members, dim=0)[:, None]
     spectrum = torch.fft.rfft2(white.float()) * filters
-    noise = torch.fft.irfft2(spectrum, s=white.shape[-2:])
-    noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
+    noise = torch.fft.irfft2(spectrum, s=white.shape[-2:])  # zero mean: the filters have none
     return (noise / noise.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)).to(white.dtype)
 
 
