@@ -7,7 +7,9 @@
 2. on the BoM validation windows only: the noise gain of the members
    (:data:`GAINS`), chosen by :func:`select_gain`, then the route: the learned ensemble
    against the deterministic model perturbed with STEPS noise (``model_steps``), chosen by
-   :func:`select_route`, with the paired interval of their CRPS difference;
+   :func:`select_route`, with the paired interval of their CRPS difference; and pysteps STEPS
+   on the same windows, in a run of its own, so that the report can hold the field's reference
+   to the same gates (:func:`run_steps_on_validation`);
 3. on held-out radars the ensemble never saw (:data:`UNSEEN_RADARS`, KNMI and FMI 2017): its
    members as they are or matched to the last frame (:data:`UNSEEN_MATCHINGS`), chosen by
    :func:`select_unseen_matching` for every radar it was not trained on;
@@ -287,6 +289,25 @@ def run_unseen_radars(experiment: ExperimentConfig, checkpoint: str, gain: float
     return radars
 
 
+def run_steps_on_validation(experiment: ExperimentConfig, run_dir: str, kwargs: dict) -> dict:
+    """STEPS and the chosen ensemble on the validation windows, on the mask they share.
+
+    A run of its own: STEPS' members, each advected along its own perturbed motion, leave more
+    pixels without data near the grid's edges, and the gain and route are chosen on the masks
+    of their own runs, which STEPS must not change.
+    """
+    outputs = _evaluate(
+        experiment,
+        run_dir,
+        split="val",
+        methods=[*GATE_METHODS, "steps"],
+        method_kwargs=kwargs,
+        figures=False,
+        map_times=[],
+    )
+    return _kept(summarise(outputs, ["ensemble", "steps"]), "val_steps")
+
+
 def run_ensemble(
     config: str = ENSEMBLE_CONFIG, previous: dict | None = None, keep: bool = False
 ) -> dict:
@@ -326,6 +347,7 @@ def run_ensemble(
     )
     routes_val = _kept(summarise(outputs, list(ROUTES)), "val_routes")
     route = select_route(routes_val)
+    steps_val = run_steps_on_validation(experiment, f"{root}/val_steps", kwargs)
     unseen = run_unseen_radars(experiment, checkpoint, gain)
     matching = select_unseen_matching(unseen)
     note = (
@@ -372,6 +394,7 @@ def run_ensemble(
         "selected_gain": gain,
         "routes_val": routes_val,
         "selected_route": route,
+        "steps_val": steps_val,
         "unseen_radars": unseen,
         "selected_unseen_matching": matching,
         "packaged": str(PACKAGED.relative_to(REPO)),

@@ -86,6 +86,28 @@ def test_rapsd_ratio_keeps_the_band_and_divides_by_the_observation():
     np.testing.assert_allclose(ratio.to_numpy(), 3.0)
 
 
+def test_steps_is_held_to_the_same_gates_beside_the_ensemble_where_it_ran():
+    # STEPS meets the first three gates here but not the spectrum's; the ensemble meets all.
+    steps = {
+        ("steps", "CRPS", np.nan, np.nan): [0.25, 0.35, 0.45, 0.55, 0.65, 0.75],
+        ("steps", "SPREAD_SKILL", np.nan, np.nan): 1.1,
+        ("steps", "CRPS_POOLED", np.nan, 16.0): 0.25,
+    }
+    with_steps = table(good_ensemble(steps))
+    without = table(good_ensemble())
+    bands = {"ensemble": [0.6, 1.8], "steps": [0.7, 2.3]}
+    blocks = {"validation": (with_steps, bands), "test": (without, bands)}
+    summary = "\n".join(report.gates_summary(blocks))
+    assert "| validation | 4 of 4 | 3 of 4 |" in summary
+    assert "| test | 4 of 4 | – |" in summary  # STEPS did not run there: no row made up
+    lines = report.block_gate_lines("validation", with_steps, bands)
+    steps_at = lines.index("validation, STEPS (the reference) in the same run:")
+    assert sum("**not met**" in line for line in lines[:steps_at]) == 0
+    assert sum("**not met**" in line for line in lines[steps_at:]) == 1
+    assert "0.7 / 2.3" in lines[-2]  # the spectrum gate quotes STEPS' own band
+    assert not any("STEPS" in line for line in report.block_gate_lines("test", without, bands))
+
+
 @pytest.mark.parametrize(("ours", "met"), [(0.5, True), (0.7, False)])
 def test_targets_compare_with_steps_and_lk(ours, met):
     rows = {
