@@ -153,12 +153,17 @@ def gates(ensemble_metrics: pd.DataFrame, rapsd_range, method: str = "ensemble")
     ]
 
 
+def gates_met(ensemble_metrics: pd.DataFrame, rapsd_range, method: str = "ensemble") -> int:
+    """How many of :func:`gates` ``method`` meets."""
+    return sum(gate["met"] for gate in gates(ensemble_metrics, rapsd_range, method))
+
+
 def select_gain(sweep: dict) -> float:
     """The gain meeting the most gates on validation; ties by the lower mean CRPS."""
 
     def key(gain: str) -> tuple[int, float]:
         table = pd.read_csv(sweep[gain]["ensemble_metrics"])
-        met = sum(g["met"] for g in gates(table, sweep[gain]["rapsd_ratio_range"].get("ensemble")))
+        met = gates_met(table, sweep[gain]["rapsd_ratio_range"].get("ensemble"))
         return met, -float(np.nanmean(series(table, "ensemble", "CRPS")))
 
     return float(max(sweep, key=key))
@@ -177,7 +182,7 @@ def select_unseen_matching(radars: dict) -> str:
         for summary in radars.values():
             table = pd.read_csv(summary["ensemble_metrics"])
             band = summary["rapsd_ratio_range"].get(method)
-            met += sum(g["met"] for g in gates(table, band, method))
+            met += gates_met(table, band, method)
             lk = np.nanmean(series(table, "extrapolation", "CRPS"))
             relative.append(np.nanmean(series(table, method, "CRPS")) / lk)
         return met, -float(np.mean(relative))
@@ -190,7 +195,7 @@ def select_route(summary: dict) -> str:
     table = pd.read_csv(summary["ensemble_metrics"])
 
     def key(route: str) -> tuple[int, float]:
-        met = sum(g["met"] for g in gates(table, summary["rapsd_ratio_range"].get(route), route))
+        met = gates_met(table, summary["rapsd_ratio_range"].get(route), route)
         return met, -float(np.nanmean(series(table, route, "CRPS")))
 
     return max(ROUTES, key=key)

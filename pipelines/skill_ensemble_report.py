@@ -16,6 +16,7 @@ from pipelines.skill_ensemble import (
     UNSEEN_RADARS,
     ZERO_SHOT_SOURCE,
     gates,
+    gates_met,
     series,
 )
 
@@ -167,7 +168,7 @@ def gates_summary(blocks: dict) -> list[str]:
             if method not in set(table["method"]):
                 row.append("–")
                 continue
-            met = sum(g["met"] for g in gates(table, bands.get(method), method))
+            met = gates_met(table, bands.get(method), method)
             row.append(f"{met} of 4")
         rows.append(row)
     header = ["block", "learned ensemble: gates met", "STEPS (reference): gates met"]
@@ -191,7 +192,7 @@ def sweep_table(result: dict) -> list[str]:
     for gain, summary in result["sweep"].items():
         table = _read(summary["ensemble_metrics"])
         band = summary["rapsd_ratio_range"].get("ensemble", [np.nan, np.nan])
-        met = sum(g["met"] for g in gates(table, band))
+        met = gates_met(table, band)
         chosen = " **(chosen)**" if float(gain) == result["selected_gain"] else ""
         rows.append(
             [
@@ -212,7 +213,7 @@ def route_lines(result: dict) -> list[str]:
     rows = []
     for route in ROUTES:
         band = summary["rapsd_ratio_range"].get(route, [np.nan, np.nan])
-        met = sum(g["met"] for g in gates(table, band, route))
+        met = gates_met(table, band, route)
         chosen = " **(chosen)**" if route == result["selected_route"] else ""
         rows.append(
             [
@@ -249,7 +250,7 @@ def unseen_lines(result: dict) -> list[str]:
         for source, summary in radars.items():
             table = _read(summary["ensemble_metrics"])
             band = summary["rapsd_ratio_range"].get(method, [np.nan, np.nan])
-            met = sum(g["met"] for g in gates(table, band, method))
+            met = gates_met(table, band, method)
             crps = series(table, method, "CRPS")
             lk = series(table, "extrapolation", "CRPS")
             rows.append(
